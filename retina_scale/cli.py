@@ -1,0 +1,62 @@
+"""The one console entry point: ``retina-scale <subcommand>``.
+
+Each subcommand lives in its own module under ``retina_scale.commands`` and exposes two functions:
+``add_arguments(parser)`` and ``run(args) -> int``. Command modules import TensorFlow only inside
+``run`` so that ``retina-scale --help`` stays fast. To add a subcommand, add one line to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "complexity": (
+        "retina_scale.commands.complexity",
+        "weights, multiply-adds and activations of every stage, beside the paper's figures",
+    ),
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from retina_scale import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="retina-scale",
+        description="Multi-scale stepwise training of CNNs for diabetic retinopathy grading.",
+    )
+    parser.add_argument("--version", action="version", version=f"retina-scale {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<subcommand>")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except (CliError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        # One clear line for a user error; a traceback only for a bug.
+        print(f"retina-scale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"retina-scale {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``retina-scale`` console entry point (see ``retina_scale.cli``)."""
