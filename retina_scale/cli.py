@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retina_scale.commands.complexity",
         "weights, multiply-adds and activations of every stage, beside the paper's figures",
     ),
+    "prepare": ("retina_scale.commands.prepare", "preprocess a fundus data set once per scale into a training cache"),
 }
 
 
