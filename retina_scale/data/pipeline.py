@@ -1,0 +1,320 @@
+"""tf.data training and evaluation input read from a ``retina-scale prepare`` cache, for one stage size.
+
+What each epoch draws is a pure function of ``(seed, epoch)``: :meth:`CacheInput.epoch_indices` resamples the
+images with o_O's class weights ``w_t = r**t * w0 + (1 - r**t) * wf`` (or, without rebalancing, permutes them),
+and each drawn element's augmentation uses stateless random ops seeded by ``(seed, epoch, position)``. A run
+resumed at epoch ``t`` therefore sees exactly the batches an uninterrupted run would.
+
+Augmentation follows the o_O Kaggle 2015 solution and runs in tf ops (on the accelerator when the map runs
+there, never in Python): rotation 0-360 degrees, horizontal and vertical flips, zoom 1/1.15-1.15 on each axis,
+translation (40 px at 512, i.e. 7.8 % of the side), and PCA colour noise along the data's own RGB principal
+axes (measured by ``prepare``). ``AugmentConfig.strength`` scales zoom, translation and colour noise per stage;
+rotations and flips are symmetries of a fundus and stay whole.
+
+Elements are ``(images, labels)``: float32 RGB in [0, 255] of shape ``(batch, size, size, 3)`` (the models
+rescale internally) and float32 grades; with ``include_ids=True`` a third item holds the image ids (strings).
+
+For several replicas or workers pass the strategy to :meth:`CacheInput.distribute` (or an
+``tf.distribute.InputContext`` to :meth:`CacheInput.dataset`): every input pipeline takes every k-th element
+of the epoch's draw before reading any file, and batches at the per-replica size, so the pipelines together
+cover the draw exactly once.
+
+Example:
+
+```python
+from retina_scale.data.pipeline import CacheInput
+train = CacheInput("cache/eyepacs", size=224, split="train", split_file="runs/x/splits.csv")
+ds = train.dataset(global_batch_size=64, start_epoch=0, epochs=10)
+model.fit(ds, epochs=10, steps_per_epoch=train.steps_per_epoch(64))
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from retina_scale.data.cache import read_config, read_manifest
+
+# o_O's schedule (PAPER.md, "Prior art").
+O_O_R = 0.975
+O_O_W0 = (1.36, 14.4, 6.6, 40.2, 49.6)
+O_O_WF = (1.0, 2.0, 2.0, 2.0, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """o_O's augmentation; ``strength`` (0 = none, 1 = o_O) scales zoom, translation and colour noise.
+
+    Args:
+        strength: multiplier of the zoom's log-range, the translation and the colour noise.
+        rotation: random rotation over the full 0-360 degrees.
+        flip: random horizontal and vertical flips.
+        zoom: largest zoom factor per axis (each axis draws log-uniformly from 1/zoom to zoom).
+        translation: largest shift as a fraction of the side (o_O: 40 px at 512).
+        color_sigma: standard deviation of the PCA colour coefficients, in units of each axis's standard
+            deviation.
+    """
+
+    strength: float = 1.0
+    rotation: bool = True
+    flip: bool = True
+    zoom: float = 1.15
+    translation: float = 40 / 512
+    color_sigma: float = 0.2
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ValueError(f"augmentation strength must be >= 0, got {self.strength}")
+        if self.zoom < 1:
+            raise ValueError(f"zoom must be >= 1 (a factor such as 1.15), got {self.zoom}")
+        if not 0 <= self.translation < 0.5:
+            raise ValueError(f"translation must be a fraction of the side in [0, 0.5), got {self.translation}")
+        if self.color_sigma < 0:
+            raise ValueError(f"color_sigma must be >= 0, got {self.color_sigma}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """o_O's class rebalancing: per-image draw probability proportional to ``w_t[grade]``.
+
+    ``w0`` ~ the inverse class frequencies of EyePACS (so epoch 0 is balanced), drifting at rate ``r`` per epoch
+    to ``wf``. ``w0="balanced"`` uses the inverse frequencies of the data at hand instead.
+    """
+
+    r: float = O_O_R
+    w0: tuple | str = O_O_W0
+    wf: tuple = O_O_WF
+
+    def __post_init__(self):
+        if not 0 <= self.r <= 1:
+            raise ValueError(f"r must be in [0, 1], got {self.r}")
+        if isinstance(self.w0, str):
+            if self.w0 != "balanced":
+                raise ValueError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
+        elif len(self.w0) != 5 or min(self.w0) < 0:
+            raise ValueError(f"w0 must be 5 non-negative weights, got {self.w0}")
+        if len(self.wf) != 5 or min(self.wf) < 0:
+            raise ValueError(f"wf must be 5 non-negative weights, got {self.wf}")
+
+
+def class_weights(epoch: int, config: ResampleConfig = ResampleConfig(), labels=None) -> np.ndarray:
+    """``w_t = r**t * w0 + (1 - r**t) * wf`` for epoch ``t`` (``labels`` needed when ``w0="balanced"``)."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if isinstance(config.w0, str):
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=5).astype(np.float64)
+        w0 = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    else:
+        w0 = np.asarray(config.w0, np.float64)
+    decay = config.r ** epoch
+    return decay * w0 + (1 - decay) * np.asarray(config.wf, np.float64)
+
+
+def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConfig | None) -> np.ndarray:
+    """Indices of the images one epoch visits, in order: a pure function of (labels, epoch, seed, resample)."""
+    n = len(labels)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
+    if resample is None:
+        return rng.permutation(n)
+    w = class_weights(epoch, resample, labels)[np.asarray(labels, np.int64)]
+    if w.sum() <= 0:
+        raise ValueError("every image has class weight 0; check ResampleConfig.w0/wf")
+    return rng.choice(n, size=n, replace=True, p=w / w.sum())
+
+
+class CacheInput:
+    """Training or evaluation input for one stage size of a cache.
+
+    Args:
+        cache_dir: folder written by ``retina-scale prepare``.
+        size: stage size (must be in the cache).
+        split: keep only this split (``train``/``val``/``test``) of ``split_file``.
+        split_file: a file written by :func:`retina_scale.data.sources.write_splits`.
+        augment: augmentation for training, ``None`` for none.
+        resample: class rebalancing for training, ``None`` for a plain shuffle.
+        seed: seeds draws and augmentation.
+    """
+
+    def __init__(self, cache_dir, size: int, split: str | None = None, split_file=None,
+                 augment: AugmentConfig | None = AugmentConfig(), resample: ResampleConfig | None = ResampleConfig(),
+                 seed: int = 0):
+        self.cache_dir = cache_dir
+        self.size = int(size)
+        df = read_manifest(cache_dir, self.size)
+        if split is not None:
+            if split_file is None:
+                raise ValueError("split needs split_file (the splits.csv of the run)")
+            from retina_scale.data.sources import read_splits
+
+            splits = read_splits(split_file)
+            df = df[[splits.get(i) == split for i in df["image"]]].reset_index(drop=True)
+        if len(df) == 0:
+            raise ValueError(f"no images of size {size}{' in split ' + split if split else ''} in cache {cache_dir}")
+        self.image_ids = df["image"].astype(str).to_numpy()
+        self.paths = df["path"].to_numpy()
+        raw = df["label"].astype(str).to_numpy()
+        self.labels = np.array([float(x) if x not in ("", "nan") else np.nan for x in raw], np.float32)
+        config = read_config(cache_dir)
+        self.graham = config.get("preprocess", {}).get("normalize") == "graham"
+        pca = config.get("color_pca") or {"eigenvalues": [0, 0, 0], "eigenvectors": np.eye(3).tolist()}
+        self.pca_vectors = np.asarray(pca["eigenvectors"], np.float32)
+        self.pca_std = np.sqrt(np.maximum(np.asarray(pca["eigenvalues"], np.float32), 0))
+        self.augment = augment
+        self.resample = resample
+        self.seed = int(seed)
+        if resample is not None and np.isnan(self.labels).any():
+            raise ValueError("class resampling needs labels, but some images of the cache are unlabelled")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The indices epoch ``epoch`` draws, in order (pure function of seed and epoch)."""
+        labels = None if self.resample is None else self.labels.astype(np.int64)
+        return draw_epoch(labels if labels is not None else np.zeros(len(self)), epoch, self.seed, self.resample)
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """Training batches per epoch (the draw is cut to a whole number of global batches)."""
+        steps = len(self) // int(global_batch_size)
+        if steps == 0:
+            raise ValueError(f"global batch size {global_batch_size} exceeds the {len(self)} images of the split")
+        return steps
+
+    # ------------------------------------------------------------------------------------------- tf.data
+
+    def _decode(self, path):
+        import tensorflow as tf
+
+        img = tf.io.decode_png(tf.io.read_file(path), channels=3)
+        img = tf.ensure_shape(img, (self.size, self.size, 3))
+        return tf.cast(img, tf.float32)
+
+    def _augment_params(self, seed):
+        """Per-element inverse affine transform (8 numbers) and colour shift (3), from a stateless seed."""
+        import tensorflow as tf
+
+        a = self.augment
+        s = float(self.size)
+        u = tf.random.stateless_uniform([7], seed=seed)
+        theta = u[0] * 2 * math.pi if a.rotation else tf.constant(0.0)
+        log_zoom = math.log(a.zoom) * a.strength
+        zx = tf.exp((2 * u[1] - 1) * log_zoom)
+        zy = tf.exp((2 * u[2] - 1) * log_zoom)
+        shift = a.translation * a.strength * s
+        tx = (2 * u[3] - 1) * shift
+        ty = (2 * u[4] - 1) * shift
+        fx = tf.where(u[5] < 0.5, -1.0, 1.0) if a.flip else tf.constant(1.0)
+        fy = tf.where(u[6] < 0.5, -1.0, 1.0) if a.flip else tf.constant(1.0)
+        c, sn = tf.cos(theta), tf.sin(theta)
+        # Forward: out = ctr + t + R S F (in - ctr). Inverse: in = A (out - ctr - t) + ctr, A = F S^-1 R^T.
+        a00, a01 = fx * c / zx, fx * sn / zx
+        a10, a11 = -fy * sn / zy, fy * c / zy
+        ctr = (s - 1) / 2
+        ox, oy = ctr + tx, ctr + ty
+        b0 = ctr - (a00 * ox + a01 * oy)
+        b1 = ctr - (a10 * ox + a11 * oy)
+        transform = tf.stack([a00, a01, b0, a10, a11, b1, 0.0, 0.0])
+        alpha = tf.random.stateless_normal([3], seed=seed + tf.constant([0, 1], tf.int64)) * (a.color_sigma * a.strength)
+        color = tf.linalg.matvec(tf.constant(self.pca_vectors), alpha * tf.constant(self.pca_std))
+        return transform, color
+
+    def _apply_augment(self, images, transforms, colors):
+        import tensorflow as tf
+
+        fill = 128.0 if self.graham else 0.0
+        yy, xx = np.mgrid[: self.size, : self.size]
+        ctr = (self.size - 1) / 2
+        radius = self.size / 2 * (0.9 if self.graham else 1.0)
+        disc = ((xx - ctr) ** 2 + (yy - ctr) ** 2 <= radius**2).astype(np.float32)[None, :, :, None]
+        images = images + tf.constant(disc) * colors[:, None, None, :]
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms, output_shape=tf.constant([self.size, self.size], tf.int32),
+            fill_value=tf.constant(fill, tf.float32), interpolation="BILINEAR", fill_mode="CONSTANT")
+        return tf.clip_by_value(images, 0.0, 255.0)
+
+    def dataset(self, global_batch_size: int, training: bool = True, start_epoch: int = 0, epochs: int = 1,
+                input_context=None, include_ids: bool = False):
+        """A batched ``tf.data.Dataset``.
+
+        Args:
+            global_batch_size: batch size summed over all replicas.
+            training: draw (resample/shuffle), augment and drop the last partial batch; else every image once
+                in manifest order, unaugmented.
+            start_epoch: first epoch drawn (a resumed run passes the epoch it resumes at).
+            epochs: how many epochs the dataset holds, back to back.
+            input_context: a ``tf.distribute.InputContext``: this pipeline keeps every
+                ``num_input_pipelines``-th element and batches at the per-replica size.
+            include_ids: yield ``(images, labels, ids)``.
+        """
+        import tensorflow as tf
+
+        gb = int(global_batch_size)
+        if gb < 1:
+            raise ValueError(f"global batch size must be >= 1, got {global_batch_size}")
+        if training:
+            steps = self.steps_per_epoch(gb)
+            index = np.concatenate([self.epoch_indices(e)[: steps * gb] for e in range(start_epoch, start_epoch + epochs)])
+            epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), steps * gb)
+            position = np.tile(np.arange(steps * gb, dtype=np.int64), epochs)
+        else:
+            index = np.arange(len(self))
+            epoch_of = np.zeros(len(self), np.int64)
+            position = np.arange(len(self), dtype=np.int64)
+        batch = gb
+        if input_context is not None:
+            k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+            if training and (steps * gb) % k:
+                raise ValueError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
+            keep = (position % k) == i
+            index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
+            batch = input_context.get_per_replica_batch_size(gb)
+        seeds = np.stack([np.full_like(position, self.seed), epoch_of * (1 << 31) + position], axis=1)
+
+        paths = tf.constant(self.paths)
+        labels = tf.constant(self.labels)
+        ids = tf.constant(self.image_ids)
+        augment = training and self.augment is not None
+        ds = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), seeds.astype(np.int64)))
+
+        def load(i, seed):
+            out = {"image": self._decode(tf.gather(paths, i)), "label": tf.gather(labels, i), "id": tf.gather(ids, i)}
+            if augment:
+                out["transform"], out["color"] = self._augment_params(seed)
+            return out
+
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        def finish(b):
+            images = b["image"]
+            if augment:
+                images = self._apply_augment(images, b["transform"], b["color"])
+            if include_ids:
+                return images, b["label"], b["id"]
+            return images, b["label"]
+
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        options = tf.data.Options()
+        # Sharding is done above, by element, before any file is read.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        options.deterministic = True
+        ds = ds.with_options(options)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def distribute(self, strategy, global_batch_size: int, **kwargs):
+        """The dataset distributed over ``strategy``'s replicas and workers (one input pipeline per worker)."""
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: self.dataset(global_batch_size, input_context=ctx, **kwargs))
+
+
+def make_dataset(cache_dir, size: int, global_batch_size: int, strategy=None, training: bool = True,
+                 start_epoch: int = 0, epochs: int = 1, include_ids: bool = False, **kwargs):
+    """One-call form: a :class:`CacheInput`'s dataset, distributed over ``strategy`` when given."""
+    inp = CacheInput(cache_dir, size, **kwargs)
+    opts = dict(training=training, start_epoch=start_epoch, epochs=epochs, include_ids=include_ids)
+    if strategy is not None:
+        return inp.distribute(strategy, global_batch_size, **opts)
+    return inp.dataset(global_batch_size, **opts)
