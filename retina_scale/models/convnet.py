@@ -1,0 +1,296 @@
+"""The paper's network family (Li et al., IJCNN 2019, Table I), generated from one builder.
+
+Every stage is the previous stage plus one max-pooling + convolution block, so that the last feature
+map is 7x7 at each stage's own input size (112, 224, 448, 896, and 1792 for a fifth stage):
+
+===========  =====  ==================================================================
+stage        input  trunk
+===========  =====  ==================================================================
+tiny         112    C5-32/2, C3-32, MP, C5-64/2, C3-64, C3-64, MP, C3-128 x3
+small        224    tiny + MP, C3-256 x3
+median       448    small + MP, C3-512 x2
+large        896    median + MP, C3-1024 x2
+xlarge       1792   large + MP, C3-2048 x2 (our extension: channels keep doubling)
+===========  =====  ==================================================================
+
+Head (every stage): RMS pooling to 2x2, flatten, Dense-1024, Maxout-512, Dropout, Dense-1024,
+Maxout-512, one linear unit (the grade as a regression).
+
+Layer names are the key for weight transfer between stages (``retina_scale.models.transfer``), so
+they are stable: ``block3_conv2`` is the same layer in every stage that has it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import keras
+
+from retina_scale.models.layers import GridRMSPool2D, Maxout, RGBRescale
+
+BASE_SIZE = 112
+"""Input size of the first stage; each later stage doubles it."""
+
+FEATURE_MAP_SIZE = 7
+"""Height and width of the last feature map at every stage's own input size."""
+
+STAGE_NAMES = ("tiny", "small", "median", "large", "xlarge")
+"""Names of stages 1-5; the paper has the first four. Later stages are called ``stage6``, ..."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """One convolution: ``kernel`` x ``kernel``, ``stride``, "same" padding, leaky ReLU."""
+
+    kernel: int
+    stride: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """A block of convolutions with the same number of filters."""
+
+    index: int
+    filters: int
+    convs: tuple[ConvSpec, ...]
+
+
+_C5S2 = ConvSpec(5, 2)
+_C3 = ConvSpec(3, 1)
+# Table I of the paper, block by block. Blocks after the sixth are our extension (see block_spec).
+_TABLE_I_BLOCKS = (
+    (32, (_C5S2, _C3)),
+    (64, (_C5S2, _C3, _C3)),
+    (128, (_C3, _C3, _C3)),
+    (256, (_C3, _C3, _C3)),
+    (512, (_C3, _C3)),
+    (1024, (_C3, _C3)),
+)
+
+
+def block_spec(index: int) -> BlockSpec:
+    """The ``index``-th block (1-based) of the family.
+
+    Blocks 1-6 are the paper's; block ``k > 6`` doubles the filters of block ``k - 1`` and has two
+    3x3 convolutions, as blocks 5 and 6 do.
+    """
+    if index < 1:
+        raise ValueError(f"block index must be >= 1; got {index}")
+    if index <= len(_TABLE_I_BLOCKS):
+        filters, convs = _TABLE_I_BLOCKS[index - 1]
+    else:
+        filters = _TABLE_I_BLOCKS[-1][0] * 2 ** (index - len(_TABLE_I_BLOCKS))
+        convs = (_C3, _C3)
+    return BlockSpec(index, filters, convs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A stage of the ladder: its name, the input size it is designed for, and its depth.
+
+    Stage ``i`` (1-based) has ``i + 2`` blocks and is designed for ``112 * 2**(i - 1)`` pixels.
+    """
+
+    index: int
+
+    @property
+    def name(self) -> str:
+        return STAGE_NAMES[self.index - 1] if self.index <= len(STAGE_NAMES) else f"stage{self.index}"
+
+    @property
+    def input_size(self) -> int:
+        return BASE_SIZE * 2 ** (self.index - 1)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.index + 2
+
+    @property
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        return tuple(block_spec(i) for i in range(1, self.num_blocks + 1))
+
+
+def get_stage(stage) -> StageSpec:
+    """Resolves a stage given by name (``"tiny"``), input size (``448``) or ``StageSpec``.
+
+    Raises:
+        ValueError: naming the accepted names and sizes.
+    """
+    if isinstance(stage, StageSpec):
+        return stage
+    accepted = (
+        f"accepted: {', '.join(STAGE_NAMES)} (or stage6, stage7, ...), or an input size "
+        f"{BASE_SIZE} * 2**k ({', '.join(str(BASE_SIZE * 2**k) for k in range(len(STAGE_NAMES)))}, ...)"
+    )
+    if isinstance(stage, str):
+        key = stage.strip().lower()
+        if key in STAGE_NAMES:
+            return StageSpec(STAGE_NAMES.index(key) + 1)
+        if key.startswith("stage") and key[5:].isdigit() and int(key[5:]) >= 1:
+            return StageSpec(int(key[5:]))
+        if key.isdigit():
+            stage = int(key)
+        else:
+            raise ValueError(f"unknown stage {stage!r}; {accepted}")
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        ratio = stage / BASE_SIZE
+        if stage >= BASE_SIZE and ratio == int(ratio) and (int(ratio) & (int(ratio) - 1)) == 0:
+            return StageSpec(int(math.log2(ratio)) + 1)
+        raise ValueError(f"no stage is designed for input size {stage}; {accepted}")
+    raise ValueError(f"unknown stage {stage!r}; {accepted}")
+
+
+def scaled(units: int, width: float) -> int:
+    """``units`` scaled by the width multiplier, at least 1."""
+    return max(1, int(round(units * width)))
+
+
+def _initializer(kind, seed, layer_name, gain=1.0):
+    if kind != "orthogonal":
+        return keras.initializers.get(kind)
+    # One seed per layer, derived from the layer's name: the same stage built twice with the same
+    # seed is identical, and a layer gets the same initial weights in every stage that has it.
+    layer_seed = None if seed is None else (seed * 1_000_003 + zlib.crc32(layer_name.encode())) % 2**31
+    return keras.initializers.Orthogonal(gain=gain, seed=layer_seed)
+
+
+def build_model(stage="tiny", width: float = 1.0, **kwargs) -> "RetinaConvNet":
+    """Builds one stage of the family; the same as ``RetinaConvNet(stage, width, **kwargs)``.
+
+    Example:
+    >>> model = build_model("tiny", width=0.25, seed=0)
+    >>> model(np.zeros((2, 112, 112, 3))).shape
+    (2, 1)
+    """
+    return RetinaConvNet(stage, width, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="retina_scale")
+class RetinaConvNet(keras.Model):
+    """One stage of the family: a Keras functional model on ``Input((None, None, 3))``.
+
+    The model takes float RGB images with values in ``[0, 255]`` of any height and width (at least
+    the stage's input size divided by 16, so that the last feature map is 2x2 or larger) and returns
+    one continuous grade per image, shape ``(batch, 1)``. At the stage's own input size it is exactly
+    the paper's design; at other sizes the head's RMS pooling adapts its window (see
+    ``GridRMSPool2D``). Its config is its constructor's arguments (as keras-hub models do), so a
+    ``.keras`` file records which stage and width it is.
+
+    Args:
+        stage: ``"tiny"``, ``"small"``, ``"median"``, ``"large"``, ``"xlarge"``, ``"stageN"``, an
+            input size (112, 224, ...) or a ``StageSpec``.
+        width: width multiplier for every convolution and dense layer (1.0 = the paper's widths);
+            thin nets (e.g. 0.25) are for tests and CPU demos.
+        dropout: dropout rate between the two maxout layers of the head.
+        leaky_slope: negative slope of the leaky ReLUs (0.01, as in the Kaggle o_O solution).
+        l2: L2 penalty on every kernel (the paper's 5e-4; 0 disables it).
+        head_units: maxout units of each head layer (the paper's 512, before ``width``); each dense
+            layer has twice as many.
+        kernel_initializer: ``"orthogonal"`` (the paper's Algorithm 1, with the leaky-ReLU gain in
+            the convolutions) or any Keras initializer name (e.g. ``"zeros"`` for a quick
+            shape-only build).
+        seed: seed of the orthogonal initialisation (per layer, derived from the layer name).
+        name: the model's name; defaults to ``retina_<stage>``.
+
+    Example:
+    >>> model = RetinaConvNet("small", width=0.25, seed=0)
+    >>> model.input_size, model(np.zeros((1, 300, 200, 3))).shape
+    (224, (1, 1))
+    """
+
+    def __init__(
+        self,
+        stage="tiny",
+        width: float = 1.0,
+        *,
+        dropout: float = 0.5,
+        leaky_slope: float = 0.01,
+        l2: float = 0.0,
+        head_units: int = 512,
+        kernel_initializer="orthogonal",
+        seed: int | None = None,
+        name: str | None = None,
+        **kwargs,
+    ):
+        spec = get_stage(stage)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+            raise ValueError(f"width must be a positive number (1.0 = the paper's widths); got {width!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if leaky_slope < 0:
+            raise ValueError(f"leaky_slope must be >= 0; got {leaky_slope!r}")
+        if l2 < 0:
+            raise ValueError(f"l2 must be >= 0; got {l2!r}")
+        inputs, outputs = _build_graph(spec, width, dropout, leaky_slope, l2, head_units,
+                                       kernel_initializer, seed)
+        super().__init__(inputs, outputs, name=name or f"retina_{spec.name}", **kwargs)
+        self.stage = spec
+        self.width = float(width)
+        self._args = dict(
+            stage=spec.name, width=float(width), dropout=dropout, leaky_slope=leaky_slope, l2=l2,
+            head_units=head_units, seed=seed,
+            kernel_initializer=kernel_initializer if isinstance(kernel_initializer, str) else "orthogonal",
+        )
+
+    @property
+    def input_size(self) -> int:
+        """The input size this stage is designed for."""
+        return self.stage.input_size
+
+    def __call__(self, inputs, *args, **kwargs):
+        RGBRescale.check_shape(getattr(inputs, "shape", None))
+        return super().__call__(inputs, *args, **kwargs)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, **self._args}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initializer, seed):
+    regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
+    conv_gain = math.sqrt(2.0 / (1.0 + leaky_slope**2))
+
+    inputs = keras.Input(shape=(None, None, 3), name="image")
+    x = RGBRescale(name="input_rescale")(inputs)
+    for block in spec.blocks:
+        if block.index > 1:
+            x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"block{block.index - 1}_pool")(x)
+        for j, conv in enumerate(block.convs, start=1):
+            layer_name = f"block{block.index}_conv{j}"
+            x = keras.layers.Conv2D(
+                scaled(block.filters, width),
+                conv.kernel,
+                strides=conv.stride,
+                padding="same",
+                kernel_initializer=_initializer(kernel_initializer, seed, layer_name, conv_gain),
+                kernel_regularizer=regularizer,
+                name=layer_name,
+            )(x)
+            x = keras.layers.LeakyReLU(negative_slope=leaky_slope, name=f"{layer_name}_lrelu")(x)
+
+    units = scaled(head_units, width)
+    x = GridRMSPool2D(grid=2, name="head_rmspool")(x)
+    x = keras.layers.Flatten(name="head_flatten")(x)
+    for k in (1, 2):
+        layer_name = f"head_dense{k}"
+        x = keras.layers.Dense(
+            2 * units,
+            kernel_initializer=_initializer(kernel_initializer, seed, layer_name),
+            kernel_regularizer=regularizer,
+            name=layer_name,
+        )(x)
+        x = Maxout(units, name=f"head_maxout{k}")(x)
+        if k == 1:
+            x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(
+        1,
+        kernel_initializer=_initializer(kernel_initializer, seed, "head_grade"),
+        kernel_regularizer=regularizer,
+        name="head_grade",
+    )(x)
+    return inputs, outputs

@@ -1,0 +1,220 @@
+"""The two layers of the paper's head that Keras does not ship: RMS pooling and Maxout.
+
+Both are written with ``keras.ops`` only (backend-neutral) and registered serializable, so a model that
+uses them saves to ``.keras`` and loads back with ``safe_mode=True``.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+_PACKAGE = "retina_scale"
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of positive ints; got {value!r}")
+    return value
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RMSPool2D(keras.layers.Layer):
+    """Root-mean-square pooling: ``sqrt(mean(x**2 over the window) + epsilon)``.
+
+    The pooling of the o_O Kaggle solution and of Li et al.'s head (3x3 window, stride 3, which takes
+    the 7x7 feature map of every stage to 2x2). Channels-last input ``(batch, height, width, channels)``.
+
+    Args:
+        pool_size: int or pair, the window.
+        strides: int or pair; defaults to ``pool_size``.
+        padding: ``"valid"`` or ``"same"``, as in ``keras.layers.AveragePooling2D``.
+        epsilon: added under the root so its gradient stays finite at zero.
+
+    Example:
+    >>> RMSPool2D(3, 3)(np.ones((1, 7, 7, 4))).shape
+    (1, 2, 2, 4)
+    """
+
+    def __init__(self, pool_size=3, strides=None, padding="valid", epsilon=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        self.pool_size = _pair(pool_size, "pool_size")
+        self.strides = _pair(strides if strides is not None else pool_size, "strides")
+        if padding not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
+        self.padding = padding
+        self.epsilon = float(epsilon)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def call(self, inputs):
+        mean_square = ops.average_pool(
+            ops.square(inputs), self.pool_size, strides=self.strides, padding=self.padding
+        )
+        return ops.sqrt(mean_square + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+
+        def out(n, k, s):
+            if n is None:
+                return None
+            return (n - k) // s + 1 if self.padding == "valid" else -(-n // s)
+
+        return (
+            batch,
+            out(height, self.pool_size[0], self.strides[0]),
+            out(width, self.pool_size[1], self.strides[1]),
+            channels,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            pool_size=self.pool_size, strides=self.strides, padding=self.padding, epsilon=self.epsilon
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GridRMSPool2D(keras.layers.Layer):
+    """RMS pooling onto a fixed ``grid x grid`` output, whatever the input's height and width.
+
+    Window and stride are both ``floor(n / grid)`` along each axis, computed at run time, and the
+    remainder rows/columns at the far edge are dropped, exactly as valid pooling drops them. On the
+    7x7 feature map that every stage of the paper's family makes at its own input size, with
+    ``grid=2``, this is *identical* to ``RMSPool2D(pool_size=3, strides=3)`` (windows ``[0:3]`` and
+    ``[3:6]``; row 6 dropped). At any other input size it still gives a 2x2 map, so the dense head
+    accepts it: this is what lets every model run on inputs of any size (``Input(shape=(None, None, 3))``).
+
+    Args:
+        grid: the output height and width.
+        epsilon: added under the root.
+
+    Example:
+    >>> GridRMSPool2D(2)(np.ones((1, 14, 14, 4))).shape
+    (1, 2, 2, 4)
+    """
+
+    def __init__(self, grid=2, epsilon=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        if int(grid) < 1:
+            raise ValueError(f"grid must be a positive int; got {grid!r}")
+        self.grid = int(grid)
+        self.epsilon = float(epsilon)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def call(self, inputs):
+        g = self.grid
+        shape = ops.shape(inputs)
+        batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+        step_h = height // g
+        step_w = width // g
+        cropped = inputs[:, : step_h * g, : step_w * g, :]
+        blocks = ops.reshape(ops.square(cropped), (batch, g, step_h, g, step_w, channels))
+        return ops.sqrt(ops.mean(blocks, axis=(2, 4)) + self.epsilon)
+
+    def compute_output_shape(self, input_shape):
+        for n in input_shape[1:3]:
+            if n is not None and n < self.grid:
+                raise ValueError(
+                    f"GridRMSPool2D(grid={self.grid}) needs a feature map of at least "
+                    f"{self.grid}x{self.grid}; got {input_shape[1]}x{input_shape[2]} "
+                    "(the input image is too small for this stage)"
+                )
+        return (input_shape[0], self.grid, self.grid, input_shape[3])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(grid=self.grid, epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class Maxout(keras.layers.Layer):
+    """Maxout over groups of consecutive features of the last axis.
+
+    ``Maxout(512)`` on a Dense-1024 output takes the max over the pairs (0, 1), (2, 3), ...: the
+    "Dense-1024, Maxout-512" of the paper's head (Lasagne's ``FeaturePoolLayer`` with pool size 2).
+
+    Args:
+        units: number of outputs; the input's last dimension must be a multiple of it.
+
+    Example:
+    >>> Maxout(2)(np.array([[1.0, 5.0, 3.0, 2.0]]))  # max(1, 5), max(3, 2)
+    [[5.0, 3.0]]
+    """
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        if int(units) < 1:
+            raise ValueError(f"units must be a positive int; got {units!r}")
+        self.units = int(units)
+
+    def build(self, input_shape):
+        features = input_shape[-1]
+        if features is None or features % self.units:
+            raise ValueError(
+                f"Maxout({self.units}) needs a last dimension that is a known multiple of "
+                f"{self.units}; got {features}"
+            )
+        self.pieces = features // self.units
+        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: features})
+
+    def call(self, inputs):
+        shape = ops.shape(inputs)
+        grouped = ops.reshape(inputs, tuple(shape[:-1]) + (self.units, self.pieces))
+        return ops.max(grouped, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RGBRescale(keras.layers.Layer):
+    """Checks that images are RGB and maps pixel values from ``[0, 255]`` to ``[-1, 1]``.
+
+    The first layer of every model of the family: the data pipeline and the serving signatures hand
+    the model float RGB images in ``[0, 255]``, and a grey (1-channel) or RGBA/CMYK (4-channel) input
+    is refused here with a message that says what is accepted, rather than deep inside a convolution.
+
+    Example:
+    >>> RGBRescale()(np.full((1, 2, 2, 3), 255.0))  # all ones
+    """
+
+    channels = 3
+
+    def build(self, input_shape):
+        self.check_shape(input_shape)
+
+    @staticmethod
+    def check_shape(shape):
+        """Raises a ValueError that names what is accepted unless ``shape`` is (batch, h, w, 3)."""
+        if shape is None:
+            return
+        shape = tuple(shape)
+        if len(shape) != 4:
+            raise ValueError(
+                "retina_scale models take a batch of images of shape (batch, height, width, 3); "
+                f"got a tensor of rank {len(shape)} with shape {tuple(shape)}"
+            )
+        if shape[-1] is not None and shape[-1] != RGBRescale.channels:
+            raise ValueError(
+                f"retina_scale models take RGB images with 3 channels; got {shape[-1]} channel(s) "
+                "(convert grey images to RGB and drop the alpha channel of RGBA images)"
+            )
+
+    def call(self, inputs):
+        self.check_shape(inputs.shape)
+        return ops.cast(inputs, self.compute_dtype) / 127.5 - 1.0
+
+    def compute_output_shape(self, input_shape):
+        self.check_shape(input_shape)
+        return tuple(input_shape)
