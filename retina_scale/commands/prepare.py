@@ -1,8 +1,8 @@
 """Preprocess a fundus data set once per scale into a cache the trainer reads.
 
 Decodes every image once (reduced JPEG decoding when the sizes allow), finds and crops the fundus disc,
-writes one square PNG per size, a manifest and a failures.csv. Resumable: a second run skips finished images
-and repairs missing or damaged outputs.
+writes one square JPEG (or PNG) per size, a manifest and a failures.csv. Resumable: a second run skips
+finished images and repairs missing or damaged outputs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="colour normalisation: none, or B. Graham's local-average subtraction (default: none)")
     parser.add_argument("--no-mask", dest="mask", action="store_false",
                         help="keep the pixels outside the disc's circle (default: black them out)")
+    parser.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
+                        help="cached files: JPEG quality 95, or lossless PNG (5x larger, slower) (default: jpeg)")
     parser.add_argument("--verify", action="store_true",
                         help="check every cached file's CRC-32 on resume, not only its size")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -46,7 +48,7 @@ def run(args) -> int:
                            image_col=args.image_col, label_col=args.label_col)
     config = PreprocessConfig(normalize=args.normalize, mask=args.mask)
     result = prepare_cache(dataset, args.out, sizes=sizes, config=config, workers=args.workers,
-                           verify=args.verify, progress=args.progress)
+                           verify=args.verify, progress=args.progress, image_format=args.image_format)
     if result.failures:
         shown = result.failures[:10]
         width = max(len(f.image) for f in shown)

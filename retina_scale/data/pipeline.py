@@ -252,7 +252,7 @@ class CacheInput:
         seed: seeds draws and augmentation.
         in_memory: decode every image once and keep them in RAM (``True``), read and decode each drawn image
             (``False``), or ``"auto"``: in RAM when the decoded images take at most ``memory_budget`` bytes.
-            Same elements either way; in RAM saves the per-sample PNG decode (most of the input's cost at
+            Same elements either way; in RAM saves the per-sample decode (most of the input's cost at
             112 and 224 px).
         memory_budget: bytes of decoded images ``"auto"`` may hold (default 2 GiB; EyePACS' 35k training
             images take 1.3 GB at 112 px, 5.3 GB at 224).
@@ -279,6 +279,7 @@ class CacheInput:
         self.labels = np.array([float(x) if x not in ("", "nan") else np.nan for x in raw], np.float32)
         config = read_config(cache_dir)
         self.graham = config.get("preprocess", {}).get("normalize") == "graham"
+        self.image_format = config.get("image_format", "png")
         pca = config.get("color_pca") or {"eigenvalues": [0, 0, 0], "eigenvectors": np.eye(3).tolist()}
         self.pca_vectors = np.asarray(pca["eigenvectors"], np.float32)
         self.pca_std = np.sqrt(np.maximum(np.asarray(pca["eigenvalues"], np.float32), 0))
@@ -294,22 +295,17 @@ class CacheInput:
         self.jit = jit
 
     def _load_all(self) -> np.ndarray:
-        """Every image of the split, decoded once (threads: OpenCV releases the GIL while decoding)."""
+        """Every image of the split, decoded once, by the same TensorFlow decoder as the file-reading path."""
         if self._memory is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            import cv2
+            import tensorflow as tf
 
             out = np.empty((len(self), self.size, self.size, 3), np.uint8)
-
-            def read(i):
-                img = cv2.imread(str(self.paths[i]), cv2.IMREAD_COLOR)
-                if img is None or img.shape != (self.size, self.size, 3):
-                    raise ValueError(f"cached image {self.paths[i]} is missing or damaged; run `retina-scale prepare` again")
-                out[i] = img[:, :, ::-1]
-
-            with ThreadPoolExecutor(4) as pool:
-                list(pool.map(read, range(len(self))))
+            ds = tf.data.Dataset.from_tensor_slices(self.paths).map(
+                lambda p: tf.cast(self._decode(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            i = 0
+            for batch in ds.batch(256):
+                out[i : i + len(batch)] = batch.numpy()
+                i += len(batch)
             self._memory = out
         return self._memory
 
@@ -333,7 +329,8 @@ class CacheInput:
     def _decode(self, path):
         import tensorflow as tf
 
-        img = tf.io.decode_png(tf.io.read_file(path), channels=3)
+        data = tf.io.read_file(path)
+        img = tf.io.decode_png(data, channels=3) if self.image_format == "png" else tf.io.decode_jpeg(data, channels=3)
         img = tf.ensure_shape(img, (self.size, self.size, 3))
         return tf.cast(img, tf.float32)
 

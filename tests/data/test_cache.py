@@ -46,7 +46,7 @@ def test_prepare_writes_every_size_and_a_manifest(eyepacs_dir, tmp_path, prepare
     row = m[m["image"] == "104_right"].iloc[0]
     assert int(row["label"]) == 0 and row["eye"] == "right"
     for size in (32, 64):
-        img = cv2.imread(str(cache / str(size) / "104_right.png"), cv2.IMREAD_UNCHANGED)
+        img = cv2.imread(str(cache / str(size) / "104_right.jpg"), cv2.IMREAD_UNCHANGED)
         assert img.shape == (size, size, 3) and img.dtype == np.uint8
     # The fixtures' disc centre is at x = 150 + patient, y = 118 (pixel centres), radius 108.
     assert abs(float(row["disc_cx"]) - 154.5) <= 2 and abs(float(row["disc_cy"]) - 118.5) <= 2
@@ -59,18 +59,18 @@ def test_prepare_writes_every_size_and_a_manifest(eyepacs_dir, tmp_path, prepare
 def test_prepare_resumes_and_repairs(eyepacs_dir, tmp_path, prepare):
     cache = tmp_path / "cache"
     assert prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)[0] == 0
-    good = (cache / "48" / "101_left.png").read_bytes()
+    good = (cache / "48" / "101_left.jpg").read_bytes()
     code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)
     assert code == 0 and "prepared 0, skipped 20" in out
-    (cache / "48" / "101_left.png").unlink()  # deleted
-    p = cache / "32" / "102_left.png"
+    (cache / "48" / "101_left.jpg").unlink()  # deleted
+    p = cache / "32" / "102_left.jpg"
     p.write_bytes(p.read_bytes()[:100])  # truncated
     code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)
     assert code == 0 and "prepared 2, skipped 18" in out
-    assert (cache / "48" / "101_left.png").read_bytes() == good
+    assert (cache / "48" / "101_left.jpg").read_bytes() == good
     assert cv2.imread(str(p)).shape == (32, 32, 3)
     # Same-size damage is only seen by --verify, which checks the CRC-32.
-    q = cache / "48" / "105_right.png"
+    q = cache / "48" / "105_right.jpg"
     size = q.stat().st_size
     q.write_bytes(b"\0" * size)
     assert "prepared 0, skipped 20" in prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache)[1]
@@ -168,11 +168,14 @@ def test_nothing_usable_exits_1_and_whole_command_errors_exit_2(tmp_path, prepar
 
 def test_a_cache_keeps_its_preprocessing(eyepacs_dir, tmp_path, prepare):
     cache = tmp_path / "cache"
-    assert prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham", "--workers", 1)[0] == 0
+    assert prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham", "--workers", 1,
+                   "--image-format", "png")[0] == 0
     img = cv2.imread(str(cache / "32" / "100_left.png"))
     assert (img[0, 0] == 128).all()  # Graham: grey outside 90 % of the radius
-    code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache)
+    code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--image-format", "png")
     assert code == 2 and "was prepared with preprocessing" in err
+    code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham")
+    assert code == 2 and "holds png files, not jpeg" in err
 
 
 def test_parse_sizes():

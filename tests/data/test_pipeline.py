@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg
-from retina_scale.data.cache import prepare_cache
+from retina_scale.data.cache import prepare_cache, read_config
 from retina_scale.data.fundus import PreprocessConfig
 from retina_scale.data.pipeline import (
     O_O_R, O_O_W0, O_O_WF, AugmentConfig, CacheInput, ResampleConfig, class_weights, draw_epoch,
@@ -36,7 +36,8 @@ def cache(tmp_path_factory):
             rows.append([name, [0, 0, 0, 1, 2, 3, 4][(p + (eye == "left")) % 7]])
     write_csv(root / "trainLabels.csv", ["image", "level"], rows)
     out = tmp_path_factory.mktemp("cache")
-    prepare_cache(read_dataset(root), out, sizes=(SIZE,), workers=1, progress=False)
+    # Lossless, so that the tests can compare what the pipeline yields with the files, pixel for pixel.
+    prepare_cache(read_dataset(root), out, sizes=(SIZE,), workers=1, progress=False, image_format="png")
     return out
 
 
@@ -158,7 +159,13 @@ def test_distributed_over_two_replicas_in_a_mirrored_strategy(cache):
     assert "OK 24" in res.stdout
 
 
-def test_in_memory_and_file_reading_give_the_same_batches(cache):
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_in_memory_and_file_reading_give_the_same_batches(cache, tmp_path, fmt):
+    if fmt == "jpeg":
+        data = read_dataset(Path(read_config(cache)["data"]["root"]))
+        cache = tmp_path / "jpeg-cache"
+        prepare_cache(data, cache, sizes=(SIZE,), workers=1, progress=False, image_format="jpeg")
+        assert len(list((cache / str(SIZE)).glob("*.jpg"))) == 24
     a = _batches(CacheInput(cache, SIZE, seed=2, in_memory=True).dataset(8, include_ids=True))
     b = _batches(CacheInput(cache, SIZE, seed=2, in_memory=False).dataset(8, include_ids=True))
     assert len(a) == len(b) == 3
