@@ -391,6 +391,14 @@ def read_manifest(cache_dir, size: int | None = None):
     return df.reset_index(drop=True)
 
 
+def manifest_records(cache_dir) -> list[Record]:
+    """The cached images as :class:`~retina_scale.data.sources.Record` (path = the source photo), e.g. to make
+    the patient-level split of a run with :func:`retina_scale.data.sources.ensure_splits`."""
+    df = read_manifest(cache_dir)
+    return [Record(str(r.image), str(r.source), int(r.label) if str(r.label) not in ("", "nan") else None,
+                   str(r.patient), str(r.eye) or None) for r in df.itertuples(index=False)]
+
+
 def read_config(cache_dir) -> dict:
     path = Path(cache_dir) / CONFIG
     if not path.is_file():

@@ -390,3 +390,30 @@ def read_splits(path) -> dict[str, str]:
             raise ValueError(f"split file {path}: split {split!r} for {row['image']!r}; accepted: {', '.join(SPLIT_NAMES)}")
         out[row["image"].strip()] = split
     return out
+
+
+def ensure_splits(run_dir, records: list[Record], val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0, name: str = "splits.csv") -> dict[str, str]:
+    """The run's split: read ``run_dir/splits.csv`` when it exists (a resumed or repeated run), else make it
+    with :func:`split_by_patient` and write it there.
+
+    Raises:
+        ValueError: the existing file does not cover the records, or puts a patient's images in two splits.
+    """
+    path = Path(run_dir) / name
+    if path.is_file():
+        splits = read_splits(path)
+        missing = [r.image_id for r in records if r.image_id not in splits]
+        if missing:
+            raise ValueError(
+                f"split file {path} has no split for {len(missing)} image(s) (first: {missing[0]}); "
+                "remove it to make a new split, or pass the records it was made for"
+            )
+        seen: dict[str, str] = {}
+        for r in records:
+            if seen.setdefault(r.patient, splits[r.image_id]) != splits[r.image_id]:
+                raise ValueError(f"split file {path} puts patient {r.patient!r} in two splits")
+        return {r.image_id: splits[r.image_id] for r in records}
+    splits = split_by_patient(records, val_fraction, test_fraction, seed)
+    write_splits(splits, records, path)
+    return splits
