@@ -17,7 +17,7 @@ user error for the whole command and raises ``ValueError`` with one line.
 Example:
 
 ```python
-from retina_scale.data.sources import read_dataset, split_by_patient
+from retina_scale.data.sources import read_dataset, split_by_patient, write_splits
 ds = read_dataset("data/eyepacs/train")            # format detected from trainLabels.csv
 splits = split_by_patient(ds.records, val_fraction=0.1, test_fraction=0.1, seed=0)
 write_splits(splits, ds.records, "runs/exp1/splits.csv")

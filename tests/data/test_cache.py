@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
-import os
 
 import cv2
 import numpy as np
