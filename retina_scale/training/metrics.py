@@ -98,7 +98,8 @@ def apply_thresholds(scores, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -
         >>> apply_thresholds([0.2, 0.5, 1.9, 9.0]).tolist()
         [0, 1, 2, 4]
     """
-    cuts = np.asarray(validate_thresholds(thresholds, len(tuple(thresholds)) + 1))
+    thresholds = tuple(thresholds)  # a generator is read once
+    cuts = np.asarray(validate_thresholds(thresholds, len(thresholds) + 1))
     values = np.asarray(scores, dtype=np.float64)
     if not np.all(np.isfinite(values)):
         bad = int(np.sum(~np.isfinite(values)))

@@ -81,6 +81,8 @@ def test_apply_thresholds_boundaries():
     got = apply_thresholds([-3.0, 0.4999, 0.5, 1.5, 2.49, 3.5, 99.0])
     np.testing.assert_array_equal(got, [0, 0, 1, 2, 2, 4, 4])
     np.testing.assert_array_equal(apply_thresholds([[0.9], [2.1]], (1.0, 2.0, 3.0, 4.0)), [[0], [2]])
+    # Three cut-offs make four grades; a generator of cut-offs is read once.
+    np.testing.assert_array_equal(apply_thresholds([0.9, 2.1, 5.0], (t for t in (1, 2, 3))), [0, 2, 3])
 
 
 @pytest.mark.parametrize(
