@@ -12,7 +12,7 @@ A config is a tree of dataclasses whose fields are annotated with ``int``, ``flo
 Errors are :class:`ConfigError` (a ``ValueError``), with a one-line message, so the CLI prints
 them as user errors.
 
-Command-line overrides are ``key.sub=value`` strings; the value is parsed as YAML, so ``lr=3e-4``
+Command-line overrides are ``key.sub=value`` strings (``stages.1.epochs=3`` indexes a list); the value is parsed as YAML, so ``lr=3e-4``
 is a float, ``sizes=[112,224]`` a list, ``name=null`` (or ``name=``) is None, ``note='42'`` a string.
 YAML here follows YAML 1.2 for numbers and booleans: ``1e-3`` is a float (PyYAML's YAML 1.1 would
 read a string) and only ``true``/``false`` are booleans (``on``, ``no``, ``yes`` stay strings).
@@ -344,17 +344,40 @@ def apply_overrides(config: T, overrides: Iterable[str]) -> T:
         keys, value = parse_override(text)
         node = data
         for depth, key in enumerate(keys[:-1]):
+            if isinstance(node, list):  # an index into a list of sections: stages.1.epochs=3
+                node = _list_item(node, key, text, keys[:depth])
+                continue
             child = node.get(key)
             if child is None:  # a section that is None or absent: start from its defaults
                 child = node[key] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 section = ".".join(keys[: depth + 1])
                 raise ConfigError(
                     f"override {text!r}: '{section}' is a {type(child).__name__} value, not a section"
                 )
             node = child
-        node[keys[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, keys[-1], text, keys[:-1])] = value
+        else:
+            node[keys[-1]] = value
     return from_dict(type(config), data)
+
+
+def _list_index(items: list, key: str, text: str, path: list[str]) -> int:
+    where = ".".join(path)
+    if not key.isdigit() or int(key) >= len(items):
+        raise ConfigError(
+            f"override {text!r}: '{where}' is a list of {len(items)} item(s); "
+            f"index it with 0..{len(items) - 1}, got {key!r}"
+        )
+    return int(key)
+
+
+def _list_item(items: list, key: str, text: str, path: list[str]):
+    item = items[_list_index(items, key, text, path)]
+    if not isinstance(item, dict):
+        raise ConfigError(f"override {text!r}: '{'.'.join(path)}.{key}' is not a section")
+    return item
 
 
 def load_config(

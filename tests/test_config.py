@@ -224,7 +224,7 @@ def test_apply_overrides_sets_nested_values_and_checks_them():
         ("optim.nesterov=yes", "config key 'optim.nesterov': expected bool, got str 'yes'"),
         ("optim.lr", "override 'optim.lr' must look like key=value or section.key=value"),
         ("optim..lr=1", "must look like key=value"),
-        ("sizes.first=1", "override 'sizes.first=1': 'sizes' is a list value, not a section"),
+        ("sizes.first=1", "override 'sizes.first=1': 'sizes' is a list of 3 item(s); index it with 0..2, got 'first'"),
         ("sizes=[1, 2", "override 'sizes=[1, 2': not valid YAML"),
     ],
 )
@@ -266,3 +266,23 @@ def test_dump_refuses_unknown_suffix_and_keeps_old_file(tmp_path):
     with pytest.raises(ConfigError, match="must end in .yaml, .yml or .json"):
         dump_config(Run(), tmp_path / "run.txt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_override_indexes_into_a_list_of_sections():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Rung:
+        stage: str = "tiny"
+        epochs: int = 5
+
+    @dataclass
+    class Ladder:
+        stages: list[Rung] = field(default_factory=lambda: [Rung(), Rung("small")])
+
+    cfg = load_config(Ladder, None, ["stages.1.epochs=3"])
+    assert cfg.stages[1].epochs == 3 and cfg.stages[0].epochs == 5 and isinstance(cfg.stages[1], Rung)
+    with pytest.raises(ConfigError, match=r"list of 2 item\(s\); index it with 0..1, got '2'"):
+        load_config(Ladder, None, ["stages.2.epochs=3"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(Ladder, None, ["stages.0.epoch=3"])
