@@ -130,7 +130,7 @@ class DistributedTrainer:
         with strategy.scope():
             optimizer.build(model.trainable_variables)
 
-        def replica_step(images, labels, weights):
+        def replica_step(images, labels, weights, keys=None):
             with tf.GradientTape() as tape:
                 predictions = tf.reshape(model(images, training=True), [-1])
                 per_example = tf.square(predictions - tf.cast(labels, predictions.dtype))
@@ -142,20 +142,22 @@ class DistributedTrainer:
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             return loss
 
-        def replica_predict(images, labels, weights):
+        def replica_predict(images, labels, weights, keys):
             predictions = tf.reshape(model(images, training=False), [-1])
-            return predictions, tf.cast(labels, predictions.dtype), tf.cast(weights, predictions.dtype)
+            return (predictions, tf.cast(labels, predictions.dtype), tf.cast(weights, predictions.dtype),
+                    tf.cast(keys, tf.int64))
 
         @tf.function
         def train_step(iterator):
-            images, labels, weights = next(iterator)
-            losses = strategy.run(replica_step, args=(images, labels, weights))
+            batch = next(iterator)
+            if len(batch) == 2:  # (images, labels): every example counts once
+                batch = (*batch, tf.ones_like(batch[1], tf.float32))
+            losses = strategy.run(replica_step, args=tuple(batch))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
         @tf.function
         def predict_step(iterator):
-            images, labels, weights = next(iterator)
-            outputs = strategy.run(replica_predict, args=(images, labels, weights))
+            outputs = strategy.run(replica_predict, args=tuple(next(iterator)))
             return tuple(strategy.gather(t, axis=0) for t in outputs)
 
         self._train_step = train_step
@@ -184,6 +186,10 @@ class DistributedTrainer:
     def distribute_evaluation(self, make_examples, num_examples: int):
         """Per-replica evaluation batches: every pipeline padded to the same number of steps.
 
+        ``make_examples`` is as for ``distribute_training``; its examples may carry a fourth
+        element, an int64 key (e.g. the image's index), which ``predict`` hands back so results can
+        be matched to images whatever order the replicas gathered them in.
+
         Returns:
             ``(iterator, steps)``.
         """
@@ -194,7 +200,7 @@ class DistributedTrainer:
         def dataset_fn(input_context):
             replicas_here = self.strategy.num_replicas_in_sync // input_context.num_input_pipelines
             per_pipeline = steps * self.per_replica_batch_size * replicas_here
-            ds = _with_weights(_call_with_context(make_examples, input_context))
+            ds = _with_keys(_with_weights(_call_with_context(make_examples, input_context)))
             specs = ds.element_spec
             if all(spec.shape.is_fully_defined() for spec in specs):
                 blank = tuple(tf.zeros(spec.shape, spec.dtype) for spec in specs)
@@ -218,18 +224,24 @@ class DistributedTrainer:
                 return loss
         return total / max(1, steps)
 
-    def predict(self, iterator, steps: int):
+    def predict(self, iterator, steps: int, with_keys: bool = False):
         """Runs ``steps`` evaluation steps; returns ``(labels, predictions)`` NumPy arrays of the
-        real (non-padding) examples, identical on every worker."""
+        real (non-padding) examples, identical on every worker, plus their keys if ``with_keys``
+        (sorted by key then, so the order does not depend on the number of replicas)."""
         import numpy as np
 
-        labels, predictions = [], []
+        labels, predictions, keys = [], [], []
         for _ in range(steps):
-            p, y, w = (t.numpy() for t in self._predict_step(iterator))
+            p, y, w, k = (t.numpy() for t in self._predict_step(iterator))
             keep = w > 0
             labels.append(y[keep])
             predictions.append(p[keep])
-        return np.concatenate(labels), np.concatenate(predictions)
+            keys.append(k[keep])
+        labels, predictions, keys = np.concatenate(labels), np.concatenate(predictions), np.concatenate(keys)
+        if not with_keys:
+            return labels, predictions
+        order = np.argsort(keys, kind="stable")
+        return labels[order], predictions[order], keys[order]
 
 
 def _call_with_context(make_examples, input_context):
@@ -243,6 +255,14 @@ def _call_with_context(make_examples, input_context):
 def _with_weights(ds):
     import tensorflow as tf
 
-    if len(ds.element_spec) == 3:
+    if len(ds.element_spec) >= 3:
         return ds
     return ds.map(lambda image, label: (image, label, tf.constant(1.0)))
+
+
+def _with_keys(ds):
+    import tensorflow as tf
+
+    if len(ds.element_spec) == 4:
+        return ds
+    return ds.map(lambda image, label, weight: (image, label, weight, tf.constant(-1, tf.int64)))
