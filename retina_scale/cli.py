@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retina_scale.commands.complexity",
         "weights, multiply-adds and activations of every stage, beside the paper's figures",
     ),
+    "train": ("retina_scale.commands.train", "train the ladder of stages (the main job; resumable)"),
 }
 
 

@@ -137,7 +137,6 @@ class TrainConfig:
     seed: int = 0
     export: bool = True
     eval_bootstrap: int = 1000
-    tune: bool = False
 
 
 def quick_preset() -> TrainConfig:
