@@ -20,7 +20,7 @@ def save_checkpoint(model, optimizer, path) -> None:
             arrays[f"model/{layer.name}/{i}"] = np.asarray(weight)
     if optimizer is not None:
         for variable in optimizer.variables:
-            arrays[f"optimizer/{variable.path}"] = np.asarray(variable)
+            arrays[f"optimizer/{_slot_name(variable)}"] = np.asarray(variable)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -41,10 +41,16 @@ def restore_checkpoint(model, optimizer, path) -> None:
             weight.assign(stored[key])
     if optimizer is not None:
         for variable in optimizer.variables:
-            key = f"optimizer/{variable.path}"
+            key = f"optimizer/{_slot_name(variable)}"
             if key not in stored or stored[key].shape != tuple(variable.shape):
                 raise ValueError(f"checkpoint {path} does not fit the optimizer: {key} missing or of another shape")
             variable.assign(stored[key])
+
+
+def _slot_name(variable) -> str:
+    """The variable's path without the optimizer's own name, which Keras numbers per process
+    (``sgd``, ``sgd_1``, ...) and so differs between a run and its resumption."""
+    return variable.path.split("/", 1)[-1]
 
 
 def model_weights_from_checkpoint(path) -> dict[str, list[np.ndarray]]:
