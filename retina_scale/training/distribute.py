@@ -130,7 +130,9 @@ class DistributedTrainer:
         with strategy.scope():
             optimizer.build(model.trainable_variables)
 
-        def replica_step(images, labels, weights, keys=None):
+        def replica_step(images, labels, weights=None, keys=None):
+            if weights is None:  # (images, labels): every example counts once
+                weights = tf.ones_like(labels, tf.float32)
             with tf.GradientTape() as tape:
                 predictions = tf.reshape(model(images, training=True), [-1])
                 per_example = tf.square(predictions - tf.cast(labels, predictions.dtype))
@@ -149,10 +151,7 @@ class DistributedTrainer:
 
         @tf.function
         def train_step(iterator):
-            batch = next(iterator)
-            if len(batch) == 2:  # (images, labels): every example counts once
-                batch = (*batch, tf.ones_like(batch[1], tf.float32))
-            losses = strategy.run(replica_step, args=tuple(batch))
+            losses = strategy.run(replica_step, args=tuple(next(iterator)))
             return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
         @tf.function
