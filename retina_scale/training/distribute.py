@@ -75,6 +75,19 @@ def _tf_config_cluster() -> dict:
     return config.get("cluster") or {}
 
 
+def strategy_name(strategy) -> str:
+    """The name users know (``MultiWorkerMirroredStrategy``, not its class ``CollectiveAllReduceStrategy``)."""
+    import tensorflow as tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "MirroredStrategy"
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        return "OneDeviceStrategy"
+    return "default"
+
+
 def is_chief(strategy) -> bool:
     """True on the one worker that writes checkpoints, logs and exports."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -222,6 +222,7 @@ class StepwiseScaler:
     def run(self) -> dict:
         """Runs (or resumes) every stage; returns the run report (also in report.json / report.md)."""
         from retina_scale.models.convnet import get_stage
+        from retina_scale.training.distribute import strategy_name
 
         t0 = time.time()
         run_dir = self.run_dir
@@ -231,7 +232,7 @@ class StepwiseScaler:
             dump_config(self.config, run_dir / "config.yaml")
         strategy = self.strategy
         self.log(f"Run {self.config.name} in {run_dir}: {len(self.config.stages)} stages, "
-                 f"{type(strategy).__name__} with {strategy.num_replicas_in_sync} replica(s), "
+                 f"{strategy_name(strategy)} strategy with {strategy.num_replicas_in_sync} replica(s), "
                  f"global batch {self.config.global_batch_size}")
         cache_dir, splits_file = self.prepare_data()
         results = []
@@ -244,7 +245,7 @@ class StepwiseScaler:
         report = {
             "name": self.config.name,
             "run_dir": str(run_dir),
-            "strategy": type(strategy).__name__,
+            "strategy": strategy_name(strategy),
             "replicas": strategy.num_replicas_in_sync,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stages": results,
