@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "retina_scale.commands.complexity",
         "weights, multiply-adds and activations of every stage, beside the paper's figures",
     ),
+    "synth": ("retina_scale.commands.synth", "write the synthetic DR data set (EyePACS layout) or its gallery"),
 }
 
 

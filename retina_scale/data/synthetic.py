@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -565,6 +565,7 @@ def _real_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, A
         F = np.array([[1, 0, 0], [0, -1, S - 1], [0, 0, 1]], np.float64)
         M = (F @ np.vstack([M, [0, 0, 1]]))[:2]
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    M_points = M.copy()  # original photo coordinates -> output coordinates
     if scale < 0.5:  # pre-shrink so the affine warp does not alias
         pre = cv2.resize(photo, (int(side * scale * 1.5), int(side * scale * 1.5)), interpolation=cv2.INTER_AREA)
         k = pre.shape[0] / side
@@ -581,11 +582,11 @@ def _real_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, A
 
     def tx(pts):
         pts = np.asarray(pts, np.float64).reshape(-1, 2)
-        return pts @ M[:, :2].T + M[:, 2]
+        return pts @ M_points[:, :2].T + M_points[:, 2]
 
     vs = vessels.copy()
     vs[:, 0:2] = tx(vessels[:, 0:2])
-    vs[:, 2:4] = vessels[:, 2:4] @ M[:, :2].T / scale
+    vs[:, 2:4] = vessels[:, 2:4] @ M_points[:, :2].T / scale
     vs[:, 4] *= scale
     c = (S - 1) / 2
     R = S / 2
@@ -1364,7 +1365,8 @@ def generate_dataset(
     else:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(int(workers), _worker_init)
+        # spawn, not fork: forking a process whose OpenCV / BLAS thread pools are running can deadlock
+        pool = mp.get_context("spawn").Pool(min(int(workers), count), _worker_init)
         results = pool.imap(_render_one, jobs, chunksize=1)
     try:
         for spec, data, records, meta in results:
@@ -1386,11 +1388,28 @@ def generate_dataset(
             pool.join()
     _atomic_csv(os.path.join(out_dir, "lesions.csv"), LESION_COLUMNS, lesion_rows)
     _atomic_csv(os.path.join(out_dir, "images.csv"), IMAGE_COLUMNS, image_rows)
-    _atomic_csv(labels_path, ("image", "level"), ({"image": s.name, "level": s.level} for s in specs))
     levels = np.bincount([s.level for s in specs], minlength=5).tolist()
     kinds: dict[str, int] = {}
     for r in lesion_rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
-    return dict(out_dir=out_dir, count=count, size=size, seed=int(seed), prior=[float(p) for p in probs],
-                label_noise=float(label_noise), framing=framing, levels=levels, lesions=kinds,
-                labels=labels_path, lesions_csv=os.path.join(out_dir, "lesions.csv"))
+    summary = dict(out_dir=out_dir, count=count, size=size, seed=int(seed), prior=[float(p) for p in probs],
+                   label_noise=float(label_noise), framing=framing, real_fraction=float(real_fraction),
+                   levels=levels, lesions=kinds, labels=labels_path,
+                   lesions_csv=os.path.join(out_dir, "lesions.csv"))
+    _atomic_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    # the labels go last: a folder with trainLabels.csv is complete
+    _atomic_csv(labels_path, ("image", "level"), ({"image": s.name, "level": s.level} for s in specs))
+    return summary
+
+
+def _atomic_text(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
