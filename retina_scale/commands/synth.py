@@ -96,7 +96,7 @@ def make_gallery(path: str, size: int = 1024, seed: int = 0, photos_per_grade: i
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from retina_scale.data.synthetic import render_fundus, validate_size
+    from retina_scale.data.synthetic import _chmod_default, render_fundus, validate_size
 
     size = validate_size(size)
     ncols = photos_per_grade + len(GALLERY_RESOLUTIONS)
@@ -148,6 +148,7 @@ def make_gallery(path: str, size: int = 1024, seed: int = 0, photos_per_grade: i
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        _chmod_default(tmp)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

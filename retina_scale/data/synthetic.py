@@ -1273,6 +1273,7 @@ def _atomic_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        _chmod_default(tmp)
         with os.fdopen(fd, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(columns)
@@ -1283,6 +1284,13 @@ def _atomic_csv(path: str, columns: Sequence[str], rows: Iterable[dict]) -> None
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _chmod_default(path: str) -> None:
+    """mkstemp creates 0600 files; give the finished file the usual permissions (0666 minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _fmt(v):
@@ -1406,6 +1414,7 @@ def _atomic_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        _chmod_default(tmp)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, path)
