@@ -1174,7 +1174,8 @@ def render_fundus(
         img, anat = _real_background(rng, size)
     else:
         img, anat = _procedural_background(rng, size)
-    records = _draw_lesions(rng, img, anat, grade)
+    with np.errstate(over="ignore"):  # logistic edges: exp overflows to inf far outside, giving alpha 0
+        records = _draw_lesions(rng, img, anat, grade)
     img = _camera(rng, img, anat)
     meta = dict(width=size, height=size, field_diameter_px=size, um_per_px=anat.um_per_px,
                 field_x=anat.centre[0], field_y=anat.centre[1], disc_x=anat.disc[0], disc_y=anat.disc[1],
