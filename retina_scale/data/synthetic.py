@@ -1109,7 +1109,7 @@ def _frame_eyepacs(rng, img: np.ndarray, records: list[dict], anat_meta: dict) -
     canvas = np.zeros((H, W, 3), img.dtype)
     canvas[:, x0:x0 + S] = img
     if rng.random() < 0.3:  # darker
-        canvas = canvas * rng.uniform(0.45, 0.8)
+        canvas = np.clip(canvas * rng.uniform(0.45, 0.8) + 0.5, 0, 255).astype(np.uint8)
     if rng.random() < 0.25:  # blurrier (defocus)
         canvas = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(0.5, 2.0) * S / 1024)
     if rng.random() < 0.4:  # notch at the field edge, as fundus cameras mark it
