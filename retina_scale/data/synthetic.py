@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -1254,6 +1255,9 @@ def reference_microaneurysms() -> list[dict]:
 # Data set on disk
 # --------------------------------------------------------------------------------------------------------
 
+_PHOTO_NAME = re.compile(r"^\d+_(left|right)\.jpeg(\.tmp)?$")
+
+
 def _render_one(job):
     spec, size, framing, quality_seed = job
     rng = np.random.default_rng(spec.seed)
@@ -1407,6 +1411,12 @@ def generate_dataset(
         if pool is not None:
             pool.terminate()
             pool.join()
+    # overwriting a larger, older set: drop its photos that this set does not have (only names this
+    # generator writes), so train/ and trainLabels.csv agree
+    wanted = {s.name + ".jpeg" for s in specs}
+    for name in os.listdir(train):
+        if name not in wanted and _PHOTO_NAME.match(name):
+            os.unlink(os.path.join(train, name))
     _atomic_csv(os.path.join(out_dir, "lesions.csv"), LESION_COLUMNS, lesion_rows)
     _atomic_csv(os.path.join(out_dir, "images.csv"), IMAGE_COLUMNS, image_rows)
     levels = np.bincount([s.level for s in specs], minlength=5).tolist()

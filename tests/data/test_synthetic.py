@@ -324,8 +324,13 @@ def test_non_empty_folder_is_refused_without_overwrite(synth_cli, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "--overwrite" in err
     assert sorted(os.listdir(out)) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert synth_cli("--out", out, "--count", 4, "--size", 96, "--no-progress", "--overwrite") == 0
+    assert len(read_csv(out / "trainLabels.csv")) == 4
+    # overwriting with a smaller set leaves no stale photos beside the new labels, and the user's file alone
     assert synth_cli("--out", out, "--count", 2, "--size", 96, "--no-progress", "--overwrite") == 0
-    assert len(read_csv(out / "trainLabels.csv")) == 2
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["1_left.jpeg", "1_right.jpeg"]
+    assert [r["image"] for r in read_csv(out / "trainLabels.csv")] == ["1_left", "1_right"]
+    assert (out / "notes.txt").read_text() == "keep me"
 
 
 def test_a_failure_midway_leaves_no_trainlabels(tmp_path, monkeypatch):
