@@ -58,9 +58,14 @@ def balanced_set(tmp_path_factory):
 
 def test_same_seed_gives_byte_identical_files_whatever_the_worker_count(tmp_path):
     a, b, c = tmp_path / "w1", tmp_path / "w2", tmp_path / "seed2"
-    syn.generate_dataset(a, count=7, size=96, seed=5, prior="balanced", workers=1, progress=False)
-    syn.generate_dataset(b, count=7, size=96, seed=5, prior="balanced", workers=2, progress=False)
-    syn.generate_dataset(c, count=7, size=96, seed=6, prior="balanced", workers=1, progress=False)
+    prior = "0.1,0.2,0.2,0.25,0.25"
+    syn.generate_dataset(a, count=7, size=96, seed=5, prior=prior, workers=1, progress=False)
+    syn.generate_dataset(b, count=7, size=96, seed=5, prior=prior, workers=2, progress=False)
+    syn.generate_dataset(c, count=7, size=96, seed=6, prior=prior, workers=1, progress=False)
+    # the set exercises both backgrounds and grades 1-4 (all lesion code paths)
+    images = read_csv(a / "images.csv")
+    assert {r["background"] for r in images} == {"real", "procedural"}
+    assert {int(r["level"]) for r in images} == {1, 2, 3, 4}
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != "summary.json")
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != "summary.json")
     assert files_a == files_b
