@@ -77,7 +77,7 @@ _CROP_KINDS = {
     1: ("microaneurysm",),
     2: ("microaneurysm", "hard_exudate", "dot_blot_haemorrhage"),
     3: ("irma", "venous_beading", "dot_blot_haemorrhage"),
-    4: ("nvd", "nve", "preretinal_haemorrhage", "irma"),
+    4: ("nvd", "nve", "preretinal_haemorrhage", "irma", "dot_blot_haemorrhage"),
 }
 GALLERY_RESOLUTIONS = (112, 224, 448, 896)
 
@@ -116,10 +116,12 @@ def make_gallery(path: str, size: int = 1024, seed: int = 0, photos_per_grade: i
                 continue
             target = None
             for kind in _CROP_KINDS.get(grade, ()):
-                cands = [r for r in lesions if r["kind"] == kind]
+                cands = sorted((r for r in lesions if r["kind"] == kind), key=lambda r: r["size_px"])
                 if cands:
-                    target = min(cands, key=lambda r: r["size_px"]) if kind == "microaneurysm" else cands[0]
+                    target = cands[len(cands) // 2]  # the median-sized one: neither the easiest nor the hardest
                     break
+            if target is None and lesions:
+                target = lesions[0]
             if target is None:
                 cx, cy = size / 2, size / 2
                 label = "no lesion (centre)"
