@@ -17,8 +17,8 @@ Signatures (no Keras needed to serve or load them):
     normalisation when the run used it; the metadata's ``preprocessing`` says which). Any square
     size: images at the stage's input size go to the network untouched; other sizes are resized in
     the graph to the stage's size as the cache made them (area averaging when shrinking, bicubic when
-    enlarging, then rounded and clipped to whole values in ``[0, 255]`` like the cache's uint8
-    PNGs), because a network sees the retina at the scale it was trained at or its grades drift.
+    enlarging, then rounded (halves up) and clipped to whole values in ``[0, 255]`` like the
+    cache's uint8 PNGs), because a network sees the retina at the scale it was trained at or its grades drift.
     Non-square images are refused (InvalidArgumentError) rather than stretched.
 
     outputs ``grade_continuous`` (float32 ``(batch,)``, the regression output), ``grade`` (int32
@@ -251,7 +251,8 @@ def _build_archive(model, info: dict):
 
         def resized():
             out = tf.cond(height > size, shrink, enlarge)
-            return tf.clip_by_value(tf.round(out), 0.0, 255.0)
+            # Round halves up, as OpenCV does when it writes the cache's uint8 pixels.
+            return tf.clip_by_value(tf.floor(out + 0.5), 0.0, 255.0)
 
         out = tf.cond(tf.equal(height, size), lambda: images, resized)
         return tf.ensure_shape(out, [None, size, size, 3])
