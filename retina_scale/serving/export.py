@@ -28,7 +28,7 @@ Signatures (no Keras needed to serve or load them):
     worse). A NaN or infinite score fails the request instead of grading it 0.
 
 ``get_metadata``
-    no input; returns ``input_size`` (int32), ``thresholds`` (float32 ``(4,)``), ``stage``,
+    no input; returns ``input_size`` (int32), ``thresholds`` (float64 ``(4,)``), ``stage``,
     ``preprocessing`` and ``metadata_json`` (strings): the same record as the version's
     ``metadata.json``, kept inside the SavedModel so a copied ``saved_model.pb`` still says how to
     feed it.
@@ -182,7 +182,7 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
                 },
             },
             "get_metadata": {"inputs": {}, "outputs": {
-                "input_size": "int32 ()", "thresholds": "float32 (4,)", "stage": "string ()",
+                "input_size": "int32 ()", "thresholds": "float64 (4,)", "stage": "string ()",
                 "preprocessing": "string ()", "metadata_json": "string ()",
             }},
         },
@@ -200,7 +200,9 @@ def _build_archive(model, info: dict):
     import tensorflow as tf
 
     size = info["input_size"]
-    cuts = tf.constant(info["thresholds"], dtype=tf.float32)
+    # float64, as apply_thresholds compares: a float32 cut-off 1.4 would be 1.39999998 and grade a
+    # score of exactly float32(1.4) one higher than apply_thresholds does.
+    cuts = tf.constant(info["thresholds"], dtype=tf.float64)
     referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
     preprocessing = info["preprocessing"]
     constants = {
@@ -265,7 +267,8 @@ def _build_archive(model, info: dict):
         )
         # apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade).
         grade = tf.reduce_sum(
-            tf.cast(tf.greater_equal(scores[:, None], cuts[None, :]), tf.int32), axis=1
+            tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
+            axis=1,
         )
         return {
             "grade_continuous": scores,
@@ -286,12 +289,30 @@ def _build_archive(model, info: dict):
     return archive
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_version(model, folder: Path, info: dict) -> None:
-    """Writes the SavedModel and ``metadata.json`` into ``folder`` (a temporary folder)."""
+    """Writes the SavedModel and ``metadata.json`` into ``folder`` (a temporary folder).
+
+    Everything is flushed to disk before the caller renames the folder into place, so that after
+    a power cut a version folder is whole or absent.
+    """
     _build_archive(model, info).write_out(str(folder), verbose=False)
     with open(folder / METADATA_FILE, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
 
 
 def export_saved_model(
@@ -354,6 +375,7 @@ def export_saved_model(
         try:
             _write_version(model, tmp, _describe(model, model_name, version, thresholds, user))
             os.rename(tmp, target)
+            _fsync(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

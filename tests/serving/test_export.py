@@ -131,7 +131,7 @@ def test_metadata_round_trips(exported):
     loaded = tf.saved_model.load(str(path))
     constants = {k: v.numpy() for k, v in loaded.signatures["get_metadata"]().items()}
     assert constants["input_size"] == SIZE
-    np.testing.assert_array_equal(constants["thresholds"], np.float32(exported["thresholds"]))
+    assert constants["thresholds"].tolist() == list(exported["thresholds"])
     assert constants["stage"] == b"tiny" and constants["preprocessing"] == b"graham"
     assert json.loads(constants["metadata_json"]) == on_disk
 
@@ -165,9 +165,11 @@ def test_versions_increase_keep_prunes_and_ties_go_up(tmp_path):
     (base / "retina").mkdir(parents=True)
     (base / "retina" / ".tmp-7-deadbeef").mkdir()  # left by an export killed with -9
     on_cut = _constant_model(1.5)  # exactly on the default cut-off 1.5: grade 2, referable
-    below = _constant_model(np.nextafter(np.float32(1.5), np.float32(0)))
+    # float32(1.4) = 1.39999998 is below the cut-off 1.4: grade 1 for apply_thresholds, and for the
+    # graph only if it compares in float64 as apply_thresholds does.
+    below = _constant_model(np.float32(1.4))
     first = export_saved_model(on_cut, base, "retina")
-    second = export_saved_model(below, base, "retina")
+    second = export_saved_model(below, base, "retina", thresholds=(0.5, 1.4, 2.5, 3.5))
     assert (first.name, second.name) == ("1", "2")
     assert _dir_names(base / "retina") == ["1", "2"]  # the stale temporary folder is gone
     images = tf.constant(_images(2))
@@ -175,6 +177,7 @@ def test_versions_increase_keep_prunes_and_ties_go_up(tmp_path):
     out2 = load_export(second)[0](images=images)
     assert out1["grade_continuous"].numpy().tolist() == [1.5, 1.5]
     assert out1["grade"].numpy().tolist() == [2, 2] and out1["referable"].numpy().tolist() == [True] * 2
+    assert apply_thresholds(out2["grade_continuous"].numpy(), (0.5, 1.4, 2.5, 3.5)).tolist() == [1, 1]
     assert out2["grade"].numpy().tolist() == [1, 1] and out2["referable"].numpy().tolist() == [False] * 2
 
     with pytest.raises(FileExistsError, match="version 2 .*already exists"):
