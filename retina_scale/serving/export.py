@@ -82,6 +82,7 @@ REFERABLE_GRADE = 2
 """Referable DR: moderate non-proliferative DR (grade 2) or worse."""
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VERSION = re.compile(r"^[0-9]+$")  # str.isdigit would also accept "²", which int() refuses
 _TMP_PREFIX = ".tmp-"
 _LOCK_FILE = ".export.lock"
 _RESIZE_NOTE = (
@@ -96,7 +97,7 @@ def list_versions(model_dir) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(
-        int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION.match(p.name)
     )
 
 
