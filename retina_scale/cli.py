@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "weights, multiply-adds and activations of every stage, beside the paper's figures",
     ),
     "train": ("retina_scale.commands.train", "train the ladder of stages (the main job; resumable)"),
+    "evaluate": ("retina_scale.commands.evaluate", "kappa, Table IV rows and referable-DR figures of a model, with intervals"),
     "synth": ("retina_scale.commands.synth", "write the synthetic DR data set (EyePACS layout) or its gallery"),
 }
 
