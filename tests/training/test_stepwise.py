@@ -249,3 +249,21 @@ def test_data_folder_without_a_usable_image_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no usable image" in err
     assert not list((tmp_path / "runs").glob("*/stages"))
+
+
+@pytest.mark.parametrize("form", ["export", "stage"])
+def test_evaluate_command_reproduces_the_stage_test_evaluation(uninterrupted, small_cache, tmp_path, capsys, form):
+    run_dir, report = uninterrupted
+    stage = report["stages"][1]
+    model = stage["export_path"] if form == "export" else str(run_dir / "stages" / "2-small")
+    _, cache = small_cache
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--model", model, "--cache", str(cache), "--split", "test",
+                 "--splits", str(run_dir / "splits.csv"), "--bootstrap", "20", "--json", "--out", str(out)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    stored = json.loads((run_dir / "stages" / "2-small" / "evaluation.json").read_text())
+    assert result["n_images"] == stored["n_images"] == stage["test_images"]
+    assert result["confusion_matrix"] == stored["confusion_matrix"]
+    assert result["kappa"]["value"] == pytest.approx(stored["kappa"]["value"], abs=1e-9)
