@@ -1,8 +1,6 @@
 """Distribution: one training path gives the same result on 1 device, 2 mirrored replicas and 2 workers."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +10,11 @@ import pytest
 
 from retina_scale.training.distribute import STRATEGIES, choose_strategy, scaled_learning_rate
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    env.update(extra)
-    return env
-
-
-def _run(out, strategy, cpus, **env):
-    return subprocess.Popen([sys.executable, str(WORKER), str(out), strategy, str(cpus)], env=_env(**env),
+def _run(env, out, strategy, cpus, **extra):
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), strategy, str(cpus)], env={**env, **extra},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -38,26 +28,16 @@ def _weights(path):
         return {k: data[k] for k in data.files}
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
+def single_device(tmp_path_factory, subprocess_env):
     out = tmp_path_factory.mktemp("one") / "w.npz"
-    _finish(_run(out, "default", 1))
+    _finish(_run(subprocess_env, out, "default", 1))
     return out
 
 
-def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path):
+def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path, subprocess_env):
     out = tmp_path / "w.npz"
-    _finish(_run(out, "mirrored", 2))
+    _finish(_run(subprocess_env, out, "mirrored", 2))
     one, two = _weights(single_device), _weights(out)
     assert one.keys() == two.keys()
     for key in one:
@@ -72,11 +52,11 @@ def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path):
     np.testing.assert_allclose(ev1["predictions"][order1], ev2["predictions"][order2], rtol=1e-4, atol=1e-5)
 
 
-def test_two_workers_on_localhost_end_with_identical_weights(single_device, tmp_path):
-    ports = _free_ports(2)
+def test_two_workers_on_localhost_end_with_identical_weights(single_device, tmp_path, subprocess_env, free_ports):
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = [
-        _run(tmp_path / f"w{i}.npz", "auto", 1,
+        _run(subprocess_env, tmp_path / f"w{i}.npz", "auto", 1,
              TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
         for i in range(2)
     ]

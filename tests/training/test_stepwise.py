@@ -4,7 +4,6 @@ two workers, and bad input refused before training."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +13,7 @@ import numpy as np
 import pytest
 
 from retina_scale.cli import main
-from retina_scale.config import ConfigError
 from retina_scale.training.config import load_train_config
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):
@@ -34,12 +30,6 @@ def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):
 def _config(tmp_path, small_cache, **kwargs):
     data, cache = small_cache
     return load_train_config("quick", _overrides(tmp_path, data, cache, **kwargs))
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CONFIG", None)
-    return env
 
 
 def _state(run_dir, stage):
@@ -112,12 +102,12 @@ def test_rerun_of_a_finished_run_retrains_nothing(uninterrupted, tmp_path, small
     assert sum("not retrained" in line for line in lines) == 2
 
 
-def test_kill_9_then_rerun_resumes_where_it_stopped(uninterrupted, tmp_path, small_cache):
+def test_kill_9_then_rerun_resumes_where_it_stopped(uninterrupted, tmp_path, small_cache, subprocess_env):
     data, cache = small_cache
     args = [sys.executable, "-m", "retina_scale", "train", "--quiet", *_overrides(tmp_path, data, cache)]
     run_dir = tmp_path / "runs" / "t"
     state_file = run_dir / "stages" / "2-small" / "state.json"
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if state_file.exists():
@@ -134,7 +124,7 @@ def test_kill_9_then_rerun_resumes_where_it_stopped(uninterrupted, tmp_path, sma
     assert killed["status"] == "training" and 1 <= killed["epoch"] < 3
     tiny_mtime = (run_dir / "stages" / "1-tiny" / "state.json").stat().st_mtime_ns
 
-    done = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=400)
+    done = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert (run_dir / "stages" / "1-tiny" / "state.json").stat().st_mtime_ns == tiny_mtime  # not retrained
     final = _state(run_dir, "2-small")
@@ -179,24 +169,14 @@ def test_loss_that_stays_nan_fails_after_three_events(tmp_path, small_cache, mon
     assert _state(tmp_path / "runs" / "t", "1-tiny")["nan_events"] == 4
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_two_workers_complete_a_ladder_with_identical_weights(tmp_path, small_cache):
+def test_two_workers_complete_a_ladder_with_identical_weights(tmp_path, small_cache, subprocess_env, free_ports):
     data, cache = small_cache
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
     args = [sys.executable, "-m", "retina_scale", "train", "--quiet", "--strategy", "multi_worker",
             *_overrides(tmp_path, data, cache, small_epochs=1)]
     procs = []
     for i in range(2):
-        env = dict(_env(), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        env = dict(subprocess_env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=500)[0] for p in procs]
     for p, out in zip(procs, outputs):
