@@ -17,6 +17,7 @@ import math
 
 import keras
 
+from retina_scale.fileio import atomic_path
 from retina_scale.models.layers import GridRMSPool2D, Maxout, RMSPool2D
 
 # Paper's Fig. 4, read off the figure: weights, forward multiply-adds, activations ("output memory").
@@ -176,9 +177,6 @@ def _ratio(value) -> str:
 
 def plot_complexity(records: list[dict], path) -> None:
     """Draws the paper's Fig. 4 analogue (log scale), ours as bars and the paper's as markers."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,14 +204,8 @@ def plot_complexity(records: list[dict], path) -> None:
     ax.set_title("Complexity of the network family per stage")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+
+from retina_scale.fileio import atomic_path
 
 CARRIED = "carried"
 NEW = "new"
@@ -182,14 +183,8 @@ def save_named_weights(model, path) -> None:
     """Saves ``model``'s weights keyed by layer name to an ``.npz`` file, atomically."""
     path = os.fspath(path)
     arrays = {f"{name}/{i}": w for name, ws in named_weights(model).items() for i, w in enumerate(ws)}
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_named_weights(path) -> dict[str, list[np.ndarray]]:

@@ -1,0 +1,126 @@
+"""Evaluate a trained model on graded images: quadratic weighted kappa, confusion matrix, the
+paper's Table IV rows (No DR, any DR, mild DR), referable-DR sensitivity, specificity and AUC, each
+with a bootstrap 95 % interval over patients.
+
+--model takes an export (saved_models/NAME/VERSION, or saved_models/NAME for its newest version), a
+stage folder of a run (runs/NAME/stages/2-small) or a .keras file. The images are preprocessed
+exactly as for training (a cache at the model's input size is made, or reused, under --cache).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="export folder, stage folder or .keras file")
+    parser.add_argument("--data", help="a data folder (EyePACS, APTOS, one folder per grade, CSV)")
+    parser.add_argument("--labels", help="the labels CSV, if not where the format expects it")
+    parser.add_argument("--format", choices=["eyepacs", "aptos", "folders", "csv"])
+    parser.add_argument("--cache", help="cache folder to use or fill (default: a temporary folder)")
+    parser.add_argument("--split", choices=["train", "val", "test"],
+                        help="evaluate only this split of --splits (a run's splits.csv)")
+    parser.add_argument("--splits", help="a run's splits.csv (with --split)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--out", help="also write the JSON result to this file")
+
+
+def load_predictor(path):
+    """``(predict(images) -> scores, thresholds, input_size, description)`` for any model form."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    if path.is_dir() and not (path / "saved_model.pb").exists() and not (path / "best.keras").exists():
+        from retina_scale.serving.export import list_versions
+
+        versions = list_versions(path)
+        if versions:
+            path = path / str(versions[-1])
+    if path.is_dir() and (path / "saved_model.pb").exists():
+        from retina_scale.serving.export import load_export
+
+        serve, meta = load_export(path)
+
+        def predict(images):
+            return np.asarray(serve(images=images)["grade_continuous"])
+
+        return predict, tuple(meta["thresholds"]), int(meta["input_size"]), f"export {path}"
+    keras_file = path / "best.keras" if path.is_dir() else path
+    if keras_file.suffix != ".keras" or not keras_file.exists():
+        raise ValueError(f"{path} is not a model: expected an export folder (saved_model.pb), a stage folder "
+                         "(best.keras) or a .keras file")
+    import keras
+
+    import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
+
+    model = keras.saving.load_model(keras_file, safe_mode=True)
+    thresholds = (0.5, 1.5, 2.5, 3.5)
+    state = keras_file.parent / "state.json"
+    if state.exists():
+        result = json.loads(state.read_text()).get("result") or {}
+        thresholds = tuple(result.get("thresholds") or thresholds)
+
+    def predict(images):
+        return np.asarray(model(images, training=False)).reshape(-1)
+
+    return predict, thresholds, int(model.input_size), f"{keras_file}"
+
+
+def run(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.pipeline import CacheInput
+    from retina_scale.data.sources import parse_patient_eye, read_dataset
+    from retina_scale.evaluation import evaluate_predictions, format_evaluation
+    from retina_scale.fileio import atomic_path
+
+    if args.split and not args.splits:
+        raise ValueError("--split needs --splits (the splits.csv of the run)")
+    if not args.data and not args.cache:
+        raise ValueError("give --data (images to preprocess) or --cache (an existing cache)")
+    if args.bootstrap < 0 or args.batch_size < 1:
+        raise ValueError("--bootstrap must be >= 0 and --batch-size >= 1")
+    predict, thresholds, size, description = load_predictor(args.model)
+    with tempfile.TemporaryDirectory(prefix="retina-eval-") as tmp:
+        cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
+        if args.data:
+            dataset = read_dataset(args.data, labels=args.labels, format=args.format)
+            result = prepare_cache(dataset, cache, sizes=(size,), workers=args.workers or None,
+                                   progress=not args.json)
+            if not args.json:
+                print(result.summary())
+        inp = CacheInput(cache, size, split=args.split, split_file=args.splits, augment=None, resample=None)
+        labelled = ~np.isnan(inp.labels)
+        if not labelled.any():
+            raise ValueError(f"no graded image to evaluate in {cache}")
+        scores, ids, labels = [], [], []
+        batches = inp.dataset(args.batch_size, training=False, include_ids=True)
+        for images, y, image_ids in tqdm(batches, total=-(-len(inp) // args.batch_size), unit="batch",
+                                         disable=args.json, desc="predict"):
+            scores.append(predict(images))
+            labels.append(y.numpy())
+            ids.extend(i.decode() for i in image_ids.numpy())
+    scores, labels, ids = np.concatenate(scores), np.concatenate(labels), np.array(ids)
+    keep = ~np.isnan(labels)
+    groups = np.array([parse_patient_eye(i)[0] for i in ids[keep]])
+    evaluation = evaluate_predictions(labels[keep].astype(int), scores[keep], thresholds,
+                                      n_boot=args.bootstrap, groups=groups)
+    evaluation["model"] = description
+    if args.out:
+        with atomic_path(args.out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
+            json.dump(evaluation, f, indent=2)
+    if args.json:
+        print(json.dumps(evaluation, indent=2))
+    else:
+        print(f"Model: {description} ({size} px)")
+        print(format_evaluation(evaluation))
+    return 0

@@ -1,0 +1,284 @@
+"""Evaluation of DR grade predictions: kappa, the paper's Table IV rows, referable DR, with bootstrap CIs.
+
+:func:`evaluate_predictions` takes true grades and the model's continuous scores (the regression
+output), cuts the scores into grades with the given thresholds and reports:
+
+- ``kappa``: quadratic weighted kappa;
+- ``confusion_matrix``: 5 x 5 counts, rows = true grade, columns = predicted grade;
+- ``table_iv``: the rows of the paper's Table IV, each one-vs-rest: ``no_dr`` (grade 0),
+  ``any_dr`` (grade >= 1), ``mild_dr`` (grade 1), each with ``precision``, ``recall`` and ``f1``;
+- ``referable``: referable DR (grade >= 2) ``sensitivity`` and ``specificity`` of the thresholded
+  grade, and ``auc``, the ROC AUC of the continuous score for referable DR.
+
+Every statistic is a dict ``{"value", "ci_low", "ci_high", "n_valid"}``: the point estimate and a
+percentile bootstrap interval (95 % by default) over ``n_valid`` resamples in which the statistic is
+defined (e.g. a resample without a referable eye has no sensitivity). A statistic that is undefined
+on the data itself is ``None``. When ``groups`` (patient ids) is given, the bootstrap resamples
+patients with all their images, since the two eyes of a patient are not independent.
+
+A note on the paper: computed from the confusion matrix of its Fig. 3 (rows = true grade), the
+recall of No DR, any DR and mild DR is 0.932 / 0.842 / 0.466 and the precision 0.943 / 0.815 /
+0.312: the paper's Table IV prints these two columns the other way round. We use the standard
+definitions (precision = TP / predicted positives), as scikit-learn does.
+
+The result holds only plain ints, floats, strings, lists, dicts and ``None``: ``json.dumps`` it as
+it is. :func:`format_evaluation` renders it as a table a person can read.
+
+Example:
+    >>> result = evaluate_predictions([0, 0, 1, 2, 4, 3], [0.1, 0.7, 1.2, 2.2, 3.8, 2.4], n_boot=200)
+    >>> round(result["kappa"]["value"], 3)
+    0.912
+    >>> print(format_evaluation(result))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from retina_scale.training.metrics import (
+    NUM_GRADES,
+    _as_grades,
+    apply_thresholds,
+    kappa_from_confusion,
+    validate_thresholds,
+)
+
+__all__ = ["evaluate_predictions", "format_evaluation"]
+
+# The one-vs-rest rows of the paper's Table IV: name -> (label, grades counted as positive).
+TABLE_IV_ROWS = {
+    "no_dr": ("No DR (grade 0)", (0,)),
+    "any_dr": ("Any DR (grade >= 1)", (1, 2, 3, 4)),
+    "mild_dr": ("Mild DR (grade 1)", (1,)),
+}
+REFERABLE_GRADES = (2, 3, 4)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+def _one_vs_rest(matrix: np.ndarray, positive: Sequence[int]) -> tuple[float, float, float, float]:
+    """(TP, FP, FN, TN) of a confusion matrix when ``positive`` grades are the positive class."""
+    is_pos = np.zeros(matrix.shape[0], dtype=bool)
+    is_pos[list(positive)] = True
+    tp = matrix[np.ix_(is_pos, is_pos)].sum()
+    fn = matrix[np.ix_(is_pos, ~is_pos)].sum()
+    fp = matrix[np.ix_(~is_pos, is_pos)].sum()
+    tn = matrix[np.ix_(~is_pos, ~is_pos)].sum()
+    return tp, fp, fn, tn
+
+
+class _Statistics:
+    """All reported statistics for one weighting of the examples (1 each, or bootstrap counts)."""
+
+    def __init__(self, grades: np.ndarray, predicted: np.ndarray, scores: np.ndarray):
+        self.cells = grades * NUM_GRADES + predicted
+        # For the AUC: examples grouped by distinct score, in increasing order of score.
+        _, self.score_rank = np.unique(scores, return_inverse=True)
+        self.n_scores = int(self.score_rank.max()) + 1 if scores.size else 0
+        self.referable = np.isin(grades, REFERABLE_GRADES)
+
+    def confusion(self, weights: np.ndarray) -> np.ndarray:
+        counts = np.bincount(self.cells, weights=weights, minlength=NUM_GRADES**2)
+        return counts.reshape(NUM_GRADES, NUM_GRADES)
+
+    def auc(self, weights: np.ndarray) -> float:
+        """Weighted ROC AUC: P(score of a referable eye > score of a non-referable one), ties 1/2."""
+        pos = np.bincount(self.score_rank, weights=weights * self.referable, minlength=self.n_scores)
+        neg = np.bincount(self.score_rank, weights=weights * ~self.referable, minlength=self.n_scores)
+        neg_below = np.cumsum(neg) - neg
+        return _ratio(float(np.sum(pos * (neg_below + 0.5 * neg))), float(pos.sum() * neg.sum()))
+
+    def __call__(self, weights: np.ndarray) -> dict[str, float]:
+        matrix = self.confusion(weights)
+        out = {"kappa": kappa_from_confusion(matrix)}
+        for name, (_, positive) in TABLE_IV_ROWS.items():
+            tp, fp, fn, _ = _one_vs_rest(matrix, positive)
+            out[f"{name}.precision"] = _ratio(tp, tp + fp)
+            out[f"{name}.recall"] = _ratio(tp, tp + fn)
+            out[f"{name}.f1"] = _ratio(2 * tp, 2 * tp + fp + fn)
+        tp, fp, fn, tn = _one_vs_rest(matrix, REFERABLE_GRADES)
+        out["referable.sensitivity"] = _ratio(tp, tp + fn)
+        out["referable.specificity"] = _ratio(tn, tn + fp)
+        out["referable.auc"] = self.auc(weights)
+        return out
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def evaluate_predictions(
+    y_true,
+    scores,
+    thresholds: Sequence[float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups=None,
+    confidence: float = 0.95,
+) -> dict[str, Any]:
+    """Evaluates continuous grade predictions against true grades, with bootstrap intervals.
+
+    Args:
+        y_true: 1-D whole-number true grades 0..4.
+        scores: 1-D finite continuous predictions (the regression output), same length.
+        thresholds: the 4 cut-offs that turn scores into grades (default 0.5, 1.5, 2.5, 3.5);
+            e.g. those from ``retina_scale.training.metrics.optimize_thresholds``.
+        n_boot: number of bootstrap resamples; 0 computes point estimates only (intervals ``None``).
+        seed: seed of the resampling; the same seed gives the same intervals.
+        groups: optional id per image (e.g. patient id, ints or strings). When given, the bootstrap
+            resamples groups with all their images instead of single images.
+        confidence: coverage of the percentile interval, in (0, 1).
+
+    Returns:
+        A JSON-serialisable dict; see the module docstring for its keys.
+
+    Raises:
+        ValueError: empty input, lengths that differ, grades outside 0..4, non-finite scores, bad
+            thresholds, or a bad ``n_boot``/``confidence``.
+    """
+    cuts = validate_thresholds(thresholds, NUM_GRADES)
+    grades = _as_grades(y_true, "y_true", NUM_GRADES)
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1 or values.size != grades.size:
+        raise ValueError(
+            f"scores must be 1-D with one value per grade: got shape {values.shape} for "
+            f"{grades.size} grades"
+        )
+    if grades.size == 0:
+        raise ValueError("nothing to evaluate: y_true and scores are empty")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
+    predicted = apply_thresholds(values, cuts)  # also rejects NaN / inf scores
+
+    if groups is None:
+        unit_of_image = np.arange(grades.size)
+        n_units, unit = grades.size, "image"
+    else:
+        group_array = np.asarray(groups)
+        if group_array.ndim != 1 or group_array.size != grades.size:
+            raise ValueError(
+                f"groups must hold one id per image: got shape {group_array.shape} for "
+                f"{grades.size} images"
+            )
+        _, unit_of_image = np.unique(group_array, return_inverse=True)
+        unit_of_image = unit_of_image.reshape(-1)
+        n_units, unit = int(unit_of_image.max()) + 1, "patient"
+
+    statistics = _Statistics(grades, predicted, values)
+    point = statistics(np.ones(grades.size))
+    samples = {name: [] for name in point}
+    rng = np.random.default_rng(seed)
+    for _ in range(int(n_boot)):
+        picks = np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)
+        for name, value in statistics(picks[unit_of_image].astype(np.float64)).items():
+            samples[name].append(value)
+
+    tail = 100.0 * (1.0 - float(confidence)) / 2.0
+    summary: dict[str, dict[str, Any]] = {}
+    for name, value in point.items():
+        drawn = np.asarray(samples[name], dtype=np.float64)
+        drawn = drawn[np.isfinite(drawn)]
+        low = high = None
+        if drawn.size:
+            low, high = (float(q) for q in np.percentile(drawn, [tail, 100.0 - tail]))
+        summary[name] = {
+            "value": _clean(value),
+            "ci_low": low,
+            "ci_high": high,
+            "n_valid": int(drawn.size),
+        }
+
+    return {
+        "n_images": int(grades.size),
+        "n_patients": None if groups is None else n_units,
+        "thresholds": [float(t) for t in cuts],
+        "kappa": summary["kappa"],
+        "confusion_matrix": statistics.confusion(np.ones(grades.size)).astype(int).tolist(),
+        "table_iv": {
+            name: {m: summary[f"{name}.{m}"] for m in ("precision", "recall", "f1")}
+            for name in TABLE_IV_ROWS
+        },
+        "referable": {
+            m: summary[f"referable.{m}"] for m in ("sensitivity", "specificity", "auc")
+        },
+        "bootstrap": {
+            "method": "percentile",
+            "n_boot": int(n_boot),
+            "seed": int(seed),
+            "confidence": float(confidence),
+            "unit": unit,
+            "n_units": int(n_units),
+        },
+    }
+
+
+def _cell(stat: dict[str, Any]) -> str:
+    """``0.8551 [0.8492, 0.8610]``, with ``n/a`` for undefined values."""
+    value = "n/a" if stat["value"] is None else f"{stat['value']:.4f}"
+    if stat["ci_low"] is None:
+        return value
+    return f"{value} [{stat['ci_low']:.4f}, {stat['ci_high']:.4f}]"
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """Renders a result of :func:`evaluate_predictions` as a plain-text report."""
+    boot = result["bootstrap"]
+    lines = [
+        f"Evaluation of {result['n_images']} images"
+        + (f" from {result['n_patients']} patients" if result["n_patients"] is not None else "")
+        + "; thresholds "
+        + " / ".join(f"{t:.3f}" for t in result["thresholds"]),
+    ]
+    if boot["n_boot"]:
+        lines.append(
+            f"Intervals in brackets: {boot['confidence']:.0%} percentile bootstrap over "
+            f"{boot['n_boot']} resamples of {boot['unit']}s (seed {boot['seed']})"
+        )
+    lines += ["", f"Quadratic weighted kappa  {_cell(result['kappa'])}", ""]
+
+    width = 26
+    header = f"{'':22}" + "".join(f"{h:<{width}}" for h in ("precision", "recall", "F1"))
+    lines += ["Table IV rows (one-vs-rest)", header.rstrip()]
+    for name, (label, _) in TABLE_IV_ROWS.items():
+        row = result["table_iv"][name]
+        cells = "".join(f"{_cell(row[m]):<{width}}" for m in ("precision", "recall", "f1"))
+        lines.append(f"{label:22}{cells}".rstrip())
+
+    lines += ["", "Referable DR (grade >= 2)"]
+    for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
+                       ("auc", "AUC (score)")):
+        lines.append(f"  {label:20}{_cell(result['referable'][key])}")
+
+    partial = [
+        name for name, stat in _all_statistics(result)
+        if boot["n_boot"] and stat["n_valid"] < boot["n_boot"]
+    ]
+    if partial:
+        lines.append(
+            "  (undefined in some resamples, interval over the others: " + ", ".join(partial) + ")"
+        )
+
+    matrix = result["confusion_matrix"]
+    cell_width = max(6, max(len(str(v)) for row in matrix for v in row) + 2)
+    lines += ["", "Confusion matrix (rows: true grade, columns: predicted grade)"]
+    lines.append("true\\pred" + "".join(f"{g:>{cell_width}}" for g in range(len(matrix))))
+    for grade, row in enumerate(matrix):
+        lines.append(f"{grade:>9}" + "".join(f"{v:>{cell_width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _all_statistics(result: dict[str, Any]):
+    yield "kappa", result["kappa"]
+    for name, row in result["table_iv"].items():
+        for metric, stat in row.items():
+            yield f"{name}.{metric}", stat
+    for metric, stat in result["referable"].items():
+        yield f"referable.{metric}", stat

@@ -1,0 +1,450 @@
+"""Export a trained stage as a SavedModel in TensorFlow Serving's layout.
+
+``export_saved_model`` writes ``<base_dir>/<model_name>/<version>/`` (the version an increasing
+integer), the layout a TF Serving ``--model_base_path=<base_dir>/<model_name>`` watches. TF Serving
+may load a version folder the moment it appears, so a version is written into a temporary sibling
+folder ``.tmp-<version>-<random>`` (not an integer, so TF Serving ignores it) and renamed into place
+in one ``os.rename``: a server never sees half a model. A failed export removes its temporary folder
+and leaves no version behind; a crashed one (``kill -9``) leaves a ``.tmp-*`` folder that the next
+export of the same model removes. Exports of the same model name are serialised by an advisory lock
+on ``<base_dir>/<model_name>/.export.lock``.
+
+Signatures (no Keras needed to serve or load them):
+
+``serving_default``
+    input ``images``: float32 ``(batch, height, width, 3)``, RGB values in ``[0, 255]``, square
+    fundus crops already preprocessed as the training cache was (disc crop, and Graham's colour
+    normalisation when the run used it; the metadata's ``preprocessing`` says which). Any square
+    size: images at the stage's input size go to the network untouched; other sizes are resized in
+    the graph to the stage's size as the cache made them (area averaging when shrinking, bicubic when
+    enlarging, then rounded (halves up) and clipped to whole values in ``[0, 255]`` like the
+    cache's uint8 PNGs), because a network sees the retina at the scale it was trained at or its grades drift.
+    Non-square images are refused (InvalidArgumentError) rather than stretched.
+
+    outputs ``grade_continuous`` (float32 ``(batch,)``, the regression output), ``grade`` (int32
+    ``(batch,)``: the number of thresholds ``<=`` the score, the rule of
+    :func:`retina_scale.training.metrics.apply_thresholds`; the thresholds are constants in the
+    graph), ``referable`` (bool ``(batch,)``: ``grade >= 2``, moderate non-proliferative DR or
+    worse). A NaN or infinite score fails the request instead of grading it 0.
+
+``get_metadata``
+    no input; returns ``input_size`` (int32), ``thresholds`` (float64 ``(4,)``), ``stage``,
+    ``preprocessing`` and ``metadata_json`` (strings): the same record as the version's
+    ``metadata.json``, kept inside the SavedModel so a copied ``saved_model.pb`` still says how to
+    feed it.
+
+Why ``keras.export.ExportArchive`` rather than a hand-made ``tf.Module``: it is Keras 3's supported
+path to a SavedModel (``model.export`` uses it); it tracks the model's Keras variables and builds the
+signatures from plain ``tf.function`` endpoints, so the artefact is pure TensorFlow and loads with
+``tf.saved_model.load`` and TF Serving without ``retina_scale`` or Keras installed.
+
+Example:
+    >>> model = build_model("tiny", width=0.125, seed=0)
+    >>> path = export_saved_model(model, "saved_models", "retina", thresholds=(0.6, 1.4, 2.5, 3.3),
+    ...                           metadata={"preprocessing": "graham"}, keep=5)
+    >>> serve, meta = load_export(path)
+    >>> serve(images=tf.zeros((2, 112, 112, 3)))["grade"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from retina_scale.training.metrics import DEFAULT_THRESHOLDS, NUM_GRADES, validate_thresholds
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "REFERABLE_GRADE",
+    "export_saved_model",
+    "list_versions",
+    "load_export",
+]
+
+FORMAT = "retina_scale.saved_model"
+"""The ``format`` field of ``metadata.json``: marks a folder as one of our exports."""
+
+FORMAT_VERSION = 1
+"""Bumped when the signatures or the metadata change incompatibly."""
+
+METADATA_FILE = "metadata.json"
+
+REFERABLE_GRADE = 2
+"""Referable DR: moderate non-proliferative DR (grade 2) or worse."""
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VERSION = re.compile(r"^[0-9]+$")  # str.isdigit would also accept "²", which int() refuses
+_TMP_PREFIX = ".tmp-"
+_LOCK_FILE = ".export.lock"
+_RESIZE_NOTE = (
+    "square images only; at input_size untouched, otherwise resized to input_size "
+    "(area when shrinking, bicubic when enlarging), rounded and clipped to [0, 255]"
+)
+
+
+def list_versions(model_dir) -> list[int]:
+    """The version numbers present under ``model_dir`` (folders named by an integer), ascending."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION.match(p.name)
+    )
+
+
+@contextlib.contextmanager
+def _export_lock(model_dir: Path):
+    """An exclusive advisory lock on ``model_dir``: one export of a model name at a time."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, exports must not overlap
+        yield
+        return
+    with open(model_dir / _LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_dir(path: Path) -> None:
+    """Hides ``path`` under a temporary name in one rename, then deletes it.
+
+    A server scanning the folder sees the version vanish at once, never half-deleted.
+    """
+    hidden = path.with_name(f"{_TMP_PREFIX}delete-{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def _check_arguments(model, model_name, version, keep, metadata):
+    if not (hasattr(model, "stage") and hasattr(model, "input_size") and callable(model)):
+        raise ValueError(
+            "export_saved_model takes a retina_scale model (RetinaConvNet from "
+            f"retina_scale.models.build_model, with .stage and .input_size); got {type(model).__name__}"
+        )
+    if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
+        raise ValueError(
+            f"model_name must be one folder name of letters, digits, '.', '_' or '-' not starting "
+            f"with '.', '_' or '-'; got {model_name!r}"
+        )
+    for name, value in (("version", version), ("keep", keep)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise ValueError(f"metadata must be a dict with string keys; got {type(metadata).__name__}")
+    try:
+        json.dumps(dict(metadata), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"metadata must be JSON-serialisable (str, number, list, dict): {err}") from None
+    return dict(metadata)
+
+
+def _describe(model, model_name, version, thresholds, user) -> dict:
+    import keras
+    import tensorflow as tf
+
+    import retina_scale
+
+    user = dict(user)
+    preprocessing = user.pop("preprocessing", None)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "version": version,
+        "stage": model.stage.name,
+        "input_size": int(model.input_size),
+        "width": float(getattr(model, "width", 1.0)),
+        "thresholds": list(thresholds),
+        "num_grades": NUM_GRADES,
+        "referable_grade": REFERABLE_GRADE,
+        "preprocessing": preprocessing,
+        "resize": _RESIZE_NOTE,
+        "signatures": {
+            "serving_default": {
+                "inputs": {"images": "float32 (batch, height, width, 3), RGB in [0, 255]"},
+                "outputs": {
+                    "grade_continuous": "float32 (batch,)",
+                    "grade": "int32 (batch,)",
+                    "referable": "bool (batch,)",
+                },
+            },
+            "get_metadata": {"inputs": {}, "outputs": {
+                "input_size": "int32 ()", "thresholds": "float64 (4,)", "stage": "string ()",
+                "preprocessing": "string ()", "metadata_json": "string ()",
+            }},
+        },
+        "retina_scale_version": retina_scale.__version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "user": user,
+    }
+
+
+def _build_archive(model, info: dict):
+    """The ExportArchive holding the model and both signatures (see the module docstring)."""
+    import keras
+    import tensorflow as tf
+
+    size = info["input_size"]
+    # float64, as apply_thresholds compares: a float32 cut-off 1.4 would be 1.39999998 and grade a
+    # score of exactly float32(1.4) one higher than apply_thresholds does.
+    cuts = tf.constant(info["thresholds"], dtype=tf.float64)
+    referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
+    preprocessing = info["preprocessing"]
+    constants = {
+        "input_size": tf.constant(size, dtype=tf.int32),
+        "thresholds": cuts,
+        "stage": tf.constant(info["stage"]),
+        "preprocessing": tf.constant(
+            "" if preprocessing is None
+            else preprocessing if isinstance(preprocessing, str)
+            else json.dumps(preprocessing, sort_keys=True)
+        ),
+        "metadata_json": tf.constant(json.dumps(info, sort_keys=True)),
+    }
+
+    def to_stage_size(images):
+        # A loaded signature checks the dtype of its input but not its shape: check it here, at run
+        # time. The rank is counted from the values of tf.shape, because Grappler folds Rank/Size to
+        # the signature's static rank 4 whatever is fed.
+        dims = tf.shape(images)
+        rank = tf.debugging.assert_equal(
+            tf.reduce_sum(tf.ones_like(dims) * tf.cast(dims >= 0, dims.dtype)), 4,
+            message="retina_scale serving_default takes images of shape (batch, height, width, 3)",
+        )
+        with tf.control_dependencies([rank]):
+            shape = tf.shape(images)
+        height, width = shape[1], shape[2]
+        checks = [
+            tf.debugging.assert_equal(
+                shape[3], 3,
+                message="retina_scale serving_default takes RGB images with 3 channels",
+            ),
+            tf.debugging.assert_equal(
+                height, width,
+                message=(
+                    "retina_scale serving_default takes square fundus crops (height == width), as "
+                    "the training cache stores them; crop to the disc's bounding square first"
+                ),
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
+
+        def shrink():
+            return tf.image.resize(images, (size, size), method="area")
+
+        def enlarge():
+            return tf.image.resize(images, (size, size), method="bicubic")
+
+        def resized():
+            out = tf.cond(height > size, shrink, enlarge)
+            # Round halves up, as OpenCV does when it writes the cache's uint8 pixels.
+            return tf.clip_by_value(tf.floor(out + 0.5), 0.0, 255.0)
+
+        out = tf.cond(tf.equal(height, size), lambda: images, resized)
+        return tf.ensure_shape(out, [None, size, size, 3])
+
+    def serve(images):
+        scores = model(to_stage_size(images), training=False)
+        scores = tf.reshape(tf.cast(scores, tf.float32), [-1])
+        scores = tf.debugging.assert_all_finite(
+            scores, "retina_scale model produced a NaN or infinite grade (are the images finite?)"
+        )
+        # apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade).
+        grade = tf.reduce_sum(
+            tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
+            axis=1,
+        )
+        return {
+            "grade_continuous": scores,
+            "grade": grade,
+            "referable": tf.greater_equal(grade, referable_grade),
+        }
+
+    def get_metadata():
+        return dict(constants)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve,
+        input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32, name="images")],
+    )
+    archive.add_endpoint("get_metadata", get_metadata, input_signature=[])
+    return archive
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_version(model, folder: Path, info: dict) -> None:
+    """Writes the SavedModel and ``metadata.json`` into ``folder`` (a temporary folder).
+
+    Everything is flushed to disk before the caller renames the folder into place, so that after
+    a power cut a version folder is whole or absent.
+    """
+    _build_archive(model, info).write_out(str(folder), verbose=False)
+    with open(folder / METADATA_FILE, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def export_saved_model(
+    model,
+    base_dir,
+    model_name: str,
+    *,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    metadata: Mapping[str, Any] | None = None,
+    version: int | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Exports ``model`` as version ``<version>`` of ``<base_dir>/<model_name>/`` for TF Serving.
+
+    Args:
+        model: a built ``RetinaConvNet`` (``retina_scale.models.build_model``); its stage and input
+            size are recorded, and images are resized in the graph to its input size.
+        base_dir: the folder holding one sub-folder per model name (``saved_models``); created if
+            missing.
+        model_name: the model's folder name (letters, digits, ``.``, ``_``, ``-``).
+        thresholds: the four strictly increasing cut-offs that turn the continuous grade into
+            grades 0-4 (tuned on the validation set by the trainer), baked into the graph.
+        metadata: optional JSON-serialisable dict stored in ``metadata.json`` under ``user``. Its
+            ``preprocessing`` entry (a name such as ``"graham"`` or the preprocessing config as a
+            dict) is lifted to the top level and into the SavedModel: it says how images must be
+            prepared before they are sent.
+        version: the version number; default one more than the highest present (1 for the first).
+            An existing version is refused (FileExistsError).
+        keep: if given, after the new version is in place only the ``keep`` highest versions are
+            kept, the new one always among them.
+
+    Returns:
+        The path of the new version folder.
+
+    Raises:
+        ValueError: a bad argument (the message names what is accepted).
+        FileExistsError: ``version`` already exists.
+    """
+    user = _check_arguments(model, model_name, version, keep, metadata)
+    thresholds = validate_thresholds(thresholds, NUM_GRADES)
+    model_dir = Path(base_dir) / model_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+
+    with _export_lock(model_dir):
+        # Under the lock no other export is running: any temporary folder is a crashed export's.
+        for stale in model_dir.glob(f"{_TMP_PREFIX}*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+        present = list_versions(model_dir)
+        if version is None:
+            version = (present[-1] + 1) if present else 1
+        elif (model_dir / str(version)).exists():
+            raise FileExistsError(
+                f"version {version} of {model_name!r} already exists in {model_dir}; pass another "
+                f"version or None for the next one ({(present[-1] + 1) if present else 1})"
+            )
+        target = model_dir / str(version)
+        tmp = model_dir / f"{_TMP_PREFIX}{version}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            _write_version(model, tmp, _describe(model, model_name, version, thresholds, user))
+            os.rename(tmp, target)
+            _fsync(model_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep is not None:
+            others = [v for v in list_versions(model_dir) if v != version]
+            for old in others[: max(0, len(others) - (keep - 1))]:
+                _remove_dir(model_dir / str(old))
+    return target
+
+
+def load_export(path):
+    """Loads one version folder written by :func:`export_saved_model`.
+
+    Needs TensorFlow only (no Keras, no retina_scale model code).
+
+    Args:
+        path: a version folder, ``<base_dir>/<model_name>/<version>``.
+
+    Returns:
+        ``(serve, metadata)``: the ``serving_default`` concrete function (call it as
+        ``serve(images=...)``; it returns a dict of ``grade_continuous``, ``grade``, ``referable``)
+        and the version's metadata dict.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: "not a retina_scale SavedModel: ..." when the folder is not one of our exports
+            or its parts disagree.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such export folder: {path}")
+    if not path.is_dir():
+        raise ValueError(f"not a retina_scale SavedModel: {path} is a file, expected a version folder")
+    if not (path / "saved_model.pb").is_file():
+        hint = ""
+        versions = list_versions(path)
+        if versions:
+            hint = f" (it holds versions {versions}: pass one of them, e.g. {path / str(versions[-1])})"
+        raise ValueError(f"not a retina_scale SavedModel: no saved_model.pb in {path}{hint}")
+    try:
+        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"not a retina_scale SavedModel: no {METADATA_FILE} in {path}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not a retina_scale SavedModel: {path / METADATA_FILE} is not JSON ({err})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"not a retina_scale SavedModel: {path / METADATA_FILE} has no format {FORMAT!r}"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"not a retina_scale SavedModel this version reads: format_version "
+            f"{metadata.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    missing = {"serving_default", "get_metadata"} - set(loaded.signatures)
+    if missing:
+        raise ValueError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
+    embedded = json.loads(loaded.signatures["get_metadata"]()["metadata_json"].numpy().decode("utf-8"))
+    for key in ("stage", "input_size", "thresholds", "preprocessing"):
+        if embedded.get(key) != metadata.get(key):
+            raise ValueError(
+                f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "
+                f"but the graph holds {embedded.get(key)!r}"
+            )
+    serve = loaded.signatures["serving_default"]
+    serve._retina_scale_loaded = loaded  # keep the loaded object (and its variables) alive
+    return serve, metadata

@@ -1,0 +1,94 @@
+"""Distribution: one training path gives the same result on 1 device, 2 mirrored replicas and 2 workers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_scale.training.distribute import STRATEGIES, choose_strategy, scaled_learning_rate
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _run(env, out, strategy, cpus, **extra):
+    return subprocess.Popen([sys.executable, str(WORKER), str(out), strategy, str(cpus)], env={**env, **extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+
+
+def _weights(path):
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory, subprocess_env):
+    out = tmp_path_factory.mktemp("one") / "w.npz"
+    _finish(_run(subprocess_env, out, "default", 1))
+    return out
+
+
+def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path, subprocess_env):
+    out = tmp_path / "w.npz"
+    _finish(_run(subprocess_env, out, "mirrored", 2))
+    one, two = _weights(single_device), _weights(out)
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    ev1 = np.load(str(single_device).replace(".npz", ".eval.npz"))
+    ev2 = np.load(str(out).replace(".npz", ".eval.npz"))
+    assert int(ev2["replicas"]) == 2 and int(ev1["replicas"]) == 1
+    # Evaluation pads to whole steps and drops the padding: 61 real examples, each once.
+    assert len(ev1["labels"]) == len(ev2["labels"]) == 61
+    order1, order2 = np.lexsort((ev1["predictions"], ev1["labels"])), np.lexsort((ev2["predictions"], ev2["labels"]))
+    np.testing.assert_array_equal(ev1["labels"][order1], ev2["labels"][order2])
+    np.testing.assert_allclose(ev1["predictions"][order1], ev2["predictions"][order2], rtol=1e-4, atol=1e-5)
+
+
+def test_two_workers_on_localhost_end_with_identical_weights(single_device, tmp_path, subprocess_env, free_ports):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = [
+        _run(subprocess_env, tmp_path / f"w{i}.npz", "auto", 1,
+             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        for i in range(2)
+    ]
+    for proc in procs:
+        _finish(proc)
+    w0, w1 = _weights(tmp_path / "w0.npz"), _weights(tmp_path / "w1.npz")
+    one = _weights(single_device)
+    for key in w0:
+        np.testing.assert_array_equal(w0[key], w1[key], err_msg=key)
+        np.testing.assert_allclose(w0[key], one[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    e0 = np.load(tmp_path / "w0.eval.npz")
+    assert int(e0["replicas"]) == 2 and len(e0["labels"]) == 61
+
+
+def test_unknown_strategy_names_the_choices():
+    with pytest.raises(ValueError, match="accepted: auto, default, one_device, mirrored, multi_worker"):
+        choose_strategy("horovod")
+    assert STRATEGIES[0] == "auto"
+
+
+def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="needs TF_CONFIG"):
+        choose_strategy("multi_worker")
+
+
+def test_bad_tf_config_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        choose_strategy("auto")
+
+
+def test_linear_learning_rate_scaling():
+    assert scaled_learning_rate(3e-3, 256, 128) == pytest.approx(6e-3)
+    assert scaled_learning_rate(3e-3, 256, None) == 3e-3

@@ -1,0 +1,249 @@
+"""The StepwiseScaler end to end on a thin ladder: transfer, resume after kill -9, NaN recovery,
+two workers, and bad input refused before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_scale.cli import main
+from retina_scale.training.config import load_train_config
+
+
+def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):
+    return [
+        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"export_dir={json.dumps(str(tmp_path / 'export'))}",
+        f"name={name}", "model.width=0.125", "model.dropout=0.0",
+        f"data.data={json.dumps(str(data))}", f"data.cache={json.dumps(str(cache))}", "data.workers=1",
+        "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
+        f"stages=[{{stage: tiny, epochs: 1, lr: 0.003}}, {{stage: small, epochs: {small_epochs}, lr: 0.001}}]",
+        *extra,
+    ]
+
+
+def _config(tmp_path, small_cache, **kwargs):
+    data, cache = small_cache
+    return load_train_config("quick", _overrides(tmp_path, data, cache, **kwargs))
+
+
+def _state(run_dir, stage):
+    return json.loads((run_dir / "stages" / stage / "state.json").read_text())
+
+
+def _last_weights(run_dir, stage):
+    with np.load(run_dir / "stages" / stage / "last.npz") as data:
+        return {k: data[k] for k in data.files if k.startswith("model/")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_cache):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    config = _config(tmp, small_cache)
+    report = StepwiseScaler(config, verbose=0).run()
+    return tmp / "runs" / "t", report
+
+
+def test_ladder_writes_report_checkpoints_transfer_and_exports(uninterrupted):
+    import keras
+
+    run_dir, report = uninterrupted
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["stages"] == report["stages"]
+    assert [(s["stage"], s["size"]) for s in report["stages"]] == [("tiny", 112), ("small", 224)]
+    for s in report["stages"]:
+        assert {"stage", "size", "val_kappa", "seconds", "export_path"} <= s.keys()
+        assert -1.0 <= s["val_kappa"] <= 1.0 and s["seconds"] > 0
+        assert len(s["thresholds"]) == 4 and s["thresholds"] == sorted(s["thresholds"])
+        assert (Path(s["export_path"]) / "saved_model.pb").exists()
+    versions = [int(Path(s["export_path"]).name) for s in report["stages"]]
+    assert versions == sorted(versions) and len(set(versions)) == 2
+    transfer = json.loads((run_dir / "stages" / "2-small" / "transfer.json").read_text())
+    statuses = {row["layer"]: row["status"] for row in transfer["layers"]}
+    assert statuses["block1_conv1"] == "carried" and statuses["block4_conv1"] == "new"
+    assert statuses["head_dense1"] == "shape mismatch" and statuses["head_grade"] == "carried"
+    assert not (run_dir / "stages" / "1-tiny" / "transfer.json").exists()  # stage 1: orthogonal init
+    log = (run_dir / "stages" / "2-small" / "log.csv").read_text().splitlines()
+    assert log[0] == "epoch,loss,val_loss,val_kappa,lr,seconds" and len(log) == 4
+    assert (run_dir / "config.yaml").exists() and (run_dir / "splits.csv").exists()
+    assert any((run_dir / "stages" / "2-small" / "tensorboard").iterdir())
+    evaluation = json.loads((run_dir / "stages" / "2-small" / "evaluation.json").read_text())
+    assert evaluation["n_images"] > 0 and len(evaluation["confusion_matrix"]) == 5
+    model = keras.saving.load_model(run_dir / "stages" / "2-small" / "best.keras", safe_mode=True)
+    assert model.input_size == 224
+
+
+def test_splits_keep_patients_together(uninterrupted):
+    import pandas as pd
+
+    run_dir, _ = uninterrupted
+    splits = pd.read_csv(run_dir / "splits.csv", dtype=str)
+    assert (splits.groupby("patient")["split"].nunique() == 1).all()
+    assert set(splits["split"]) == {"train", "val", "test"}
+
+
+def test_rerun_of_a_finished_run_retrains_nothing(uninterrupted, tmp_path, small_cache):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    run_dir, report = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in run_dir.glob("stages/*/last.npz")}
+    config = load_train_config("quick", _overrides(run_dir.parents[1], *small_cache))
+    lines = []
+    again = StepwiseScaler(config, log=lines.append).run()
+    assert [s["val_kappa"] for s in again["stages"]] == [s["val_kappa"] for s in report["stages"]]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("stages/*/last.npz")} == before
+    assert sum("not retrained" in line for line in lines) == 2
+
+
+def test_kill_9_then_rerun_resumes_where_it_stopped(uninterrupted, tmp_path, small_cache, subprocess_env):
+    data, cache = small_cache
+    args = [sys.executable, "-m", "retina_scale", "train", "--quiet", *_overrides(tmp_path, data, cache)]
+    run_dir = tmp_path / "runs" / "t"
+    state_file = run_dir / "stages" / "2-small" / "state.json"
+    proc = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state_file.exists():
+            try:
+                if json.loads(state_file.read_text())["epoch"] >= 1:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = _state(run_dir, "2-small")
+    assert killed["status"] == "training" and 1 <= killed["epoch"] < 3
+    tiny_mtime = (run_dir / "stages" / "1-tiny" / "state.json").stat().st_mtime_ns
+
+    done = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (run_dir / "stages" / "1-tiny" / "state.json").stat().st_mtime_ns == tiny_mtime  # not retrained
+    final = _state(run_dir, "2-small")
+    assert final["status"] == "done"
+    assert [row["epoch"] for row in final["history"]] == [1, 2, 3]
+    assert final["history"][: killed["epoch"]] == killed["history"]
+    # Same draws, same optimizer state: the resumed run ends where the uninterrupted one did.
+    ref_dir, _ = uninterrupted
+    ref, got = _last_weights(ref_dir, "2-small"), _last_weights(run_dir, "2-small")
+    for key in ref:
+        np.testing.assert_allclose(got[key], ref[key], rtol=2e-3, atol=2e-4, err_msg=key)
+
+
+def test_nan_loss_reloads_and_lowers_the_learning_rate(tmp_path, small_cache, monkeypatch):
+    from retina_scale.training import distribute
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    real = distribute.DistributedTrainer.train_steps
+    calls = {"n": 0}
+
+    def once_nan(self, iterator, steps, progbar=None):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 2 else real(self, iterator, steps, progbar)
+
+    monkeypatch.setattr(distribute.DistributedTrainer, "train_steps", once_nan)
+    config = _config(tmp_path, small_cache, small_epochs=2, extra=["export=false"])
+    report = StepwiseScaler(config, verbose=0).run()
+    state = _state(tmp_path / "runs" / "t", "2-small")
+    assert state["nan_events"] == 1 and report["stages"][1]["nan_events"] == 1
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    assert state["history"][0]["lr"] == pytest.approx(0.001 * 0.5)
+
+
+def test_loss_that_stays_nan_fails_after_three_events(tmp_path, small_cache, monkeypatch):
+    from retina_scale.training import distribute
+    from retina_scale.training.stepwise import StepwiseScaler, TrainingError
+
+    monkeypatch.setattr(distribute.DistributedTrainer, "train_steps", lambda *a, **k: float("nan"))
+    config = _config(tmp_path, small_cache, extra=["export=false"])
+    with pytest.raises(TrainingError, match=r"in 4 epochs even after lowering the learning rate"):
+        StepwiseScaler(config, verbose=0).run()
+    assert _state(tmp_path / "runs" / "t", "1-tiny")["nan_events"] == 4
+
+
+def test_two_workers_complete_a_ladder_with_identical_weights(tmp_path, small_cache, subprocess_env, free_ports):
+    data, cache = small_cache
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}
+    args = [sys.executable, "-m", "retina_scale", "train", "--quiet", "--strategy", "multi_worker",
+            *_overrides(tmp_path, data, cache, small_epochs=1)]
+    procs = []
+    for i in range(2):
+        env = dict(subprocess_env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=500)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    chief = tmp_path / "runs" / "t"
+    other = chief / "workers" / "worker-1"
+    for stage in ("1-tiny", "2-small"):
+        a, b = _last_weights(chief, stage), _last_weights(other, stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{stage} {key}")
+    report = json.loads((chief / "report.json").read_text())
+    assert report["replicas"] == 2 and report["strategy"] == "MultiWorkerMirroredStrategy"
+    assert all(s["export_path"] for s in report["stages"])
+    assert not any(json.loads((other / "report.json").read_text())["stages"][i]["export_path"] for i in (0, 1))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("model.width=wide", "config key 'model.width': expected float"),
+    ("stages=[{stage: small}, {stage: tiny}]", "sizes must increase stage by stage; got [224, 112]"),
+    ("stages=[{stage: '300'}]", "no stage is designed for input size 300"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, capsys, override, message):
+    code = main(["train", f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_single_class_training_split_is_refused(tmp_path, capsys):
+    from retina_scale.data.synthetic import generate_dataset
+
+    data = tmp_path / "grade0"
+    generate_dataset(str(data), count=12, size=128, seed=1, prior="1,0,0,0,0", workers=1, progress=False)
+    code = main(["train", "--data", str(data), f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
+                 "stages=[{stage: tiny}]", "data.workers=1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "the train split holds a single grade (0)" in err
+
+
+def test_data_folder_without_a_usable_image_is_refused(tmp_path, capsys):
+    data = tmp_path / "broken"
+    (data / "train").mkdir(parents=True)
+    (data / "trainLabels.csv").write_text("image,level\n1_left,0\n1_right,2\n")
+    (data / "train" / "1_left.jpeg").write_bytes(b"")
+    (data / "train" / "1_right.jpeg").write_bytes(b"not a jpeg")
+    code = main(["train", "--data", str(data), f"runs_dir={json.dumps(str(tmp_path / 'runs'))}",
+                 "stages=[{stage: tiny}]", "data.workers=1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no usable image" in err
+    assert not list((tmp_path / "runs").glob("*/stages"))
+
+
+@pytest.mark.parametrize("form", ["export", "stage"])
+def test_evaluate_command_reproduces_the_stage_test_evaluation(uninterrupted, small_cache, tmp_path, capsys, form):
+    run_dir, report = uninterrupted
+    stage = report["stages"][1]
+    model = stage["export_path"] if form == "export" else str(run_dir / "stages" / "2-small")
+    _, cache = small_cache
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--model", model, "--cache", str(cache), "--split", "test",
+                 "--splits", str(run_dir / "splits.csv"), "--bootstrap", "20", "--json", "--out", str(out)])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == result
+    stored = json.loads((run_dir / "stages" / "2-small" / "evaluation.json").read_text())
+    assert result["n_images"] == stored["n_images"] == stage["test_images"]
+    assert result["confusion_matrix"] == stored["confusion_matrix"]
+    assert result["kappa"]["value"] == pytest.approx(stored["kappa"]["value"], abs=1e-9)
