@@ -288,9 +288,11 @@ def detect_format(data_dir, labels=None, image_col=None) -> str:
     if image_col:
         return "csv"
     name = Path(labels).name if labels else None
-    if name == "trainLabels.csv" or (not labels and (root / "trainLabels.csv").is_file()):
+    # Kaggle's layouts keep the labels file in the data folder or beside it (train/ + trainLabels.csv).
+    near = lambda f: (root / f).is_file() or (root.parent / f).is_file()  # noqa: E731
+    if name == "trainLabels.csv" or (not labels and near("trainLabels.csv")):
         return "eyepacs"
-    if name == "train.csv" or (not labels and (root / "train.csv").is_file()):
+    if name == "train.csv" or (not labels and near("train.csv")):
         return "aptos"
     if labels:
         head = Path(labels).read_bytes()[:4096].decode("utf-8", "replace").splitlines()[:1]
