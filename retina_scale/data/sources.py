@@ -214,11 +214,14 @@ def _records_from_rows(rows, root: Path, image_col: str, label_col: str, extensi
 
 
 def read_eyepacs(data_dir, labels=None) -> Dataset:
-    """EyePACS / Kaggle 2015: ``<id>_<left|right>.jpeg`` files and ``trainLabels.csv`` (``image,level``)."""
+    """EyePACS / Kaggle 2015: ``<id>_<left|right>.jpeg`` files and ``trainLabels.csv`` (``image,level``), the
+    images in ``data_dir`` or its ``train/`` folder, the labels in ``data_dir`` or beside it."""
     root = Path(data_dir)
     labels = Path(labels) if labels else _first_existing(root / "trainLabels.csv", root.parent / "trainLabels.csv")
     rows = read_csv_rows(labels, ("image", "level"))
-    records, failures = _records_from_rows(rows, root, "image", "level", (".jpeg", ".jpg", ".png"))
+    # Kaggle's download (and `retina-scale synth`) is trainLabels.csv beside a train/ folder: accept either.
+    records, failures = _records_from_rows(rows, root, "image", "level", (".jpeg", ".jpg", ".png"),
+                                           search_dirs=("train",))
     return Dataset(records, failures, "eyepacs", str(root))
 
 

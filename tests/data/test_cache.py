@@ -192,6 +192,8 @@ def test_prepare_reads_the_synthetic_data_set_of_retina_scale_synth(tmp_path, fr
     generate_dataset(str(tmp_path / "synth"), 6, size=160, seed=1, framing=framing, progress=False)
     ds = read_dataset(tmp_path / "synth" / "train")  # trainLabels.csv beside train/, as on Kaggle
     assert ds.format == "eyepacs" and ds.failures == [] and len(ds.records) == 6
+    same = read_dataset(tmp_path / "synth")  # or the folder holding both
+    assert [(r.image_id, r.path, r.label) for r in same.records] == [(r.image_id, r.path, r.label) for r in ds.records]
     assert {r.eye for r in ds.records} == {"left", "right"} and len({r.patient for r in ds.records}) == 3
     result = prepare_cache(ds, tmp_path / "cache", sizes=(64,), workers=1, progress=False)
     assert result.prepared == 6
