@@ -172,8 +172,8 @@ def _open(tf, mask, k):
 
 def _median(tf, values):
     """numpy's median of a float64 vector (mean of the two middle values when the count is even)."""
-    s = tf.sort(values)
-    n = tf.shape(s)[0]
+    n = tf.shape(values)[0]
+    s = tf.concat([tf.sort(values), tf.zeros([1], values.dtype)], 0)  # an empty vector's median reads 0
     lo = s[tf.maximum((n - 1) // 2, 0)]
     hi = s[tf.maximum(n // 2, 0)]
     return (lo + hi) / 2.0
@@ -235,7 +235,9 @@ def find_disc(tf, img):
     bounding = ((x0 + x1) / 2, (y0 + y1) / 2, tf.maximum(x1 - x0, y1 - y0) / 2)
 
     few = tf.shape(x)[0] < 20
-    xs, ys = tf.where(few, tf.zeros_like(x), x), tf.where(few, tf.zeros_like(y), y)
+    # Too few points to fit (the bounding box is used): fit 20 dummy points instead, so nothing fails.
+    angles = tf.constant([2 * math.pi * i / 20 for i in range(20)], tf.float64)
+    xs, ys = tf.cond(few, lambda: (tf.cos(angles), tf.sin(angles)), lambda: (x, y))
     keep = tf.ones_like(xs)
     cx, cy, r = _fit_circle(tf, xs, ys, keep)
     done = few
@@ -286,7 +288,7 @@ def _check_header(tf, data, min_side=MIN_SIDE):
     hwc = tf.cond(jpeg_ok, lambda: tf.io.extract_jpeg_shape(data), lambda: tf.zeros([3], tf.int32))
     png_ok = is_png & tf.reduce_all(tf.equal(head[12:16], [73, 72, 68, 82]))  # IHDR
     png_ok = png_ok & _tail_has(tf, data, n, [73, 69, 78, 68])  # IEND
-    png_channels = tf.gather([0, 1, 3, 3, 2, -1, 4], tf.clip_by_value(head[25], 0, 6))
+    png_channels = tf.gather([1, -1, 3, 3, 2, -1, 4], tf.clip_by_value(head[25], 0, 6))
     ok = tf.where(is_jpeg, jpeg_ok, png_ok)
     height = tf.where(is_jpeg, hwc[0], tf.where(is_png, be32(head[20:24]), 0))
     width = tf.where(is_jpeg, hwc[1], tf.where(is_png, be32(head[16:20]), 0))
