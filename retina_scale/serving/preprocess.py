@@ -12,7 +12,7 @@ TF Serving runs graphs, not Python: the OpenCV code of :mod:`retina_scale.data.f
    size the training cache made; the stage size when unknown), and lowered when the disc is smaller than the
    frame suggested.
 3. **Find the disc** (as :func:`~retina_scale.data.fundus.find_disc`): channel maximum, shrink by a whole
-   factor to at most 1024 px, 5x5 median, threshold at 10 % from the 1st to the 99th brightness percentile,
+   factor to at most 1024 px, 5x5 median (exactly OpenCV's), threshold at 10 % from the 1st to the 99th brightness percentile,
    morphological opening with an elliptical kernel, then a least-squares circle through the blob's outer edge
    (points on the photo's border left out) with three rounds of outlier rejection. One difference: OpenCV
    keeps the largest connected blob and fits its traced contour; here the outer edge is every mask pixel that
@@ -120,13 +120,32 @@ def _tail_has(tf, data, n, pattern):
 
 
 def _median_5x5(tf, gray):
-    """5x5 median of a float ``(h, w)`` image, border replicated (``cv2.medianBlur(img, 5)``)."""
-    padded = tf.pad(gray, [[2, 2], [2, 2]], mode="SYMMETRIC")
-    # SYMMETRIC repeats the edge pixel first: at distance 1 it equals BORDER_REPLICATE, at 2 it takes x1 not x0.
-    patches = tf.image.extract_patches(
-        padded[None, :, :, None], sizes=[1, 5, 5, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1], padding="VALID"
-    )[0]
-    return tf.math.top_k(patches, k=13, sorted=True).values[..., 12]
+    """5x5 median of a float ``(h, w)`` image of whole values in [0, 255], border replicated: equal to
+    ``cv2.medianBlur(img, 5)``.
+
+    Forgetful selection on the 25 shifted copies (keep 14, drop the minimum and maximum, add the next, ...):
+    a few hundred element-wise min/max ops on uint8, ten times faster than ``top_k`` over 25-wide patches.
+    """
+    x = tf.cast(gray, tf.uint8)
+    h, w = tf.shape(x)[0], tf.shape(x)[1]
+    p = tf.concat([x[:1], x[:1], x, x[-1:], x[-1:]], 0)
+    p = tf.concat([p[:, :1], p[:, :1], p, p[:, -1:], p[:, -1:]], 1)
+    values = [p[i : i + h, j : j + w] for i in range(5) for j in range(5)]
+
+    def drop_min_max(vals):
+        vals = list(vals)
+        for i in range(len(vals) - 1):  # the maximum bubbles to the end
+            vals[i], vals[i + 1] = tf.minimum(vals[i], vals[i + 1]), tf.maximum(vals[i], vals[i + 1])
+        for i in range(len(vals) - 2, 0, -1):  # the minimum bubbles to the front
+            vals[i - 1], vals[i] = tf.minimum(vals[i - 1], vals[i]), tf.maximum(vals[i - 1], vals[i])
+        return vals[1:-1]
+
+    keep = values[:14]
+    for extra in values[14:]:
+        keep = drop_min_max(keep) + [extra]
+    while len(keep) > 1:
+        keep = drop_min_max(keep)
+    return tf.cast(keep[0], tf.float32)
 
 
 def _ellipse(k: int):
