@@ -73,13 +73,25 @@ def test_export_takes_the_last_finished_stage_its_thresholds_and_preprocessing(e
     assert int(got["grade"].numpy()[0]) == int(np.sum(np.array(THRESHOLDS) <= want))
 
 
-def test_saved_model_cli_shows_the_commands_export(exported):
+def test_saved_model_cli_shows_and_runs_the_commands_export(exported, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    shown = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir",
-                            str(exported["path"]), "--all"], capture_output=True, text=True, env=env, timeout=300)
-    assert shown.returncode == 0, shown.stderr[-2000:]
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    ok, buf = cv2.imencode(".jpg", draw_fundus(width=400, height=300), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    np.save(tmp_path / "photo.npy", np.array([buf.tobytes()]))
+    show = subprocess.Popen(cli + ["show", "--dir", str(exported["path"]), "--all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    run = subprocess.Popen(cli + ["run", "--dir", str(exported["path"]), "--tag_set", "serve", "--signature_def",
+                                  "predict_images", "--inputs", f"images={tmp_path / 'photo.npy'}",
+                                  "--outdir", str(tmp_path / "out")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    shown, shown_err = show.communicate(timeout=300)
+    _, ran_err = run.communicate(timeout=300)
+    assert show.returncode == 0, shown_err[-2000:]
+    assert run.returncode == 0, ran_err[-2000:]
     for name in ("serving_default", "predict_images", "get_metadata"):
-        assert f"signature_def['{name}']" in shown.stdout
+        assert f"signature_def['{name}']" in shown
+    assert np.load(tmp_path / "out" / "valid.npy").tolist() == [True]
+    assert np.load(tmp_path / "out" / "grade.npy")[0] in range(5)
 
 
 def test_export_refuses_unfinished_unknown_stages_and_non_runs(exported, capsys):
@@ -96,13 +108,17 @@ def test_export_refuses_unfinished_unknown_stages_and_non_runs(exported, capsys)
     assert list_versions(exported["base"] / "retina") == [1]
 
 
-def test_export_adds_versions_and_keep_prunes(exported, tmp_path):
+def test_export_adds_a_version_and_keep_prunes(tmp_path):
+    run = _fake_run(tmp_path)
     base = tmp_path / "models"
-    args = ["export", "--run", str(exported["run"]), "--model-name", "m", "--base", str(base)]
-    assert main(args + ["--stage", "tiny"]) == 0
+    (base / "m" / "1").mkdir(parents=True)  # an older version, as a previous export leaves it
+    (base / "m" / "1" / "saved_model.pb").write_bytes(b"old")
+    args = ["export", "--run", str(run), "--model-name", "m", "--base", str(base), "--stage", "tiny"]
     assert main(args + ["--keep", "1", "--json"]) == 0
     assert list_versions(base / "m") == [2]
     assert not [p for p in (base / "m").iterdir() if p.name.startswith(".tmp")]
+    assert main(args + ["--keep", "0"]) == 2
+    assert list_versions(base / "m") == [2]
 
 
 # ------------------------------------------------------------------------------------------------- predict
@@ -116,6 +132,9 @@ def photo_folder(tmp_path_factory):
         ok, buf = cv2.imencode(".jpg", draw_fundus(width=320 + 10 * i, height=240, seed=i))
         (folder / ("sub" if i % 2 else ".") / f"p{i}.jpg").write_bytes(buf.tobytes())
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage, not a photo")
+    # Quantisation tables renamed to comments: the header checks pass, the decoder fails the whole call.
+    ok, buf = cv2.imencode(".jpg", draw_fundus(seed=9))
+    (folder / "sub" / "noquant.jpg").write_bytes(buf.tobytes().replace(b"\xff\xdb", b"\xff\xfe"))
     (folder / "text.png").write_bytes(b"hello")
     (folder / "notes.txt").write_text("not listed: not an image extension")
     return folder
@@ -132,7 +151,8 @@ def test_predict_grades_a_folder_and_reports_bad_photos_without_stopping(exporte
                "--out", str(out), "--batch-size", "3"])
     assert rc == 0
     rows = {Path(r["image"]).name: r for r in _read(out)}
-    assert sorted(rows) == ["broken.jpg", "p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg", "text.png"]
+    assert sorted(rows) == ["broken.jpg", "noquant.jpg", "p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg", "text.png"]
+    assert rows["noquant.jpg"]["error"].startswith("cannot decode") and rows["noquant.jpg"]["grade"] == ""
     assert "truncated JPEG" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["grade"] == ""
     assert "not an image" in rows["text.png"]["error"]
     predict, _ = load_export(exported["path"], signature="predict_images")
