@@ -64,29 +64,6 @@ def choose_stage(run_dir: Path, stage: str | None):
     raise ValueError(f"run {run_dir} has no stage {stage!r}; accepted: {', '.join(finished) or 'none finished'}")
 
 
-def run_preprocessing(run_dir: Path) -> dict:
-    """The preprocessing the run trained with: normalisation, mask and the cache's sizes."""
-    from retina_scale.config import load_mapping
-
-    record = {"normalize": "none", "mask": True, "crop": "fundus bounding square", "resize": "area"}
-    config_file = run_dir / "config.yaml"
-    cache_dir = run_dir / "data" / "cache"
-    if config_file.is_file():
-        data = (load_mapping(config_file) or {}).get("data") or {}
-        record["normalize"] = data.get("normalize") or "none"
-        if data.get("cache"):
-            cache_dir = Path(data["cache"])
-    cache_json = cache_dir / "cache.json"
-    if cache_json.is_file():
-        cache = json.loads(cache_json.read_text(encoding="utf-8"))
-        pre = cache.get("preprocess") or {}
-        record["normalize"] = pre.get("normalize", record["normalize"])
-        record["mask"] = bool(pre.get("mask", True))
-        if cache.get("sizes"):
-            record["sizes"] = sorted(int(s) for s in cache["sizes"])
-    return record
-
-
 def run(args) -> int:
     if args.keep is not None and args.keep < 1:
         raise ValueError(f"--keep must be a positive integer; got {args.keep}")
@@ -103,7 +80,7 @@ def run(args) -> int:
     import keras
 
     import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
-    from retina_scale.serving.export import export_saved_model
+    from retina_scale.serving.export import export_saved_model, run_preprocessing
 
     model = keras.saving.load_model(keras_file, safe_mode=True)
     metadata = {

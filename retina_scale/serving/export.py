@@ -84,6 +84,7 @@ __all__ = [
     "export_saved_model",
     "list_versions",
     "load_export",
+    "run_preprocessing",
 ]
 
 FORMAT = "retina_scale.saved_model"
@@ -452,6 +453,37 @@ def export_saved_model(
             for old in others[: max(0, len(others) - (keep - 1))]:
                 _remove_dir(model_dir / str(old))
     return target
+
+
+def run_preprocessing(run_dir) -> dict:
+    """The preprocessing a training run's cache applied, as the export records it.
+
+    ``normalize`` from the run's ``config.yaml`` (``data.normalize``), overridden by what the cache itself says
+    (``cache.json``: ``preprocess.normalize`` and ``mask``), and the cache's ``sizes``: the cache decodes for
+    its largest size and makes each smaller one from the one above, and ``predict_images`` repeats that chain.
+    Without the sizes the served images drift from the cached ones (README, "Serving with TensorFlow
+    Serving"). The cache is ``data.cache`` of the config, else ``<run>/data/cache``.
+    """
+    from retina_scale.config import load_mapping
+
+    run_dir = Path(run_dir)
+    record = {"normalize": "none", "mask": True, "crop": "fundus bounding square", "resize": "area"}
+    config_file = run_dir / "config.yaml"
+    cache_dir = run_dir / "data" / "cache"
+    if config_file.is_file():
+        data = (load_mapping(config_file) or {}).get("data") or {}
+        record["normalize"] = data.get("normalize") or "none"
+        if data.get("cache"):
+            cache_dir = Path(data["cache"])
+    cache_json = cache_dir / "cache.json"
+    if cache_json.is_file():
+        cache = json.loads(cache_json.read_text(encoding="utf-8"))
+        pre = cache.get("preprocess") or {}
+        record["normalize"] = pre.get("normalize", record["normalize"])
+        record["mask"] = bool(pre.get("mask", True))
+        if cache.get("sizes"):
+            record["sizes"] = sorted(int(v) for v in cache["sizes"])
+    return record
 
 
 def load_export(path, signature: str = "serving_default"):

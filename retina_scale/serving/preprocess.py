@@ -178,7 +178,8 @@ def _open(tf, mask, k):
         filt = ((se - 1.0) * 1e4)[:, :, None]
 
         def run():
-            # OpenCV pads erosion with +inf and dilation with -inf: pad the mask so the border does not erode it.
+            # OpenCV pads erosion with +inf and dilation with -inf; dilation2d's SAME padding ignores the
+            # padded values, which is the same: the border neither erodes nor dilates the mask.
             eroded = -tf.nn.dilation2d(-x, filt, [1, 1, 1, 1], "SAME", "NHWC", [1, 1, 1, 1])
             return tf.nn.dilation2d(eroded, filt, [1, 1, 1, 1], "SAME", "NHWC", [1, 1, 1, 1])
 
