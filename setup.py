@@ -27,6 +27,6 @@ setup(
         "tqdm",
         "pyyaml",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "serving": ["tensorflow-serving-api>=2.16", "grpcio"]},
     entry_points={"console_scripts": ["retina-scale=retina_scale.cli:main"]},
 )

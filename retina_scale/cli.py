@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("retina_scale.commands.evaluate", "kappa, Table IV rows and referable-DR figures of a model, with intervals"),
     "synth": ("retina_scale.commands.synth", "write the synthetic DR data set (EyePACS layout) or its gallery"),
     "prepare": ("retina_scale.commands.prepare", "preprocess a fundus data set once per scale into a training cache"),
+    "export": ("retina_scale.commands.export", "export a run's stage as a SavedModel version for TF Serving"),
+    "predict": ("retina_scale.commands.predict", "grade a folder or CSV of photos with an export, to a CSV"),
 }
 
 

@@ -27,6 +27,22 @@ Signatures (no Keras needed to serve or load them):
     graph), ``referable`` (bool ``(batch,)``: ``grade >= 2``, moderate non-proliferative DR or
     worse). A NaN or infinite score fails the request instead of grading it 0.
 
+``predict_images``
+    input ``images``: string ``(batch,)``, each element the bytes of one JPEG or PNG photo straight
+    from the camera (over REST: ``{"b64": ...}``). The graph does the training cache's preprocessing
+    with TF ops (:mod:`retina_scale.serving.preprocess`: header checks, reduced decode, disc finding,
+    crop, resize to the stage size, Graham's normalisation or the circular mask as recorded in
+    ``preprocessing``), then grades as ``serving_default``.
+
+    outputs ``grade_continuous``, ``grade``, ``referable`` as ``serving_default``, plus ``valid``
+    (bool ``(batch,)``) and ``error`` (string ``(batch,)``, ``""`` when valid). A photo that cannot
+    be used (not JPEG/PNG, empty, truncated, grayscale, CMYK, 16-bit, too small, no fundus found)
+    does not fail the batch: its row has ``valid`` false, the reason in ``error``, ``grade`` -1,
+    ``grade_continuous`` NaN and ``referable`` false. Corruption that the header checks cannot see
+    (a JPEG whose frame header is damaged but whose end marker is present) makes the decoder fail
+    the whole request: TF Serving answers HTTP 400 with the decoder's message. Our head is a
+    regression head (one continuous grade), so there are no per-grade scores.
+
 ``get_metadata``
     no input; returns ``input_size`` (int32), ``thresholds`` (float64 ``(4,)``), ``stage``,
     ``preprocessing`` and ``metadata_json`` (strings): the same record as the version's
@@ -68,6 +84,7 @@ __all__ = [
     "export_saved_model",
     "list_versions",
     "load_export",
+    "run_preprocessing",
 ]
 
 FORMAT = "retina_scale.saved_model"
@@ -173,7 +190,18 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
         "referable_grade": REFERABLE_GRADE,
         "preprocessing": preprocessing,
         "resize": _RESIZE_NOTE,
+        "head": "regression: one continuous grade, no per-grade scores",
         "signatures": {
+            "predict_images": {
+                "inputs": {"images": "string (batch,), encoded JPEG or PNG bytes"},
+                "outputs": {
+                    "grade_continuous": "float32 (batch,), NaN when not valid",
+                    "grade": "int32 (batch,), -1 when not valid",
+                    "referable": "bool (batch,)",
+                    "valid": "bool (batch,)",
+                    "error": "string (batch,), empty when valid",
+                },
+            },
             "serving_default": {
                 "inputs": {"images": "float32 (batch, height, width, 3), RGB in [0, 255]"},
                 "outputs": {
@@ -200,12 +228,15 @@ def _build_archive(model, info: dict):
     import keras
     import tensorflow as tf
 
+    from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
+
     size = info["input_size"]
     # float64, as apply_thresholds compares: a float32 cut-off 1.4 would be 1.39999998 and grade a
     # score of exactly float32(1.4) one higher than apply_thresholds does.
     cuts = tf.constant(info["thresholds"], dtype=tf.float64)
     referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
     preprocessing = info["preprocessing"]
+    spec = preprocess_spec(preprocessing, size)
     constants = {
         "input_size": tf.constant(size, dtype=tf.int32),
         "thresholds": cuts,
@@ -266,15 +297,45 @@ def _build_archive(model, info: dict):
         scores = tf.debugging.assert_all_finite(
             scores, "retina_scale model produced a NaN or infinite grade (are the images finite?)"
         )
-        # apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade).
-        grade = tf.reduce_sum(
-            tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
-            axis=1,
-        )
+        grade = grades(scores)
         return {
             "grade_continuous": scores,
             "grade": grade,
             "referable": tf.greater_equal(grade, referable_grade),
+        }
+
+    def grades(scores):
+        # apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade).
+        return tf.reduce_sum(
+            tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
+            axis=1,
+        )
+
+    def predict_images(images):
+        dims = tf.shape(images)
+        rank = tf.debugging.assert_equal(
+            tf.reduce_sum(tf.ones_like(dims) * tf.cast(dims >= 0, dims.dtype)), 1,
+            message=(
+                "retina_scale predict_images takes a batch of encoded JPEG/PNG photos: a string "
+                "tensor of shape (batch,)"
+            ),
+        )
+        with tf.control_dependencies([rank]):
+            images = tf.identity(images)
+        pixels, error = preprocess_batch(images, spec)
+        valid = tf.equal(error, "")
+        scores = model(pixels, training=False)
+        scores = tf.reshape(tf.cast(scores, tf.float32), [-1])
+        scores = tf.debugging.assert_all_finite(
+            tf.where(valid, scores, 0.0), "retina_scale model produced a NaN or infinite grade"
+        )
+        grade = tf.where(valid, grades(scores), -1)
+        return {
+            "grade_continuous": tf.where(valid, scores, float("nan")),
+            "grade": grade,
+            "referable": tf.logical_and(valid, tf.greater_equal(grade, referable_grade)),
+            "valid": valid,
+            "error": error,
         }
 
     def get_metadata():
@@ -285,6 +346,10 @@ def _build_archive(model, info: dict):
     archive.add_endpoint(
         "serving_default", serve,
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32, name="images")],
+    )
+    archive.add_endpoint(
+        "predict_images", predict_images,
+        input_signature=[tf.TensorSpec((None,), tf.string, name="images")],
     )
     archive.add_endpoint("get_metadata", get_metadata, input_signature=[])
     return archive
@@ -354,6 +419,9 @@ def export_saved_model(
     """
     user = _check_arguments(model, model_name, version, keep, metadata)
     thresholds = validate_thresholds(thresholds, NUM_GRADES)
+    from retina_scale.serving.preprocess import preprocess_spec
+
+    preprocess_spec(user.get("preprocessing"), int(model.input_size))  # a bad record fails before any write
     model_dir = Path(base_dir) / model_name
     model_dir.mkdir(parents=True, exist_ok=True)
 
@@ -387,24 +455,59 @@ def export_saved_model(
     return target
 
 
-def load_export(path):
+def run_preprocessing(run_dir) -> dict:
+    """The preprocessing a training run's cache applied, as the export records it.
+
+    ``normalize`` from the run's ``config.yaml`` (``data.normalize``), overridden by what the cache itself says
+    (``cache.json``: ``preprocess.normalize`` and ``mask``), and the cache's ``sizes``: the cache decodes for
+    its largest size and makes each smaller one from the one above, and ``predict_images`` repeats that chain.
+    Without the sizes the served images drift from the cached ones (README, "Serving with TensorFlow
+    Serving"). The cache is ``data.cache`` of the config, else ``<run>/data/cache``.
+    """
+    from retina_scale.config import load_mapping
+
+    run_dir = Path(run_dir)
+    record = {"normalize": "none", "mask": True, "crop": "fundus bounding square", "resize": "area"}
+    config_file = run_dir / "config.yaml"
+    cache_dir = run_dir / "data" / "cache"
+    if config_file.is_file():
+        data = (load_mapping(config_file) or {}).get("data") or {}
+        record["normalize"] = data.get("normalize") or "none"
+        if data.get("cache"):
+            cache_dir = Path(data["cache"])
+    cache_json = cache_dir / "cache.json"
+    if cache_json.is_file():
+        cache = json.loads(cache_json.read_text(encoding="utf-8"))
+        pre = cache.get("preprocess") or {}
+        record["normalize"] = pre.get("normalize", record["normalize"])
+        record["mask"] = bool(pre.get("mask", True))
+        if cache.get("sizes"):
+            record["sizes"] = sorted(int(v) for v in cache["sizes"])
+    return record
+
+
+def load_export(path, signature: str = "serving_default"):
     """Loads one version folder written by :func:`export_saved_model`.
 
     Needs TensorFlow only (no Keras, no retina_scale model code).
 
     Args:
         path: a version folder, ``<base_dir>/<model_name>/<version>``.
+        signature: ``"serving_default"`` (preprocessed float images) or ``"predict_images"``
+            (encoded JPEG/PNG bytes).
 
     Returns:
-        ``(serve, metadata)``: the ``serving_default`` concrete function (call it as
-        ``serve(images=...)``; it returns a dict of ``grade_continuous``, ``grade``, ``referable``)
-        and the version's metadata dict.
+        ``(serve, metadata)``: the signature's concrete function (call it as
+        ``serve(images=...)``; it returns a dict of ``grade_continuous``, ``grade``, ``referable``,
+        and for ``predict_images`` also ``valid`` and ``error``) and the version's metadata dict.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: "not a retina_scale SavedModel: ..." when the folder is not one of our exports
             or its parts disagree.
     """
+    if signature not in ("serving_default", "predict_images"):
+        raise ValueError(f"signature must be 'serving_default' or 'predict_images'; got {signature!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such export folder: {path}")
@@ -435,7 +538,7 @@ def load_export(path):
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(path))
-    missing = {"serving_default", "get_metadata"} - set(loaded.signatures)
+    missing = {"serving_default", "get_metadata", signature} - set(loaded.signatures)
     if missing:
         raise ValueError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
     embedded = json.loads(loaded.signatures["get_metadata"]()["metadata_json"].numpy().decode("utf-8"))
@@ -445,6 +548,6 @@ def load_export(path):
                 f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "
                 f"but the graph holds {embedded.get(key)!r}"
             )
-    serve = loaded.signatures["serving_default"]
+    serve = loaded.signatures[signature]
     serve._retina_scale_loaded = loaded  # keep the loaded object (and its variables) alive
     return serve, metadata

@@ -421,15 +421,17 @@ class StepwiseScaler:
         }
 
     def _export(self, model, spec, thresholds, stage_dir):
-        from retina_scale.serving.export import export_saved_model
+        from retina_scale.serving.export import export_saved_model, run_preprocessing
 
+        # The cache's sizes and mask too: predict_images repeats the cache's resize chain (no train/serve skew).
+        preprocessing = run_preprocessing(self.run_dir)
+        preprocessing["normalize"] = self.config.data.normalize
         metadata = {
             "run": self.config.name,
             "stage": spec.name,
             "input_size": spec.input_size,
             "width": self.config.model.width,
-            "preprocessing": {"normalize": self.config.data.normalize, "crop": "fundus bounding square",
-                              "resize": "area"},
+            "preprocessing": preprocessing,
         }
         return export_saved_model(model, self.config.export_dir, self.config.model_name,
                                   thresholds=thresholds, metadata=metadata)

@@ -63,6 +63,9 @@ def test_ladder_writes_report_checkpoints_transfer_and_exports(uninterrupted):
         assert -1.0 <= s["val_kappa"] <= 1.0 and s["seconds"] > 0
         assert len(s["thresholds"]) == 4 and s["thresholds"] == sorted(s["thresholds"])
         assert (Path(s["export_path"]) / "saved_model.pb").exists()
+        # The cache's sizes are recorded, so predict_images repeats the cache's resize chain (issue 7).
+        meta = json.loads((Path(s["export_path"]) / "metadata.json").read_text())
+        assert meta["preprocessing"]["sizes"] == [112, 224] and meta["preprocessing"]["mask"] is True
     versions = [int(Path(s["export_path"]).name) for s in report["stages"]]
     assert versions == sorted(versions) and len(set(versions)) == 2
     transfer = json.loads((run_dir / "stages" / "2-small" / "transfer.json").read_text())

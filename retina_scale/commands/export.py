@@ -1,0 +1,104 @@
+"""Export a stage of a training run as a new SavedModel version for TensorFlow Serving.
+
+Takes the stage's best.keras and its validation thresholds (stages/<i>-<stage>/state.json,
+result.thresholds); by default the last finished stage. The preprocessing the run trained with (the
+normalisation, the circular mask and the cache's sizes, from the run's config.yaml and the cache's
+cache.json) is recorded so that the predict_images signature repeats it in the graph. The version is
+written into a temporary folder and renamed into place (TF Serving never sees half a model);
+--keep N then prunes all but the N newest versions.
+
+Example:
+    retina-scale export --run runs/quick --model-name retina --base saved_models --keep 3
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def add_arguments(parser):
+    parser.add_argument("--run", required=True, help="the run folder (runs/NAME)")
+    parser.add_argument("--stage", help="stage name (e.g. tiny, small); default: the last finished stage")
+    parser.add_argument("--model-name", required=True, help="the model's folder name under --base")
+    parser.add_argument("--base", default="saved_models", help="folder of exported models (default saved_models)")
+    parser.add_argument("--keep", type=int, help="keep only the N newest versions (the new one included)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def finished_stages(run_dir: Path) -> list[tuple[int, str, Path, dict]]:
+    """``(index, name, folder, state)`` of every stage of ``run_dir`` whose state.json says done, by index."""
+    out = []
+    for folder in sorted((run_dir / "stages").glob("*-*")):
+        index, _, name = folder.name.partition("-")
+        state_file = folder / "state.json"
+        if not index.isdigit() or not state_file.is_file():
+            continue
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{state_file} is not JSON ({err})") from None
+        if state.get("status") == "done":
+            out.append((int(index), name, folder, state))
+    return sorted(out, key=lambda item: item[0])
+
+
+def choose_stage(run_dir: Path, stage: str | None):
+    """The stage to export: ``(index, name, folder, state)``; clear errors for a missing or unfinished one."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no such run folder: {run_dir}")
+    if not (run_dir / "stages").is_dir():
+        raise ValueError(f"{run_dir} is not a training run (no stages/ folder); pass runs/NAME")
+    done = finished_stages(run_dir)
+    if stage is None:
+        if not done:
+            raise ValueError(f"run {run_dir} has no finished stage yet; train it first (retina-scale train)")
+        return done[-1]
+    for item in done:
+        if item[1] == stage:
+            return item
+    present = sorted(p.name.partition("-")[2] for p in (run_dir / "stages").glob("*-*"))
+    finished = [item[1] for item in done]
+    if stage in present:
+        raise ValueError(f"stage {stage!r} of {run_dir} has not finished; finished stages: {finished or 'none'}")
+    raise ValueError(f"run {run_dir} has no stage {stage!r}; accepted: {', '.join(finished) or 'none finished'}")
+
+
+def run(args) -> int:
+    if args.keep is not None and args.keep < 1:
+        raise ValueError(f"--keep must be a positive integer; got {args.keep}")
+    run_dir = Path(args.run)
+    index, name, folder, state = choose_stage(run_dir, args.stage)
+    result = state.get("result") or {}
+    thresholds = result.get("thresholds")
+    if not thresholds:
+        raise ValueError(f"{folder / 'state.json'} has no result.thresholds; the stage did not finish cleanly")
+    keras_file = folder / "best.keras"
+    if not keras_file.is_file():
+        raise FileNotFoundError(f"{keras_file} is missing; the stage's best model is needed to export it")
+
+    import keras
+
+    import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
+    from retina_scale.serving.export import export_saved_model, run_preprocessing
+
+    model = keras.saving.load_model(keras_file, safe_mode=True)
+    metadata = {
+        "run": run_dir.resolve().name,
+        "stage_folder": folder.name,
+        "val_kappa": result.get("val_kappa"),
+        "test_kappa": result.get("test_kappa"),
+        "preprocessing": run_preprocessing(run_dir),
+    }
+    path = export_saved_model(model, args.base, args.model_name, thresholds=thresholds, metadata=metadata,
+                              keep=args.keep)
+    summary = {"export": str(path), "run": str(run_dir), "stage": name, "stage_index": index,
+               "input_size": int(model.input_size), "thresholds": thresholds,
+               "preprocessing": metadata["preprocessing"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"Exported stage {index} {name} ({summary['input_size']} px) of {run_dir} to {path}")
+        print(f"  thresholds {', '.join(f'{t:.3f}' for t in thresholds)}; preprocessing "
+              f"{json.dumps(metadata['preprocessing'], sort_keys=True)}")
+    return 0

@@ -1,0 +1,186 @@
+"""Grade a folder (or CSV list) of fundus photos with an exported model, no server needed.
+
+Runs the export's predict_images signature: the photos are decoded and preprocessed in the graph
+exactly as TF Serving would, so batch results and served results agree. The folder is walked lazily
+and read batch by batch (memory stays constant whatever its size); a photo that cannot be used gets
+its reason in the error column and the run goes on. predictions.csv (image, grade, grade_continuous,
+referable, error) is written under a temporary name and renamed into place when the run finishes.
+
+--images takes a folder (searched recursively for .jpg/.jpeg/.png/.tif/.tiff/.bmp files) or a CSV
+file whose 'image' column (else its first column) lists photo paths, relative to the CSV's folder.
+
+Example:
+    retina-scale predict --model saved_models/retina --images photos/ --out predictions.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+COLUMNS = ["image", "grade", "grade_continuous", "referable", "error"]
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="export folder: saved_models/NAME (newest version) or NAME/VERSION")
+    parser.add_argument("--images", required=True, help="a folder of photos, or a CSV listing them")
+    parser.add_argument("--out", required=True, help="the predictions CSV to write")
+    parser.add_argument("--batch-size", type=int, default=16, help="photos per call (default 16)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def resolve_export(path) -> Path:
+    """A version folder from ``NAME/VERSION`` or ``NAME`` (its newest version)."""
+    from retina_scale.serving.export import list_versions
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model {path} does not exist")
+    if path.is_dir() and not (path / "saved_model.pb").exists():
+        versions = list_versions(path)
+        if versions:
+            return path / str(versions[-1])
+    return path
+
+
+def _walk(folder: Path):
+    """Image files under ``folder``, lazily (os.scandir; one directory's iterator open per depth)."""
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = os.scandir(current)
+        except OSError as err:
+            yield current, f"cannot list folder ({err.strerror})"
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    yield Path(entry.path), None
+
+
+def _from_csv(csv_file: Path):
+    with open(csv_file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{csv_file} is empty; expected a CSV with an 'image' column of photo paths")
+        column = header.index("image") if "image" in header else 0
+        for row in reader:
+            if len(row) > column and row[column].strip():
+                p = Path(row[column].strip())
+                yield (p if p.is_absolute() else csv_file.parent / p), None
+
+
+def list_images(images):
+    """A generator of ``(path, error or None)`` and the number of entries (a cheap first pass)."""
+    images = Path(images)
+    if not images.exists():
+        raise FileNotFoundError(f"--images {images} does not exist")
+    if images.is_dir():
+        source = lambda: _walk(images)  # noqa: E731
+    elif images.suffix.lower() == ".csv":
+        source = lambda: _from_csv(images)  # noqa: E731
+    else:
+        raise ValueError(f"--images must be a folder of photos or a .csv file listing them; got {images}")
+    total = sum(1 for _ in source())
+    return source(), total
+
+
+def _batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_rows(predict, batch):
+    """Rows for one batch of ``(path, error)``: reads the files, calls the signature.
+
+    When the whole call fails (a photo corrupt beyond what the graph's header checks catch), each photo is
+    retried alone so only the bad one gets an error row.
+    """
+    import tensorflow as tf
+
+    rows, data, where = [], [], []
+    for path, error in batch:
+        row = {"image": str(path), "grade": "", "grade_continuous": "", "referable": "", "error": error or ""}
+        if not error:
+            try:
+                data.append(path.read_bytes())
+                where.append(len(rows))
+            except OSError as err:
+                row["error"] = f"cannot read file ({err.strerror or err})"
+        rows.append(row)
+    if not data:
+        return rows
+
+    def fill(indices, payload):
+        out = predict(images=tf.constant(payload))
+        for i, g, c, r, e in zip(indices, out["grade"].numpy(), out["grade_continuous"].numpy(),
+                                 out["referable"].numpy(), out["error"].numpy()):
+            if e:
+                rows[i]["error"] = e.decode("utf-8", "replace")
+            else:
+                rows[i].update(grade=int(g), grade_continuous=f"{float(c):.6f}", referable=int(bool(r)))
+
+    try:
+        fill(where, data)
+    except tf.errors.InvalidArgumentError:
+        for i, payload in zip(where, data):
+            try:
+                fill([i], [payload])
+            except tf.errors.InvalidArgumentError as err:
+                rows[i]["error"] = "cannot decode: " + err.message.strip().splitlines()[0][:200]
+    return rows
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --out {out} does not exist")
+    items, total = list_images(args.images)
+    from tqdm import tqdm
+
+    from retina_scale.fileio import atomic_path
+    from retina_scale.serving.export import load_export
+
+    export = resolve_export(args.model)
+    predict, meta = load_export(export, signature="predict_images")
+    counts = {"images": 0, "errors": 0, "referable": 0}
+    start = time.perf_counter()
+    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        with tqdm(total=total, unit="img", desc="predict", file=sys.stderr) as bar:
+            for batch in _batches(items, args.batch_size):
+                for row in predict_rows(predict, batch):
+                    writer.writerow(row)
+                    counts["images"] += 1
+                    counts["errors"] += bool(row["error"])
+                    counts["referable"] += row["referable"] == 1
+                bar.update(len(batch))
+        handle.flush()
+        os.fsync(handle.fileno())
+    seconds = time.perf_counter() - start
+    summary = {**counts, "out": str(out), "model": str(export), "stage": meta.get("stage"),
+               "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / seconds, 2) if seconds else None}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{counts['images']} photos graded with {export} ({meta.get('stage')}, {meta.get('input_size')} px) "
+              f"in {seconds:.1f} s; {counts['referable']} referable, {counts['errors']} with errors -> {out}")
+    return 0
