@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("retina_scale.commands.train", "train the ladder of stages (the main job; resumable)"),
     "evaluate": ("retina_scale.commands.evaluate", "kappa, Table IV rows and referable-DR figures of a model, with intervals"),
     "synth": ("retina_scale.commands.synth", "write the synthetic DR data set (EyePACS layout) or its gallery"),
+    "prepare": ("retina_scale.commands.prepare", "preprocess a fundus data set once per scale into a training cache"),
 }
 
 

@@ -1,0 +1,425 @@
+"""tf.data training and evaluation input read from a ``retina-scale prepare`` cache, for one stage size.
+
+What each epoch draws is a pure function of ``(seed, epoch)``: :meth:`CacheInput.epoch_indices` resamples the
+images with o_O's class weights ``w_t = r**t * w0 + (1 - r**t) * wf`` (or, without rebalancing, permutes them),
+and each drawn element's augmentation uses stateless random ops seeded by ``(seed, epoch, position)``. A run
+resumed at epoch ``t`` therefore sees exactly the batches an uninterrupted run would.
+
+Augmentation follows the o_O Kaggle 2015 solution and runs in tf ops (on the accelerator when the map runs
+there, never in Python): rotation 0-360 degrees, horizontal and vertical flips, zoom 1/1.15-1.15 on each axis,
+translation (40 px at 512, i.e. 7.8 % of the side), and PCA colour noise along the data's own RGB principal
+axes (measured by ``prepare``). ``AugmentConfig.strength`` scales zoom, translation and colour noise per stage;
+rotations and flips are symmetries of a fundus and stay whole.
+
+Elements are ``(images, labels)``: float32 RGB in [0, 255] of shape ``(batch, size, size, 3)`` (the models
+rescale internally) and float32 grades; with ``include_ids=True`` a third item holds the image ids (strings).
+
+For several replicas or workers pass the strategy to :meth:`CacheInput.distribute` (or an
+``tf.distribute.InputContext`` to :meth:`CacheInput.dataset`): every input pipeline takes every k-th element
+of the epoch's draw before reading any file, and batches at the per-replica size, so the pipelines together
+cover the draw exactly once.
+
+Example:
+
+```python
+from retina_scale.data.pipeline import CacheInput
+train = CacheInput("cache/eyepacs", size=224, split="train", split_file="runs/x/splits.csv")
+ds = train.dataset(global_batch_size=64, start_epoch=0, epochs=10)
+model.fit(ds, epochs=10, steps_per_epoch=train.steps_per_epoch(64))
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from retina_scale.data.cache import read_config, read_manifest
+
+# o_O's schedule (PAPER.md, "Prior art").
+O_O_R = 0.975
+O_O_W0 = (1.36, 14.4, 6.6, 40.2, 49.6)
+O_O_WF = (1.0, 2.0, 2.0, 2.0, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """o_O's augmentation; ``strength`` (0 = none, 1 = o_O) scales zoom, translation and colour noise.
+
+    Args:
+        strength: multiplier of the zoom's log-range, the translation and the colour noise.
+        rotation: random rotation over the full 0-360 degrees.
+        flip: random horizontal and vertical flips.
+        zoom: largest zoom factor per axis (each axis draws log-uniformly from 1/zoom to zoom).
+        translation: largest shift as a fraction of the side (o_O: 40 px at 512).
+        color_sigma: standard deviation of the PCA colour coefficients, in units of each axis's standard
+            deviation.
+    """
+
+    strength: float = 1.0
+    rotation: bool = True
+    flip: bool = True
+    zoom: float = 1.15
+    translation: float = 40 / 512
+    color_sigma: float = 0.2
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise ValueError(f"augmentation strength must be >= 0, got {self.strength}")
+        if self.zoom < 1:
+            raise ValueError(f"zoom must be >= 1 (a factor such as 1.15), got {self.zoom}")
+        if not 0 <= self.translation < 0.5:
+            raise ValueError(f"translation must be a fraction of the side in [0, 0.5), got {self.translation}")
+        if self.color_sigma < 0:
+            raise ValueError(f"color_sigma must be >= 0, got {self.color_sigma}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """o_O's class rebalancing: per-image draw probability proportional to ``w_t[grade]``.
+
+    ``w0`` ~ the inverse class frequencies of EyePACS (so epoch 0 is balanced), drifting at rate ``r`` per epoch
+    to ``wf``. ``w0="balanced"`` uses the inverse frequencies of the data at hand instead.
+    """
+
+    r: float = O_O_R
+    w0: tuple | str = O_O_W0
+    wf: tuple = O_O_WF
+
+    def __post_init__(self):
+        if not 0 <= self.r <= 1:
+            raise ValueError(f"r must be in [0, 1], got {self.r}")
+        if isinstance(self.w0, str):
+            if self.w0 != "balanced":
+                raise ValueError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
+        elif len(self.w0) != 5 or min(self.w0) < 0:
+            raise ValueError(f"w0 must be 5 non-negative weights, got {self.w0}")
+        if len(self.wf) != 5 or min(self.wf) < 0:
+            raise ValueError(f"wf must be 5 non-negative weights, got {self.wf}")
+
+
+def class_weights(epoch: int, config: ResampleConfig = ResampleConfig(), labels=None) -> np.ndarray:
+    """``w_t = r**t * w0 + (1 - r**t) * wf`` for epoch ``t`` (``labels`` needed when ``w0="balanced"``)."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if isinstance(config.w0, str):
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=5).astype(np.float64)
+        w0 = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
+    else:
+        w0 = np.asarray(config.w0, np.float64)
+    decay = config.r ** epoch
+    return decay * w0 + (1 - decay) * np.asarray(config.wf, np.float64)
+
+
+def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConfig | None) -> np.ndarray:
+    """Indices of the images one epoch visits, in order: a pure function of (labels, epoch, seed, resample)."""
+    n = len(labels)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
+    if resample is None:
+        return rng.permutation(n)
+    w = class_weights(epoch, resample, labels)[np.asarray(labels, np.int64)]
+    if w.sum() <= 0:
+        raise ValueError("every image has class weight 0; check ResampleConfig.w0/wf")
+    return rng.choice(n, size=n, replace=True, p=w / w.sum())
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix(z):
+    """SplitMix64 finaliser on uint64 tensors: a counter-based hash, vectorised and XLA-friendly."""
+    import tensorflow as tf
+
+    z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(30, tf.uint64))) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
+    z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(27, tf.uint64))) * tf.constant(0x94D049BB133111EB, tf.uint64)
+    return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
+
+
+def element_uniforms(seeds, n: int):
+    """``n`` uniform [0, 1) numbers per element from int64 seeds ``[B, 2]``: a pure function of each seed."""
+    import tensorflow as tf
+
+    s = tf.bitcast(tf.cast(seeds, tf.int64), tf.uint64)
+    golden = tf.constant(_GOLDEN, tf.uint64)
+    key = _splitmix(tf.bitwise.bitwise_xor(_splitmix(s[:, 0] + golden), s[:, 1]))
+    cols = [tf.bitwise.right_shift(_splitmix(key + golden * tf.constant(j + 1, tf.uint64)), tf.constant(40, tf.uint64))
+            for j in range(n)]
+    return tf.cast(tf.stack(cols, axis=1), tf.float32) / float(1 << 24)
+
+
+def _bilinear_warp(images, a00, a01, b0, a10, a11, b1, fill: float):
+    """Sample ``images`` at ``(a00*x + a01*y + b0, a10*x + a11*y + b1)`` for each output pixel, bilinearly,
+    with ``fill`` outside (gathers on a padded copy: XLA compiles this to one fused loop)."""
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, h, w = shape[0], shape[1], shape[2]
+    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
+    col = lambda v: v[:, None, None]  # noqa: E731
+    sx = col(a00) * xs + col(a01) * ys + col(b0)
+    sy = col(a10) * xs + col(a11) * ys + col(b1)
+    x0, y0 = tf.floor(sx), tf.floor(sy)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    hp, wp = h + 2, w + 2
+    x0 = tf.clip_by_value(tf.cast(x0, tf.int32) + 1, 0, wp - 2)
+    y0 = tf.clip_by_value(tf.cast(y0, tf.int32) + 1, 0, hp - 2)
+    flat = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=fill), [-1, 3])
+    base = tf.range(n)[:, None, None] * hp * wp + y0 * wp + x0
+    p00, p01 = tf.gather(flat, base), tf.gather(flat, base + 1)
+    p10, p11 = tf.gather(flat, base + wp), tf.gather(flat, base + wp + 1)
+    top = p00 + (p01 - p00) * fx
+    bottom = p10 + (p11 - p10) * fx
+    out = top + (bottom - top) * fy
+    # Far outside the photo the clipped indices land on the padding; make it exact.
+    inside = (sx > -1) & (sx < tf.cast(w, tf.float32)) & (sy > -1) & (sy < tf.cast(h, tf.float32))
+    return tf.where(inside[..., None], out, fill)
+
+
+def _augment(images, seeds, rotation, flip, log_zoom, shift, color_sigma, pca_vectors, pca_std, fill, mask_fraction):
+    import tensorflow as tf
+
+    size = tf.cast(tf.shape(images)[1], tf.float32)
+    u = element_uniforms(seeds, 10)
+    theta = u[:, 0] * (2 * math.pi) if rotation else tf.zeros_like(u[:, 0])
+    zx = tf.exp((2 * u[:, 1] - 1) * log_zoom)
+    zy = tf.exp((2 * u[:, 2] - 1) * log_zoom)
+    tx = (2 * u[:, 3] - 1) * shift * size
+    ty = (2 * u[:, 4] - 1) * shift * size
+    fx = tf.where(u[:, 5] < 0.5, -1.0, 1.0) if flip else tf.ones_like(u[:, 5])
+    fy = tf.where(u[:, 6] < 0.5, -1.0, 1.0) if flip else tf.ones_like(u[:, 6])
+    c, s = tf.cos(theta), tf.sin(theta)
+    # Forward: out = ctr + t + R S F (in - ctr); inverse: in = A (out - ctr - t) + ctr with A = F S^-1 R^T.
+    a00, a01 = fx * c / zx, fx * s / zx
+    a10, a11 = -fy * s / zy, fy * c / zy
+    ctr = (size - 1) / 2
+    ox, oy = ctr + tx, ctr + ty
+    b0 = ctr - (a00 * ox + a01 * oy)
+    b1 = ctr - (a10 * ox + a11 * oy)
+    # PCA colour noise (Box-Muller normals), added inside the disc only so the background keeps its value.
+    r = tf.sqrt(-2.0 * tf.math.log(tf.maximum(u[:, 7:10], 1e-7)))
+    normals = r * tf.cos(2 * math.pi * tf.roll(u[:, 7:10], 1, axis=1))
+    colors = tf.linalg.matvec(pca_vectors, normals * color_sigma * pca_std[None, :])
+    ys, xs = tf.meshgrid(tf.range(size), tf.range(size), indexing="ij")
+    radius = size / 2 * mask_fraction
+    disc = tf.cast((xs - ctr) ** 2 + (ys - ctr) ** 2 <= radius**2, tf.float32)[None, :, :, None]
+    images = images + disc * colors[:, None, None, :]
+    out = _bilinear_warp(images, a00, a01, b0, a10, a11, b1, fill)
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+_COMPILED = {}
+
+
+def augment_batch(images, seeds, config: AugmentConfig, pca_vectors, pca_std, fill: float = 0.0,
+                  mask_fraction: float = 1.0, jit: bool = True):
+    """o_O augmentation of a batch of disc-centred squares, in tf ops, one stateless draw per element.
+
+    Args:
+        images: float32 ``[B, S, S, 3]`` in [0, 255].
+        seeds: int64 ``[B, 2]``; each element's transform and colour shift are a pure function of its seed.
+        config: what to draw and how strongly.
+        pca_vectors, pca_std: the data's RGB principal axes (columns) and their standard deviations.
+        fill: value of pixels that come from outside the square (0, or 128 for Graham-normalised caches).
+        mask_fraction: colour noise is added inside this fraction of the radius only.
+        jit: compile with XLA.
+    """
+    import tensorflow as tf
+
+    key = (jit, config.rotation, config.flip)
+    if key not in _COMPILED:
+        _COMPILED[key] = tf.function(
+            lambda x, s, lz, sh, cs, v, sd, f, mf: _augment(x, s, config.rotation, config.flip, lz, sh, cs, v, sd, f, mf),
+            jit_compile=jit, reduce_retracing=True)
+    return _COMPILED[key](
+        images, seeds, tf.constant(math.log(config.zoom) * config.strength, tf.float32),
+        tf.constant(config.translation * config.strength, tf.float32),
+        tf.constant(config.color_sigma * config.strength, tf.float32), tf.constant(pca_vectors, tf.float32),
+        tf.constant(pca_std, tf.float32), tf.constant(fill, tf.float32), tf.constant(mask_fraction, tf.float32))
+
+
+class CacheInput:
+    """Training or evaluation input for one stage size of a cache.
+
+    Args:
+        cache_dir: folder written by ``retina-scale prepare``.
+        size: stage size (must be in the cache).
+        split: keep only this split (``train``/``val``/``test``) of ``split_file``.
+        split_file: a file written by :func:`retina_scale.data.sources.write_splits`.
+        augment: augmentation for training, ``None`` for none.
+        resample: class rebalancing for training, ``None`` for a plain shuffle.
+        seed: seeds draws and augmentation.
+        in_memory: decode every image once and keep them in RAM (``True``), read and decode each drawn image
+            (``False``), or ``"auto"``: in RAM when the decoded images take at most ``memory_budget`` bytes.
+            Same elements either way; in RAM saves the per-sample decode (most of the input's cost at
+            112 and 224 px).
+        memory_budget: bytes of decoded images ``"auto"`` may hold (default 2 GiB; EyePACS' 35k training
+            images take 1.3 GB at 112 px, 5.3 GB at 224).
+    """
+
+    def __init__(self, cache_dir, size: int, split: str | None = None, split_file=None,
+                 augment: AugmentConfig | None = AugmentConfig(), resample: ResampleConfig | None = ResampleConfig(),
+                 seed: int = 0, in_memory: bool | str = "auto", memory_budget: int = 2 << 30, jit: bool = True):
+        self.cache_dir = cache_dir
+        self.size = int(size)
+        df = read_manifest(cache_dir, self.size)
+        if split is not None:
+            if split_file is None:
+                raise ValueError("split needs split_file (the splits.csv of the run)")
+            from retina_scale.data.sources import read_splits
+
+            splits = read_splits(split_file)
+            df = df[[splits.get(i) == split for i in df["image"]]].reset_index(drop=True)
+        if len(df) == 0:
+            raise ValueError(f"no images of size {size}{' in split ' + split if split else ''} in cache {cache_dir}")
+        self.image_ids = df["image"].astype(str).to_numpy()
+        self.paths = df["path"].to_numpy()
+        raw = df["label"].astype(str).to_numpy()
+        self.labels = np.array([float(x) if x not in ("", "nan") else np.nan for x in raw], np.float32)
+        config = read_config(cache_dir)
+        self.graham = config.get("preprocess", {}).get("normalize") == "graham"
+        self.image_format = config.get("image_format", "png")
+        pca = config.get("color_pca") or {"eigenvalues": [0, 0, 0], "eigenvectors": np.eye(3).tolist()}
+        self.pca_vectors = np.asarray(pca["eigenvectors"], np.float32)
+        self.pca_std = np.sqrt(np.maximum(np.asarray(pca["eigenvalues"], np.float32), 0))
+        self.augment = augment
+        self.resample = resample
+        self.seed = int(seed)
+        if resample is not None and np.isnan(self.labels).any():
+            raise ValueError("class resampling needs labels, but some images of the cache are unlabelled")
+        if in_memory not in (True, False, "auto"):
+            raise ValueError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
+        self.in_memory = bool(in_memory is True or (in_memory == "auto" and len(self) * self.size**2 * 3 <= memory_budget))
+        self._memory = None
+        self.jit = jit
+
+    def _load_all(self) -> np.ndarray:
+        """Every image of the split, decoded once, by the same TensorFlow decoder as the file-reading path."""
+        if self._memory is None:
+            import tensorflow as tf
+
+            out = np.empty((len(self), self.size, self.size, 3), np.uint8)
+            ds = tf.data.Dataset.from_tensor_slices(self.paths).map(
+                lambda p: tf.cast(self._decode(p), tf.uint8), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            i = 0
+            for batch in ds.batch(256):
+                out[i : i + len(batch)] = batch.numpy()
+                i += len(batch)
+            self._memory = out
+        return self._memory
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The indices epoch ``epoch`` draws, in order (pure function of seed and epoch)."""
+        labels = None if self.resample is None else self.labels.astype(np.int64)
+        return draw_epoch(labels if labels is not None else np.zeros(len(self)), epoch, self.seed, self.resample)
+
+    def steps_per_epoch(self, global_batch_size: int) -> int:
+        """Training batches per epoch (the draw is cut to a whole number of global batches)."""
+        steps = len(self) // int(global_batch_size)
+        if steps == 0:
+            raise ValueError(f"global batch size {global_batch_size} exceeds the {len(self)} images of the split")
+        return steps
+
+    # ------------------------------------------------------------------------------------------- tf.data
+
+    def _decode(self, path):
+        import tensorflow as tf
+
+        data = tf.io.read_file(path)
+        img = tf.io.decode_png(data, channels=3) if self.image_format == "png" else tf.io.decode_jpeg(data, channels=3)
+        img = tf.ensure_shape(img, (self.size, self.size, 3))
+        return tf.cast(img, tf.float32)
+
+    def augment_batch(self, images, seeds):
+        """Augment a batch (float32 ``[B, S, S, 3]``) with per-element stateless ``seeds`` (int64 ``[B, 2]``)."""
+        return augment_batch(images, seeds, self.augment, self.pca_vectors, self.pca_std,
+                             fill=128.0 if self.graham else 0.0, mask_fraction=0.9 if self.graham else 1.0,
+                             jit=self.jit)
+
+    def dataset(self, global_batch_size: int, training: bool = True, start_epoch: int = 0, epochs: int = 1,
+                input_context=None, include_ids: bool = False):
+        """A batched ``tf.data.Dataset``.
+
+        Args:
+            global_batch_size: batch size summed over all replicas.
+            training: draw (resample/shuffle), augment and drop the last partial batch; else every image once
+                in manifest order, unaugmented.
+            start_epoch: first epoch drawn (a resumed run passes the epoch it resumes at).
+            epochs: how many epochs the dataset holds, back to back.
+            input_context: a ``tf.distribute.InputContext``: this pipeline keeps every
+                ``num_input_pipelines``-th element and batches at the per-replica size.
+            include_ids: yield ``(images, labels, ids)``.
+        """
+        import tensorflow as tf
+
+        gb = int(global_batch_size)
+        if gb < 1:
+            raise ValueError(f"global batch size must be >= 1, got {global_batch_size}")
+        if training:
+            steps = self.steps_per_epoch(gb)
+            index = np.concatenate([self.epoch_indices(e)[: steps * gb] for e in range(start_epoch, start_epoch + epochs)])
+            epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), steps * gb)
+            position = np.tile(np.arange(steps * gb, dtype=np.int64), epochs)
+        else:
+            index = np.arange(len(self))
+            epoch_of = np.zeros(len(self), np.int64)
+            position = np.arange(len(self), dtype=np.int64)
+        batch = gb
+        if input_context is not None:
+            k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
+            if training and (steps * gb) % k:
+                raise ValueError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
+            keep = (position % k) == i
+            index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
+            batch = input_context.get_per_replica_batch_size(gb)
+        seeds = np.stack([np.full_like(position, self.seed), epoch_of * (1 << 31) + position], axis=1)
+
+        paths = tf.constant(self.paths)
+        labels = tf.constant(self.labels)
+        ids = tf.constant(self.image_ids)
+        augment = training and self.augment is not None
+        ds = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), seeds.astype(np.int64)))
+
+        memory = tf.constant(self._load_all()) if self.in_memory else None
+
+        def load(i, seed):
+            image = tf.cast(tf.gather(memory, i), tf.float32) if memory is not None else self._decode(tf.gather(paths, i))
+            return {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i), "seed": seed}
+
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        def finish(b):
+            images = b["image"]
+            if augment:
+                images = self.augment_batch(images, b["seed"])
+            if include_ids:
+                return images, b["label"], b["id"]
+            return images, b["label"]
+
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        options = tf.data.Options()
+        # Sharding is done above, by element, before any file is read.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        options.deterministic = True
+        ds = ds.with_options(options)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def distribute(self, strategy, global_batch_size: int, **kwargs):
+        """The dataset distributed over ``strategy``'s replicas and workers (one input pipeline per worker)."""
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: self.dataset(global_batch_size, input_context=ctx, **kwargs))
+
+
+def make_dataset(cache_dir, size: int, global_batch_size: int, strategy=None, training: bool = True,
+                 start_epoch: int = 0, epochs: int = 1, include_ids: bool = False, **kwargs):
+    """One-call form: a :class:`CacheInput`'s dataset, distributed over ``strategy`` when given."""
+    inp = CacheInput(cache_dir, size, **kwargs)
+    opts = dict(training=training, start_epoch=start_epoch, epochs=epochs, include_ids=include_ids)
+    if strategy is not None:
+        return inp.distribute(strategy, global_batch_size, **opts)
+    return inp.dataset(global_batch_size, **opts)

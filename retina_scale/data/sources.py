@@ -1,0 +1,392 @@
+"""Readers for the fundus data sets users hold, and patient-level splits.
+
+Four layouts are understood, all producing the same :class:`Record`:
+
+- ``eyepacs``: EyePACS / Kaggle 2015, a folder of ``<patient>_<left|right>.jpeg`` and a ``trainLabels.csv``
+  with columns ``image,level``.
+- ``aptos``: APTOS 2019, a ``train.csv`` with ``id_code,diagnosis`` and ``<id_code>.png`` files (in the data
+  folder or its ``train_images/`` sub-folder).
+- ``folders``: one sub-folder per grade (``0/ 1/ 2/ 3/ 4/``) holding the images.
+- ``csv``: any CSV, with the image column and the label column named by the user.
+
+Readers never raise on a bad row: a label that is not a grade, a duplicate image id, an id that points outside
+the data folder or a missing file becomes a :class:`Failure` (image, reason) that ``retina-scale prepare``
+writes to ``failures.csv``. A labels file that cannot be read at all (wrong encoding, missing columns) is a
+user error for the whole command and raises ``ValueError`` with one line.
+
+Example:
+
+```python
+from retina_scale.data.sources import read_dataset, split_by_patient
+ds = read_dataset("data/eyepacs/train")            # format detected from trainLabels.csv
+splits = split_by_patient(ds.records, val_fraction=0.1, test_fraction=0.1, seed=0)
+write_splits(splits, ds.records, "runs/exp1/splits.csv")
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("eyepacs", "aptos", "folders", "csv")
+GRADES = (0, 1, 2, 3, 4)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
+SPLIT_NAMES = ("train", "val", "test")
+
+_EYE_RE = re.compile(r"^(?P<patient>.+?)[_\-.](?P<eye>left|right|l|r|od|os)$", re.IGNORECASE)
+_EYE_NAMES = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One usable image of a data set.
+
+    Args:
+        image_id: the data set's id of the image (``10_left``; for the generic CSV, the cell as written).
+        path: absolute path of the image file.
+        label: DR grade 0-4, or ``None`` for unlabelled images.
+        patient: patient id; both eyes of a patient share it. Falls back to ``image_id`` when the naming
+            does not tell.
+        eye: ``"left"``, ``"right"`` or ``None`` when unknown.
+    """
+
+    image_id: str
+    path: str
+    label: int | None
+    patient: str
+    eye: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """An image that cannot be used, with a one-line reason."""
+
+    image: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Dataset:
+    """What a reader found: usable records, refused images, and the layout that was read."""
+
+    records: list[Record]
+    failures: list[Failure]
+    format: str
+    root: str
+
+
+def parse_patient_eye(stem: str) -> tuple[str, str | None]:
+    """Split an image name such as ``10_left`` into (``"10"``, ``"left"``); unknown eye gives (stem, None)."""
+    m = _EYE_RE.match(stem)
+    if not m:
+        return stem, None
+    return m.group("patient"), _EYE_NAMES[m.group("eye").lower()]
+
+
+def parse_label(value) -> tuple[int | None, str | None]:
+    """Return (grade, None) for a valid grade 0-4, else (None, reason)."""
+    text = str(value).strip()
+    if text == "" or text.lower() == "nan":
+        return None, "label is empty (accepted: integers 0-4)"
+    try:
+        number = float(text)
+    except ValueError:
+        return None, f"label {text!r} is not a number (accepted: integers 0-4)"
+    if not math.isfinite(number) or number != int(number):
+        return None, f"label {text!r} is not an integer grade (accepted: integers 0-4)"
+    grade = int(number)
+    if grade not in GRADES:
+        return None, f"label {grade} is outside 0-4"
+    return grade, None
+
+
+def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Read a labels CSV as UTF-8 text, checking that ``required`` columns exist.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not UTF-8 text, or lacks one of the columns (message names both sets).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"labels file {path} is not UTF-8 text (byte {exc.start} is invalid); save it as UTF-8 CSV"
+        ) from None
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ValueError(
+            f"labels file {path} lacks column(s) {', '.join(missing)}; it has: "
+            f"{', '.join(columns) or '(none)'}; expected: {', '.join(required)}"
+        )
+    rows = []
+    for row in reader:
+        rows.append({(k or "").strip(): (v if v is not None else "") for k, v in row.items()})
+    return rows
+
+
+def _resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:
+    """Resolve ``name`` under ``root``; refuse absolute paths and anything escaping the folder."""
+    if name.strip() == "":
+        return None, "image id is empty"
+    if os.path.isabs(name) or re.match(r"^[A-Za-z]:[\\/]", name) or name.startswith("\\"):
+        return None, "image id is an absolute path (refused: ids must be relative to the data folder)"
+    parts = re.split(r"[\\/]", name)
+    if ".." in parts:
+        return None, "image id points outside the data folder (refused: '..' in the path)"
+    candidate = (root / name).resolve()
+    try:
+        candidate.relative_to(root.resolve())
+    except ValueError:
+        return None, "image id points outside the data folder (refused: link leads out)"
+    return candidate, None
+
+
+def _find_file(root: Path, name: str, extensions: tuple[str, ...]) -> tuple[Path | None, str | None]:
+    path, reason = _resolve_inside(root, name)
+    if reason:
+        return None, reason
+    if Path(name).suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        return path, None
+    for ext in extensions:
+        p = path.with_name(path.name + ext)
+        if p.is_file():
+            return p, None
+    if path.is_file():
+        return path, None
+    tried = ", ".join(path.name + e for e in extensions) if extensions else path.name
+    return None, f"file not found (looked for {tried} in {path.parent})"
+
+
+def _records_from_rows(rows, root: Path, image_col: str, label_col: str, extensions, search_dirs=()):
+    records: list[Record] = []
+    failures: list[Failure] = []
+    first_row: dict[str, int] = {}
+    first_label: dict[str, int | None] = {}
+    conflicted: set[str] = set()
+    for i, row in enumerate(rows, start=2):  # row 1 is the header
+        image = (row.get(image_col) or "").strip()
+        grade, reason = parse_label(row.get(label_col, ""))
+        if reason:
+            failures.append(Failure(image or f"<row {i}>", f"{reason} (row {i})"))
+            continue
+        if image in first_row:
+            if first_label[image] != grade:
+                conflicted.add(image)
+                failures.append(Failure(image, f"duplicate image id with a different label (rows {first_row[image]} and {i}); all copies refused"))
+            else:
+                failures.append(Failure(image, f"duplicate image id (row {i} repeats row {first_row[image]}); first kept"))
+            continue
+        first_row[image] = i
+        first_label[image] = grade
+        path, reason = _find_file(root, image, extensions)
+        if path is None and "refused" not in reason:
+            for extra in search_dirs:
+                found, _ = _find_file(root / extra, image, extensions)
+                if found is not None:
+                    path = found
+                    break
+        if path is None:
+            failures.append(Failure(image, reason))
+            continue
+        stem = Path(image).name
+        for ext in IMAGE_EXTENSIONS:
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+        patient, eye = parse_patient_eye(stem)
+        records.append(Record(image, str(path), grade, patient, eye))
+    if conflicted:
+        records = [r for r in records if r.image_id not in conflicted]
+    return records, failures
+
+
+def read_eyepacs(data_dir, labels=None) -> Dataset:
+    """EyePACS / Kaggle 2015: ``<id>_<left|right>.jpeg`` files and ``trainLabels.csv`` (``image,level``)."""
+    root = Path(data_dir)
+    labels = Path(labels) if labels else _first_existing(root / "trainLabels.csv", root.parent / "trainLabels.csv")
+    rows = read_csv_rows(labels, ("image", "level"))
+    records, failures = _records_from_rows(rows, root, "image", "level", (".jpeg", ".jpg", ".png"))
+    return Dataset(records, failures, "eyepacs", str(root))
+
+
+def read_aptos(data_dir, labels=None) -> Dataset:
+    """APTOS 2019: ``train.csv`` (``id_code,diagnosis``) and ``<id_code>.png`` in the folder or ``train_images/``."""
+    root = Path(data_dir)
+    labels = Path(labels) if labels else _first_existing(root / "train.csv", root.parent / "train.csv")
+    rows = read_csv_rows(labels, ("id_code", "diagnosis"))
+    records, failures = _records_from_rows(
+        rows, root, "id_code", "diagnosis", (".png", ".jpg", ".jpeg"), search_dirs=("train_images",)
+    )
+    # APTOS names carry no patient: every image is its own patient.
+    return Dataset(records, failures, "aptos", str(root))
+
+
+def read_folders(data_dir) -> Dataset:
+    """One sub-folder per grade: ``DIR/0/*.jpeg ... DIR/4/*.jpeg``. Other sub-folders are refused per image."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    records, failures, seen = [], [], {}
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not subdirs:
+        raise ValueError(f"data folder {root} has no sub-folders; expected one per grade: 0, 1, 2, 3, 4")
+    for sub in subdirs:
+        grade, reason = parse_label(sub.name)
+        for f in sorted(sub.iterdir()):
+            if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            image = f"{sub.name}/{f.name}"
+            if reason:
+                failures.append(Failure(image, f"folder {reason}"))
+                continue
+            stem = f.stem
+            if stem in seen:
+                failures.append(Failure(image, f"duplicate image id {stem!r} (also {seen[stem]}); first kept"))
+                continue
+            seen[stem] = image
+            patient, eye = parse_patient_eye(stem)
+            records.append(Record(stem, str(f.resolve()), grade, patient, eye))
+    return Dataset(records, failures, "folders", str(root))
+
+
+def read_generic_csv(data_dir, labels, image_col: str, label_col: str) -> Dataset:
+    """A CSV naming the image column and the label column; image cells are paths relative to the folder."""
+    if not labels:
+        raise ValueError("--format csv needs --labels CSV")
+    if not image_col or not label_col:
+        raise ValueError("--format csv needs --image-col and --label-col")
+    root = Path(data_dir)
+    rows = read_csv_rows(labels, (image_col, label_col))
+    records, failures = _records_from_rows(rows, root, image_col, label_col, IMAGE_EXTENSIONS)
+    return Dataset(records, failures, "csv", str(root))
+
+
+def _first_existing(*paths: Path) -> Path:
+    for p in paths:
+        if p.is_file():
+            return p
+    return paths[0]
+
+
+def detect_format(data_dir, labels=None, image_col=None) -> str:
+    """Guess the layout: ``eyepacs`` / ``aptos`` from their labels files, ``csv`` when a column is named,
+    ``folders`` when the sub-folders are grades."""
+    root = Path(data_dir)
+    if image_col:
+        return "csv"
+    name = Path(labels).name if labels else None
+    if name == "trainLabels.csv" or (not labels and (root / "trainLabels.csv").is_file()):
+        return "eyepacs"
+    if name == "train.csv" or (not labels and (root / "train.csv").is_file()):
+        return "aptos"
+    if labels:
+        head = Path(labels).read_bytes()[:4096].decode("utf-8", "replace").splitlines()[:1]
+        cols = [c.strip() for c in head[0].split(",")] if head else []
+        if "image" in cols and "level" in cols:
+            return "eyepacs"
+        if "id_code" in cols and "diagnosis" in cols:
+            return "aptos"
+    if root.is_dir() and any(p.is_dir() and p.name in {"0", "1", "2", "3", "4"} for p in root.iterdir()):
+        return "folders"
+    raise ValueError(
+        f"cannot tell the layout of {root}; pass --format with one of: {', '.join(FORMATS)}"
+    )
+
+
+def read_dataset(data_dir, labels=None, format: str | None = None, image_col=None, label_col=None) -> Dataset:
+    """Read any supported layout (see the module docstring); ``format=None`` detects it."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    fmt = format or detect_format(root, labels, image_col)
+    if fmt == "eyepacs":
+        return read_eyepacs(root, labels)
+    if fmt == "aptos":
+        return read_aptos(root, labels)
+    if fmt == "folders":
+        return read_folders(root)
+    if fmt == "csv":
+        return read_generic_csv(root, labels, image_col, label_col)
+    raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
+
+
+# --------------------------------------------------------------------------------------------- splits
+
+
+def split_by_patient(
+    records: list[Record], val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0
+) -> dict[str, str]:
+    """Assign every image to ``train``/``val``/``test`` by patient, stratified by the patient's worst grade.
+
+    Both eyes of a patient always land in the same split. Within each stratum the patients are shuffled with
+    ``seed`` and cut by the fractions (rounded to whole patients), so each split holds about the data set's
+    grade distribution.
+
+    Returns:
+        ``{image_id: split}``.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+    by_patient: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_patient[r.patient].append(r)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient, recs in by_patient.items():
+        grades = [r.label for r in recs if r.label is not None]
+        strata[max(grades) if grades else -1].append(patient)
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for grade in sorted(strata):
+        patients = sorted(strata[grade])
+        rng.shuffle(patients)
+        n = len(patients)
+        n_test = int(round(n * test_fraction))
+        n_val = int(round(n * val_fraction))
+        for j, p in enumerate(patients):
+            split = "test" if j < n_test else "val" if j < n_test + n_val else "train"
+            for r in by_patient[p]:
+                assignment[r.image_id] = split
+    return assignment
+
+
+def write_splits(splits: dict[str, str], records: list[Record], path) -> Path:
+    """Write ``image,patient,eye,label,split`` to ``path`` atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "patient", "eye", "label", "split"])
+        for r in records:
+            if r.image_id in splits:
+                w.writerow([r.image_id, r.patient, r.eye or "", "" if r.label is None else r.label, splits[r.image_id]])
+    os.replace(tmp, path)
+    return path
+
+
+def read_splits(path) -> dict[str, str]:
+    """Read a split file written by :func:`write_splits`: ``{image_id: split}``."""
+    rows = read_csv_rows(path, ("image", "split"))
+    out = {}
+    for row in rows:
+        split = row["split"].strip()
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split file {path}: split {split!r} for {row['image']!r}; accepted: {', '.join(SPLIT_NAMES)}")
+        out[row["image"].strip()] = split
+    return out

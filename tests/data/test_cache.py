@@ -1,0 +1,184 @@
+"""``retina-scale prepare``: outputs, resume and repair, every bad input, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from fundus_fixtures import draw_fundus, write_csv, write_jpeg
+from retina_scale import cli
+from retina_scale.data.cache import parse_sizes, read_manifest
+
+
+@pytest.fixture
+def prepare(monkeypatch, capsys):
+    """Run ``retina-scale prepare ARGS`` in-process; returns (exit status, stdout, stderr)."""
+    monkeypatch.setattr(cli, "COMMANDS", {"prepare": cli.COMMANDS["prepare"]})
+
+    def _run(*args):
+        code = cli.main(["prepare", "--no-progress", *map(str, args)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+def _failures(cache):
+    with open(cache / "failures.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return {r["image"]: r["reason"] for r in rows}
+
+
+def test_prepare_writes_every_size_and_a_manifest(eyepacs_dir, tmp_path, prepare):
+    cache = tmp_path / "cache"
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "64,32", "--out", cache, "--workers", 2)
+    assert code == 0
+    assert out.strip().splitlines()[-1].startswith("prepared 20, skipped 0 (already cached), failed 0")
+    m = read_manifest(cache, 64)
+    assert len(m) == 20
+    assert set(m["patient"]) == {str(100 + p) for p in range(10)}
+    row = m[m["image"] == "104_right"].iloc[0]
+    assert int(row["label"]) == 0 and row["eye"] == "right"
+    for size in (32, 64):
+        img = cv2.imread(str(cache / str(size) / "104_right.jpg"), cv2.IMREAD_UNCHANGED)
+        assert img.shape == (size, size, 3) and img.dtype == np.uint8
+    # The fixtures' disc centre is at x = 150 + patient, y = 118 (pixel centres), radius 108.
+    assert abs(float(row["disc_cx"]) - 154.5) <= 2 and abs(float(row["disc_cy"]) - 118.5) <= 2
+    assert abs(float(row["disc_r"]) - 108) <= 2
+    assert _failures(cache) == {}
+    assert not (cache / ".journal.jsonl").exists()
+    assert not [p for p in cache.rglob(".*tmp*")], "temporary files left behind"
+
+
+def test_prepare_resumes_and_repairs(eyepacs_dir, tmp_path, prepare):
+    cache = tmp_path / "cache"
+    assert prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)[0] == 0
+    good = (cache / "48" / "101_left.jpg").read_bytes()
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)
+    assert code == 0 and "prepared 0, skipped 20" in out
+    (cache / "48" / "101_left.jpg").unlink()  # deleted
+    p = cache / "32" / "102_left.jpg"
+    p.write_bytes(p.read_bytes()[:100])  # truncated
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--workers", 1)
+    assert code == 0 and "prepared 2, skipped 18" in out
+    assert (cache / "48" / "101_left.jpg").read_bytes() == good
+    assert cv2.imread(str(p)).shape == (32, 32, 3)
+    # Same-size damage is only seen by --verify, which checks the CRC-32.
+    q = cache / "48" / "105_right.jpg"
+    size = q.stat().st_size
+    q.write_bytes(b"\0" * size)
+    assert "prepared 0, skipped 20" in prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache)[1]
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48", "--out", cache, "--verify", "--workers", 1)
+    assert "prepared 1, skipped 19" in out
+    assert cv2.imread(str(q)).shape == (48, 48, 3)
+    # A changed source photo is redone; a new size is added to the cached images.
+    write_jpeg(eyepacs_dir / "100_left.jpeg", draw_fundus(seed=99, cx=140))
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32,48,40", "--out", cache, "--workers", 1)
+    assert "prepared 20, skipped 0" in out
+    assert len(read_manifest(cache, 40)) == 20 and len(read_manifest(cache, 48)) == 20
+
+
+def test_an_interrupted_run_is_resumed_from_its_journal(eyepacs_dir, tmp_path, prepare):
+    cache = tmp_path / "cache"
+    prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--workers", 1)
+    # Simulate a run killed before writing the manifest: only the journal of finished images remains.
+    import json
+
+    from retina_scale.data.cache import _read_state
+
+    state = _read_state(cache)
+    (cache / "manifest.csv").unlink()
+    lines = [json.dumps({"image": k, **v}) for k, v in list(state.items())[:5]]
+    (cache / ".journal.jsonl").write_text("\n".join(lines) + '\n{"image": "torn', encoding="utf-8")
+    code, out, _ = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--workers", 1)
+    assert code == 0 and "prepared 15, skipped 5" in out
+
+
+def _cmyk_jpeg(path):
+    Image.fromarray(draw_fundus()[:, :, ::-1]).convert("CMYK").save(path, "JPEG")
+
+
+def test_every_bad_input_is_listed_with_its_own_reason(tmp_path, prepare):
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "outside.jpeg").write_bytes(b"x")
+    good = draw_fundus(seed=1)
+    write_jpeg(root / "1_left.jpeg", good)
+    write_jpeg(root / "1_right.jpeg", draw_fundus(seed=2))
+    (root / "2_left.jpeg").write_bytes(b"")
+    full = cv2.imencode(".jpg", good)[1].tobytes()
+    (root / "2_right.jpeg").write_bytes(full[: len(full) // 2])
+    (root / "3_left.jpeg").write_bytes(cv2.imencode(".png", good)[1].tobytes())
+    write_jpeg(root / "3_right.jpeg", cv2.cvtColor(good, cv2.COLOR_BGR2GRAY))
+    _cmyk_jpeg(root / "4_left.jpeg")
+    (root / "4_right.png").write_bytes(cv2.imencode(".png", good.astype(np.uint16) * 257)[1].tobytes())
+    write_jpeg(root / "5_left.jpeg", draw_fundus(width=50, height=40))
+    write_jpeg(root / "5_right.jpeg", np.zeros((240, 320, 3), np.uint8))
+    write_jpeg(root / "6_left.jpeg", good)
+    write_jpeg(root / "6_right.jpeg", good)
+    rows = [["1_left", 0], ["1_right", 2], ["9_left", 1], ["2_left", 1], ["2_right", 1], ["3_left", 1],
+            ["3_right", 1], ["4_left", 1], ["4_right", 1], ["5_left", 1], ["5_right", 1],
+            ["6_left", 9], ["6_right", "severe"], ["1_left", 0], ["../outside", 1], [str(tmp_path / "outside"), 1]]
+    write_csv(root / "trainLabels.csv", ["image", "level"], rows)
+    cache = tmp_path / "cache"
+    code, out, _ = prepare("--data", root, "--sizes", "32", "--out", cache, "--workers", 2)
+    assert code == 0
+    assert "prepared 2, skipped 0 (already cached), failed 14" in out.splitlines()[-1]
+    f = _failures(cache)
+    expected = {
+        "9_left": "file not found", "2_left": "empty file", "2_right": "truncated JPEG",
+        "3_left": "PNG content in a .jpeg file", "3_right": "grayscale image", "4_left": "CMYK JPEG",
+        "4_right": "16-bit image", "5_left": "too small to hold a fundus", "5_right": "no fundus found",
+        "6_left": "outside 0-4", "6_right": "not a number", "1_left": "duplicate image id",
+        "../outside": "outside the data folder", str(tmp_path / "outside"): "absolute path",
+    }
+    assert set(f) == set(expected)
+    for image, reason in expected.items():
+        assert reason in f[image], (image, f[image])
+    assert len(set(f.values())) == len(f)
+    assert sorted(read_manifest(cache, 32)["image"]) == ["1_left", "1_right"]
+    assert prepare("--data", root, "--sizes", "32", "--out", cache, "--strict")[0] == 1
+
+
+def test_nothing_usable_exits_1_and_whole_command_errors_exit_2(tmp_path, prepare):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "1_left.jpeg").write_bytes(b"")
+    write_csv(root / "trainLabels.csv", ["image", "level"], [["1_left", 0]])
+    code, out, _ = prepare("--data", root, "--sizes", "32", "--out", tmp_path / "c1")
+    assert code == 1 and "prepared 0, skipped 0 (already cached), failed 1" in out
+    write_csv(root / "trainLabels.csv", ["image", "level"], [["1_léft", 0]], encoding="cp1252")
+    code, _, err = prepare("--data", root, "--sizes", "32", "--out", tmp_path / "c2")
+    assert code == 2 and "not UTF-8" in err and len(err.strip().splitlines()) == 1
+    write_csv(root / "trainLabels.csv", ["id", "grade"], [["1_left", 0]])
+    code, _, err = prepare("--data", root, "--sizes", "32", "--out", tmp_path / "c3")
+    assert code == 2 and "lacks column(s) image, level" in err
+    code, _, err = prepare("--data", root, "--sizes", "32,abc", "--out", tmp_path / "c4")
+    assert code == 2 and "--sizes must be comma-separated integers" in err
+    code, _, err = prepare("--data", tmp_path / "nope", "--out", tmp_path / "c5")
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
+def test_a_cache_keeps_its_preprocessing(eyepacs_dir, tmp_path, prepare):
+    cache = tmp_path / "cache"
+    assert prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham", "--workers", 1,
+                   "--image-format", "png")[0] == 0
+    img = cv2.imread(str(cache / "32" / "100_left.png"))
+    assert (img[0, 0] == 128).all()  # Graham: grey outside 90 % of the radius
+    code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--image-format", "png")
+    assert code == 2 and "was prepared with preprocessing" in err
+    code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham")
+    assert code == 2 and "holds png files, not jpeg" in err
+
+
+def test_parse_sizes():
+    assert parse_sizes("448, 112,224,112") == (112, 224, 448)
+    with pytest.raises(ValueError, match="between 16 and 4096"):
+        parse_sizes("8")

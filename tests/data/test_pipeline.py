@@ -1,0 +1,196 @@
+"""The tf.data input: resampling schedule, determinism across resumes, sharding, augmentation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from fundus_fixtures import draw_fundus, write_csv, write_jpeg
+from retina_scale.data.cache import prepare_cache, read_config
+from retina_scale.data.fundus import PreprocessConfig
+from retina_scale.data.pipeline import (
+    O_O_R, O_O_W0, O_O_WF, AugmentConfig, CacheInput, ResampleConfig, class_weights, draw_epoch,
+)
+from retina_scale.data.sources import read_dataset
+
+SIZE = 32
+N_PATIENTS = 12
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eyepacs")
+    rows = []
+    for p in range(N_PATIENTS):
+        for eye in ("left", "right"):
+            name = f"{p}_{eye}"
+            write_jpeg(root / f"{name}.jpeg", draw_fundus(width=160, height=120, seed=2 * p + (eye == "right")))
+            rows.append([name, [0, 0, 0, 1, 2, 3, 4][(p + (eye == "left")) % 7]])
+    write_csv(root / "trainLabels.csv", ["image", "level"], rows)
+    out = tmp_path_factory.mktemp("cache")
+    # Lossless, so that the tests can compare what the pipeline yields with the files, pixel for pixel.
+    prepare_cache(read_dataset(root), out, sizes=(SIZE,), workers=1, progress=False, image_format="png")
+    return out
+
+
+def _batches(ds):
+    return [tuple(t.numpy() for t in b) for b in ds]
+
+
+def test_class_weights_follow_o_o_schedule():
+    assert np.allclose(class_weights(0), O_O_W0)
+    t = 10
+    assert np.allclose(class_weights(t), [O_O_R**t * a + (1 - O_O_R**t) * b for a, b in zip(O_O_W0, O_O_WF)])
+    assert np.allclose(class_weights(2000), O_O_WF)
+    bal = class_weights(0, ResampleConfig(w0="balanced"), labels=[0, 0, 0, 1])
+    assert np.allclose(bal[:2], [4 / 3, 4.0]) and bal[2:].sum() == 0
+    with pytest.raises(ValueError, match="5 non-negative weights"):
+        ResampleConfig(wf=(1, 2))
+
+
+def test_resampling_draw_is_deterministic_and_rebalances():
+    # EyePACS-like class shares.
+    labels = np.repeat(np.arange(5), [7348, 696, 1507, 248, 201])
+    a = draw_epoch(labels, 7, seed=1, resample=ResampleConfig())
+    assert np.array_equal(a, draw_epoch(labels, 7, seed=1, resample=ResampleConfig()))
+    assert not np.array_equal(a, draw_epoch(labels, 8, seed=1, resample=ResampleConfig()))
+    assert not np.array_equal(a, draw_epoch(labels, 7, seed=2, resample=ResampleConfig()))
+    counts = np.bincount(labels, minlength=5)
+    for epoch in (0, 150):
+        drawn = np.bincount(labels[draw_epoch(labels, epoch, 0, ResampleConfig())], minlength=5) / len(labels)
+        w = class_weights(epoch) * counts
+        assert np.allclose(drawn, w / w.sum(), atol=0.015), (epoch, drawn, w / w.sum())
+    # Epoch 0 is close to balanced, far from the data's 73 % of grade 0.
+    first = np.bincount(labels[draw_epoch(labels, 0, 0, ResampleConfig())], minlength=5) / len(labels)
+    assert first.max() < 0.25
+    plain = draw_epoch(labels, 3, 0, None)
+    assert sorted(plain) == list(range(len(labels)))
+
+
+def test_a_resumed_run_draws_exactly_what_an_uninterrupted_one_would(cache):
+    inp = CacheInput(cache, SIZE, seed=5)
+    steps = inp.steps_per_epoch(4)
+    whole = _batches(inp.dataset(4, start_epoch=0, epochs=3, include_ids=True))
+    resumed = _batches(CacheInput(cache, SIZE, seed=5).dataset(4, start_epoch=2, epochs=1, include_ids=True))
+    assert len(whole) == 3 * steps and len(resumed) == steps
+    for (x1, y1, i1), (x2, y2, i2) in zip(whole[2 * steps :], resumed):
+        assert np.array_equal(i1, i2) and np.array_equal(y1, y2)
+        assert np.array_equal(x1, x2)  # augmentation too
+    ids = np.concatenate([b[2] for b in resumed]).astype(str)
+    assert list(ids) == list(inp.image_ids[inp.epoch_indices(2)[: steps * 4]])
+    x, y, _ = whole[0]
+    assert x.dtype == np.float32 and x.shape == (4, SIZE, SIZE, 3) and y.dtype == np.float32
+    assert x.min() >= 0 and x.max() <= 255 and x.max() > 100
+
+
+@pytest.mark.parametrize("resample", [None, ResampleConfig()])
+def test_two_workers_cover_the_epoch_without_overlap(cache, resample):
+    import tensorflow as tf
+
+    inp = CacheInput(cache, SIZE, resample=resample, augment=None, seed=3)
+    per_worker = []
+    for i in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=i, num_replicas_in_sync=2)
+        batches = _batches(inp.dataset(8, input_context=ctx, start_epoch=4, include_ids=True))
+        assert all(len(b[2]) == 4 for b in batches)  # per-replica batch
+        per_worker.append([s.decode() for b in batches for s in b[2]])
+    draw = list(inp.image_ids[inp.epoch_indices(4)[: inp.steps_per_epoch(8) * 8]])
+    assert Counter(per_worker[0]) + Counter(per_worker[1]) == Counter(draw)
+    # Worker i holds exactly the draw's positions i, i+2, ...: no position is read twice.
+    assert per_worker[0] == draw[0::2] and per_worker[1] == draw[1::2]
+    if resample is None:
+        assert not set(per_worker[0]) & set(per_worker[1])
+        assert len(per_worker[0]) + len(per_worker[1]) == len(draw) == 24
+
+
+def test_evaluation_yields_every_image_once_unaugmented(cache):
+    inp = CacheInput(cache, SIZE)
+    xs, ys, ids = zip(*_batches(inp.dataset(5, training=False, include_ids=True)))
+    ids = [s.decode() for b in ids for s in b]
+    assert ids == list(inp.image_ids) and len(ids) == 24
+    x = np.concatenate(xs)
+    first = cv2.imread(str(Path(cache) / str(SIZE) / f"{ids[0]}.png"))[:, :, ::-1]
+    assert np.array_equal(x[0], first.astype(np.float32))
+    assert np.array_equal(np.concatenate(ys), inp.labels)
+
+
+def test_augmentation_identity_and_effect(cache):
+    inp0 = CacheInput(cache, SIZE, augment=AugmentConfig(strength=0, rotation=False, flip=False), resample=None)
+    x, _, ids = next(iter(inp0.dataset(4, include_ids=True)))
+    ref = np.stack([cv2.imread(str(Path(cache) / str(SIZE) / f"{i.decode()}.png"))[:, :, ::-1] for i in ids.numpy()])
+    assert np.abs(x.numpy() - ref).max() < 1e-3, "an identity transform must not move pixels"
+    inp = CacheInput(cache, SIZE, augment=AugmentConfig(), resample=None)
+    xa, _, ida = next(iter(inp.dataset(4, include_ids=True)))
+    assert list(ida.numpy()) == list(ids.numpy())
+    diff = np.abs(xa.numpy() - ref).mean(axis=(1, 2, 3))
+    assert (diff > 1).all(), diff
+    assert xa.numpy()[:, 0, 0].max() == 0  # corners stay black (fill 0, outside the disc)
+
+
+def test_distributed_over_two_replicas_in_a_mirrored_strategy(cache):
+    code = textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from retina_scale.data.pipeline import CacheInput
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        inp = CacheInput({str(cache)!r}, {SIZE}, seed=1)
+        dist = inp.distribute(strategy, 8, include_ids=True)
+        ids = []
+        for x, y, i in dist:
+            parts = strategy.experimental_local_results(i)
+            assert len(parts) == 2 and all(p.shape[0] == 4 for p in parts), [p.shape for p in parts]
+            ids += [s.decode() for p in parts for s in p.numpy()]
+        want = list(inp.image_ids[inp.epoch_indices(0)[: inp.steps_per_epoch(8) * 8]])
+        assert sorted(ids) == sorted(want), (ids, want)
+        print("OK", len(ids))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "OK 24" in res.stdout
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_in_memory_and_file_reading_give_the_same_batches(cache, tmp_path, fmt):
+    if fmt == "jpeg":
+        data = read_dataset(Path(read_config(cache)["data"]["root"]))
+        cache = tmp_path / "jpeg-cache"
+        prepare_cache(data, cache, sizes=(SIZE,), workers=1, progress=False, image_format="jpeg")
+        assert len(list((cache / str(SIZE)).glob("*.jpg"))) == 24
+    a = _batches(CacheInput(cache, SIZE, seed=2, in_memory=True).dataset(8, include_ids=True))
+    b = _batches(CacheInput(cache, SIZE, seed=2, in_memory=False).dataset(8, include_ids=True))
+    assert len(a) == len(b) == 3
+    for (x1, y1, i1), (x2, y2, i2) in zip(a, b):
+        assert np.array_equal(i1, i2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
+
+
+def test_rotation_and_flips_preserve_the_disc():
+    import tensorflow as tf
+
+    from retina_scale.data.pipeline import augment_batch, element_uniforms
+
+    u = element_uniforms(tf.constant([[1, 2], [1, 3], [1, 2]], tf.int64), 1000).numpy()
+    assert np.array_equal(u[0], u[2]) and not np.array_equal(u[0], u[1])
+    assert abs(u.mean() - 0.5) < 0.02 and u.min() >= 0 and u.max() < 1
+    img = cv2.resize(draw_fundus(width=200, height=200, r=100, seed=4), (64, 64), interpolation=cv2.INTER_AREA)
+    x = tf.constant(np.repeat(img[None, :, :, ::-1].astype(np.float32), 6, axis=0))
+    seeds = tf.constant([[0, i] for i in range(6)], tf.int64)
+    geo = AugmentConfig(zoom=1.0, translation=0.0, color_sigma=0.0)
+    for jit in (True, False):
+        y = augment_batch(x, seeds, geo, np.eye(3), np.zeros(3), jit=jit).numpy()
+        # A rotation or flip about the centre keeps the disc where it is: same total brightness, black corners.
+        assert np.allclose(y.sum(axis=(1, 2, 3)), x.numpy().sum(axis=(1, 2, 3)), rtol=0.03)
+        assert (y[:, :3, :3] == 0).all()
+        assert np.abs(y - x.numpy()).mean() > 1  # but the content moved
+    y1 = augment_batch(x, seeds, AugmentConfig(), np.eye(3), np.full(3, 30.0), jit=True).numpy()
+    y2 = augment_batch(x, seeds, AugmentConfig(), np.eye(3), np.full(3, 30.0), jit=False).numpy()
+    assert np.abs(y1 - y2).max() < 0.1  # XLA and plain TF agree
