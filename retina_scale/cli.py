@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("retina_scale.commands.evaluate", "kappa, Table IV rows and referable-DR figures of a model, with intervals"),
     "synth": ("retina_scale.commands.synth", "write the synthetic DR data set (EyePACS layout) or its gallery"),
     "prepare": ("retina_scale.commands.prepare", "preprocess a fundus data set once per scale into a training cache"),
+    "tune": ("retina_scale.commands.tune", "search one stage's learning rate with Keras Tuner (resumable, distributable)"),
 }
 
 
