@@ -448,9 +448,8 @@ class LearningRateSearch:
             strategy=context.strategy, directory=context.stage_dir, project_name="tuning",
             log=self.log)
         self.last_tuner = tuner
-        remaining = tuner.remaining_trials
-        if not worker and tune.tuner != "hyperband" and remaining is not None and remaining <= 0 \
-                and not tuner.oracle.ongoing_trials:
+        if not worker and tune.tuner != "hyperband" and not tuner.oracle.ongoing_trials \
+                and not tuner.oracle._retry_queue and (tuner.remaining_trials or 0) <= 0:
             self.log(f"  the search finished earlier ({len(tuner.oracle.trials)} trials); not repeated")
         try:
             tuner.search(verbose=0)

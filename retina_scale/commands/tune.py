@@ -52,15 +52,17 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    from retina_scale.tuning import build_search_space, search_stage, stage_context
+    from retina_scale.tuning import LearningRateSearch, build_search_space, stage_context
 
     build_search_space(config.tune)  # a bad space is refused before any work
     log = (lambda text: None) if args.quiet else print
     context = stage_context(config, args.stage, verbose=0 if args.quiet else 1, log=log)
-    result = search_stage(context, verbose=0 if args.quiet else 1, log=log)
+    search = LearningRateSearch(verbose=0 if args.quiet else 1, log=log)
+    result = search(context)
     if result is None:  # a worker of a distributed search: the chief writes the results
         if args.json:
-            print(json.dumps({"tuner_id": os.environ.get("KERASTUNER_TUNER_ID"), "role": "worker"}))
+            print(json.dumps({"tuner_id": os.environ.get("KERASTUNER_TUNER_ID"), "role": "worker",
+                              "trials": search.last_tuner.trials_run_here}))
         return 0
     if args.json:
         print(json.dumps(result.to_dict()))
