@@ -36,6 +36,7 @@ def add_arguments(parser):
 def run(args) -> int:
     import json
     import os
+    import sys
     from pathlib import Path
 
     from retina_scale.commands.train import build_config
@@ -57,6 +58,11 @@ def run(args) -> int:
     build_search_space(config.tune)  # a bad space is refused before any work
     log = (lambda text: None) if args.quiet else print
     context = stage_context(config, args.stage, verbose=0 if args.quiet else 1, log=log)
+    state_file = context.stage_dir / "state.json"
+    if state_file.exists():
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        print(f"note: stage {context.stage.name} has started training (lr {state.get('lr'):.3g}, "
+              f"{state.get('lr_source')}); a resumed run keeps that rate, whatever this search finds", file=sys.stderr)
     search = LearningRateSearch(verbose=0 if args.quiet else 1, log=log)
     result = search(context)
     if result is None:  # a worker of a distributed search: the chief writes the results
