@@ -89,13 +89,16 @@ def build_search_space(tune):
     return hp
 
 
-def make_oracle(tune, hyperparameters):
-    """Keras Tuner's ``random``, ``bayesian`` or ``hyperband`` oracle on the space, maximising val kappa."""
+def make_oracle(tune, hyperparameters, stage_index: int = 1):
+    """Keras Tuner's ``random``, ``bayesian`` or ``hyperband`` oracle on the space, maximising val kappa.
+
+    The oracle's seed is ``tune.seed`` for the first stage, ``tune.seed + 1`` for the second, ...:
+    each stage draws its own learning rates, and every worker of a run draws the same ones."""
     import keras_tuner
 
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
     common = dict(objective=objective, hyperparameters=hyperparameters, allow_new_entries=False,
-                  tune_new_entries=False, seed=tune.seed)
+                  tune_new_entries=False, seed=tune.seed + stage_index - 1)
     if tune.tuner == "random":
         return keras_tuner.oracles.RandomSearchOracle(max_trials=tune.max_trials, **common)
     if tune.tuner == "bayesian":
@@ -474,7 +477,7 @@ class LearningRateSearch:
         t0 = time.time()
         policy = keras.config.dtype_policy().name
         hypermodel = StageHyperModel(config, context.stage, context.strategy, policy)
-        oracle = make_oracle(tune, hp)
+        oracle = make_oracle(tune, hp, context.index)
         self.log(f"Stage {context.index} {context.stage.name}: {tune.tuner} learning-rate search in {project} "
                  f"(lr {tune.lr_min:g}..{tune.lr_max:g} log-uniform"
                  + "".join(f", {k}" for k in sorted(tune.extra))

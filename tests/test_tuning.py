@@ -86,6 +86,8 @@ def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
             assert r["seconds"] > 0 and (r["val_loss"] is None) == r["diverged"]
             assert r["val_kappa"] == -1.0 if r["diverged"] else -1.0 <= r["val_kappa"] <= 1.0
     assert (run_dir / "report.md").read_text().count("## Learning-rate search") == 2
+    tiny, small = ({r["lr"] for r in s["search"]["trials"]} for s in report["stages"])
+    assert not tiny & small  # each stage draws its own learning rates
 
 
 def test_every_trial_starts_from_the_stage_initial_weights(searched_run):

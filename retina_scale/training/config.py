@@ -157,8 +157,9 @@ class TuneConfig:
             ``{weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, batch_size: {values: [16, 32]}}``.
             They are searched and reported; the stage trains with the best learning rate and the
             config's own weight decay, batch size and momentum.
-        seed: the oracle's seed (>= 1; Keras Tuner reads 0 as "random"), so every worker of a
-            multi-worker run draws the same trials.
+        seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
+            uses ``seed + i - 1``, so stages draw different rates and every worker of a multi-worker
+            run draws the same trials.
     """
 
     enabled: bool = False
