@@ -61,6 +61,7 @@ from retina_scale.fileio import atomic_path
 
 OBJECTIVE = "val_kappa"
 DIVERGED_KAPPA = -1.0
+STAGE_SEED_STRIDE = 10007
 
 
 # ------------------------------------------------------------------------------------------- space
@@ -92,13 +93,14 @@ def build_search_space(tune):
 def make_oracle(tune, hyperparameters, stage_index: int = 1):
     """Keras Tuner's ``random``, ``bayesian`` or ``hyperband`` oracle on the space, maximising val kappa.
 
-    The oracle's seed is ``tune.seed`` for the first stage, ``tune.seed + 1`` for the second, ...:
-    each stage draws its own learning rates, and every worker of a run draws the same ones."""
+    The oracle's seed is ``tune.seed + 10007 * (stage_index - 1)``: each stage draws its own learning
+    rates (Keras Tuner steps its seed by one per value drawn, so neighbouring seeds would repeat a
+    stage's draws one trial later), and every worker of a run draws the same ones."""
     import keras_tuner
 
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
     common = dict(objective=objective, hyperparameters=hyperparameters, allow_new_entries=False,
-                  tune_new_entries=False, seed=tune.seed + stage_index - 1)
+                  tune_new_entries=False, seed=tune.seed + STAGE_SEED_STRIDE * (stage_index - 1))
     if tune.tuner == "random":
         return keras_tuner.oracles.RandomSearchOracle(max_trials=tune.max_trials, **common)
     if tune.tuner == "bayesian":

@@ -158,7 +158,7 @@ class TuneConfig:
             They are searched and reported; the stage trains with the best learning rate and the
             config's own weight decay, batch size and momentum.
         seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
-            uses ``seed + i - 1``, so stages draw different rates and every worker of a multi-worker
+            uses ``seed + 10007 * (i - 1)``, so stages draw different rates and every worker of a multi-worker
             run draws the same trials.
     """
 
