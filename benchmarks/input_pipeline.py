@@ -82,9 +82,21 @@ def bench_prepare(data: Path, work: Path, size_sets, repeats: int = 1) -> list[d
                 assert res.prepared == len(ds.records), res.summary()
             row[f"{label}_s_per_image"] = best / len(ds.records)
         row["speedup"] = row["full_s_per_image"] / row["reduced_s_per_image"]
+        if len(sizes) > 1:
+            # The naive way: one full-size decode per stage (a separate preprocessing run for each size).
+            t = time.perf_counter()
+            for size in sizes:
+                out = work / f"prep-naive-{size}"
+                shutil.rmtree(out, ignore_errors=True)
+                prepare_cache(ds, out, sizes=(size,), config=PreprocessConfig(reduced_decode=False), workers=1,
+                              progress=False)
+            row["naive_per_size_s_per_image"] = (time.perf_counter() - t) / len(ds.records)
+            row["speedup_vs_naive"] = row["naive_per_size_s_per_image"] / row["reduced_s_per_image"]
         results.append(row)
         print(f"prepare sizes={sizes}: reduced {row['reduced_s_per_image'] * 1000:.0f} ms/img, "
-              f"full {row['full_s_per_image'] * 1000:.0f} ms/img, speedup x{row['speedup']:.2f}", flush=True)
+              f"full {row['full_s_per_image'] * 1000:.0f} ms/img, speedup x{row['speedup']:.2f}"
+              + (f"; one full decode per size {row['naive_per_size_s_per_image'] * 1000:.0f} ms/img, "
+                 f"x{row['speedup_vs_naive']:.2f}" if "speedup_vs_naive" in row else ""), flush=True)
     return results
 
 
@@ -93,6 +105,9 @@ def grow_cache(cache: Path, n: int) -> None:
     distinct files; preparing that many 3888x2592 photos would take the benchmark's whole budget)."""
     import pandas as pd
 
+    from retina_scale.data.cache import IMAGE_FORMATS, read_config
+
+    ext = IMAGE_FORMATS[read_config(cache)["image_format"]]
     m = pd.read_csv(cache / "manifest.csv", dtype=str, keep_default_na=False)
     sizes = [c[len("bytes_"):] for c in m.columns if c.startswith("bytes_")]
     rows = [m]
@@ -103,7 +118,7 @@ def grow_cache(cache: Path, n: int) -> None:
         extra["patient"] = extra["patient"] + f"-copy{j}"
         for key, new in zip(m["key"], extra["key"]):
             for s in sizes:
-                shutil.copyfile(cache / s / f"{key}.png", cache / s / f"{new}.png")
+                shutil.copyfile(cache / s / f"{key}{ext}", cache / s / f"{new}{ext}")
         rows.append(extra)
     pd.concat(rows).iloc[:n].to_csv(cache / "manifest.csv", index=False)
 
@@ -190,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-steps", default="20,8,3,2", help="training steps timed per size")
     p.add_argument("--batches", default="32,16,8,4", help="batch size per size")
     p.add_argument("--width", type=float, default=1.0, help="network width multiplier (1.0 = the paper's)")
+    p.add_argument("--repeats", type=int, default=2, help="prepare timings: best of this many runs")
+    p.add_argument("--model-repeats", type=int, default=2, help="alternating model-only / end-to-end runs")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--json", help="write the results here")
@@ -207,11 +224,11 @@ def main(argv=None) -> int:
         print(json.dumps(info), flush=True)
         data = work / "eyepacs"
         make_eyepacs_like(data, args.images)
-        prep = bench_prepare(data, work, [tuple(sizes), (112, 224), (448,), (896,)])
+        prep = bench_prepare(data, work, [tuple(sizes), (112, 224), (448,), (896,)], repeats=args.repeats)
         cache = work / f"prep-reduced-{'-'.join(map(str, sizes))}"
         grow_cache(cache, args.cached_images)
         inp = bench_input(cache, sizes, batches, args.input_steps)
-        model = {} if args.skip_model else bench_model(cache, sizes, batches, msteps, args.width)
+        model = {} if args.skip_model else bench_model(cache, sizes, batches, msteps, args.width, args.model_repeats)
         result = {"info": info, "prepare": prep, "input_images_per_s": inp, "model": model, "width": args.width}
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -265,15 +265,16 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
         (out / str(s)).mkdir(exist_ok=True)
     state = _read_state(out)
 
-    tasks, done, entries = [], [], {}
+    tasks, done, entries, vanished = [], [], {}, []
     keys: dict[str, str] = {}
     for rec in dataset.records:
         key = cache_key(rec.image_id)
         keys[rec.image_id] = key
         try:
             st = os.stat(rec.path)
-        except OSError:
-            continue  # the reader checked; a file vanishing now is reported by the worker
+        except OSError as exc:
+            vanished.append(Failure(rec.image_id, f"file not found ({exc.strerror or exc})"))
+            continue
         prev = state.get(rec.image_id)
         same_source = bool(prev and prev["source"] == rec.path and prev["source_bytes"] == st.st_size
                            and prev["source_mtime_ns"] == st.st_mtime_ns)
@@ -289,10 +290,11 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
                       "source_bytes": st.st_size, "source_mtime_ns": st.st_mtime_ns,
                       "prev_files": prev["files"] if same_source else {}})
 
-    failures = list(dataset.failures)
+    failures = list(dataset.failures) + vanished
     prepared = 0
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     journal = open(out / JOURNAL, "a", encoding="utf-8")
+    pool = None
     try:
         if n_workers == 1:
             _init_worker()
@@ -320,8 +322,11 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
         if pool is not None:
             pool.close()
             pool.join()
+            pool = None
     finally:
         journal.close()
+        if pool is not None:  # interrupted: stop the workers now; finished images are in the journal
+            pool.terminate()
 
     all_sizes = [str(s) for s in cfg["sizes"]]
     header = BASE_COLUMNS + [f"bytes_{s}" for s in all_sizes] + [f"crc_{s}" for s in all_sizes]
@@ -389,6 +394,14 @@ def read_manifest(cache_dir, size: int | None = None):
         ext = IMAGE_FORMATS[read_config(cache_dir).get("image_format", "png")]
         df["path"] = [str(cache_dir / str(int(size)) / f"{k}{ext}") for k in df["key"]]
     return df.reset_index(drop=True)
+
+
+def manifest_records(cache_dir) -> list[Record]:
+    """The cached images as :class:`~retina_scale.data.sources.Record` (path = the source photo), e.g. to make
+    the patient-level split of a run with :func:`retina_scale.data.sources.ensure_splits`."""
+    df = read_manifest(cache_dir)
+    return [Record(str(r.image), str(r.source), int(r.label) if str(r.label) not in ("", "nan") else None,
+                   str(r.patient), str(r.eye) or None) for r in df.itertuples(index=False)]
 
 
 def read_config(cache_dir) -> dict:

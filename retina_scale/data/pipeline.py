@@ -406,6 +406,8 @@ class CacheInput:
         # Sharding is done above, by element, before any file is read.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         options.deterministic = True
+        # One thread per input op: on a small CPU, parallelism inside ops only steals cores from the model.
+        options.threading.max_intra_op_parallelism = 1
         ds = ds.with_options(options)
         return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -17,7 +17,7 @@ user error for the whole command and raises ``ValueError`` with one line.
 Example:
 
 ```python
-from retina_scale.data.sources import read_dataset, split_by_patient
+from retina_scale.data.sources import read_dataset, split_by_patient, write_splits
 ds = read_dataset("data/eyepacs/train")            # format detected from trainLabels.csv
 splits = split_by_patient(ds.records, val_fraction=0.1, test_fraction=0.1, seed=0)
 write_splits(splits, ds.records, "runs/exp1/splits.csv")
@@ -214,11 +214,14 @@ def _records_from_rows(rows, root: Path, image_col: str, label_col: str, extensi
 
 
 def read_eyepacs(data_dir, labels=None) -> Dataset:
-    """EyePACS / Kaggle 2015: ``<id>_<left|right>.jpeg`` files and ``trainLabels.csv`` (``image,level``)."""
+    """EyePACS / Kaggle 2015: ``<id>_<left|right>.jpeg`` files and ``trainLabels.csv`` (``image,level``), the
+    images in ``data_dir`` or its ``train/`` folder, the labels in ``data_dir`` or beside it."""
     root = Path(data_dir)
     labels = Path(labels) if labels else _first_existing(root / "trainLabels.csv", root.parent / "trainLabels.csv")
     rows = read_csv_rows(labels, ("image", "level"))
-    records, failures = _records_from_rows(rows, root, "image", "level", (".jpeg", ".jpg", ".png"))
+    # Kaggle's download (and `retina-scale synth`) is trainLabels.csv beside a train/ folder: accept either.
+    records, failures = _records_from_rows(rows, root, "image", "level", (".jpeg", ".jpg", ".png"),
+                                           search_dirs=("train",))
     return Dataset(records, failures, "eyepacs", str(root))
 
 
@@ -288,9 +291,11 @@ def detect_format(data_dir, labels=None, image_col=None) -> str:
     if image_col:
         return "csv"
     name = Path(labels).name if labels else None
-    if name == "trainLabels.csv" or (not labels and (root / "trainLabels.csv").is_file()):
+    # Kaggle's layouts keep the labels file in the data folder or beside it (train/ + trainLabels.csv).
+    near = lambda f: (root / f).is_file() or (root.parent / f).is_file()  # noqa: E731
+    if name == "trainLabels.csv" or (not labels and near("trainLabels.csv")):
         return "eyepacs"
-    if name == "train.csv" or (not labels and (root / "train.csv").is_file()):
+    if name == "train.csv" or (not labels and near("train.csv")):
         return "aptos"
     if labels:
         head = Path(labels).read_bytes()[:4096].decode("utf-8", "replace").splitlines()[:1]
@@ -390,3 +395,30 @@ def read_splits(path) -> dict[str, str]:
             raise ValueError(f"split file {path}: split {split!r} for {row['image']!r}; accepted: {', '.join(SPLIT_NAMES)}")
         out[row["image"].strip()] = split
     return out
+
+
+def ensure_splits(run_dir, records: list[Record], val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0, name: str = "splits.csv") -> dict[str, str]:
+    """The run's split: read ``run_dir/splits.csv`` when it exists (a resumed or repeated run), else make it
+    with :func:`split_by_patient` and write it there.
+
+    Raises:
+        ValueError: the existing file does not cover the records, or puts a patient's images in two splits.
+    """
+    path = Path(run_dir) / name
+    if path.is_file():
+        splits = read_splits(path)
+        missing = [r.image_id for r in records if r.image_id not in splits]
+        if missing:
+            raise ValueError(
+                f"split file {path} has no split for {len(missing)} image(s) (first: {missing[0]}); "
+                "remove it to make a new split, or pass the records it was made for"
+            )
+        seen: dict[str, str] = {}
+        for r in records:
+            if seen.setdefault(r.patient, splits[r.image_id]) != splits[r.image_id]:
+                raise ValueError(f"split file {path} puts patient {r.patient!r} in two splits")
+        return {r.image_id: splits[r.image_id] for r in records}
+    splits = split_by_patient(records, val_fraction, test_fraction, seed)
+    write_splits(splits, records, path)
+    return splits

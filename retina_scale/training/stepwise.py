@@ -169,7 +169,7 @@ class StepwiseScaler:
         """
         from retina_scale.data.cache import prepare_cache
         from retina_scale.data.fundus import PreprocessConfig
-        from retina_scale.data.sources import read_dataset, read_splits, split_by_patient, write_splits
+        from retina_scale.data.sources import ensure_splits, read_dataset
         from retina_scale.models.convnet import get_stage
 
         cfg = self.config.data
@@ -190,11 +190,7 @@ class StepwiseScaler:
             raise ValueError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
 
         splits_file = self.run_dir / "splits.csv"
-        if splits_file.exists():
-            splits = read_splits(splits_file)
-        else:
-            splits = split_by_patient(dataset.records, cfg.val_fraction, cfg.test_fraction, seed=cfg.split_seed)
-            write_splits(splits, dataset.records, splits_file)
+        splits = ensure_splits(self.run_dir, dataset.records, cfg.val_fraction, cfg.test_fraction, seed=cfg.split_seed)
         labels = {r.image_id: r.label for r in dataset.records}
         for split in ("train", "val"):
             grades = {labels.get(i) for i, s in splits.items() if s == split and labels.get(i) is not None}

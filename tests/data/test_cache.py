@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
-import os
 
 import cv2
 import numpy as np
@@ -182,3 +180,25 @@ def test_parse_sizes():
     assert parse_sizes("448, 112,224,112") == (112, 224, 448)
     with pytest.raises(ValueError, match="between 16 and 4096"):
         parse_sizes("8")
+
+
+@pytest.mark.parametrize("framing", [None, "eyepacs"])
+def test_prepare_reads_the_synthetic_data_set_of_retina_scale_synth(tmp_path, framing):
+    from retina_scale.data.sources import read_dataset
+    from retina_scale.data.synthetic import generate_dataset
+
+    from retina_scale.data.cache import prepare_cache
+
+    generate_dataset(str(tmp_path / "synth"), 6, size=160, seed=1, framing=framing, progress=False)
+    ds = read_dataset(tmp_path / "synth" / "train")  # trainLabels.csv beside train/, as on Kaggle
+    assert ds.format == "eyepacs" and ds.failures == [] and len(ds.records) == 6
+    same = read_dataset(tmp_path / "synth")  # or the folder holding both
+    assert [(r.image_id, r.path, r.label) for r in same.records] == [(r.image_id, r.path, r.label) for r in ds.records]
+    assert {r.eye for r in ds.records} == {"left", "right"} and len({r.patient for r in ds.records}) == 3
+    result = prepare_cache(ds, tmp_path / "cache", sizes=(64,), workers=1, progress=False)
+    assert result.prepared == 6
+    m = read_manifest(tmp_path / "cache", 64)
+    # The generator draws a fundus 160 px across; EyePACS framing widens the frame around it.
+    assert (abs(m["disc_r"].astype(float) - 80) <= 2).all(), m["disc_r"].tolist()
+    if framing is None:
+        assert (abs(m["disc_cx"].astype(float) - 80) <= 2).all() and (abs(m["disc_cy"].astype(float) - 80) <= 2).all()

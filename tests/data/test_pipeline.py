@@ -15,7 +15,6 @@ import pytest
 
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg
 from retina_scale.data.cache import prepare_cache, read_config
-from retina_scale.data.fundus import PreprocessConfig
 from retina_scale.data.pipeline import (
     O_O_R, O_O_W0, O_O_WF, AugmentConfig, CacheInput, ResampleConfig, class_weights, draw_epoch,
 )

@@ -8,7 +8,7 @@ import pytest
 
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg, write_png
 from retina_scale.data.sources import (
-    Record, detect_format, parse_patient_eye, read_dataset, read_splits, split_by_patient, write_splits,
+    Record, detect_format, ensure_splits, parse_patient_eye, read_dataset, read_splits, split_by_patient, write_splits,
 )
 
 
@@ -139,3 +139,14 @@ def test_split_keeps_patients_whole_and_is_stratified_and_seeded(tmp_path):
     assert read_splits(path) == splits
     with pytest.raises(ValueError, match="below 1"):
         split_by_patient(records, 0.5, 0.5)
+
+
+def test_ensure_splits_writes_once_then_reuses_and_checks(tmp_path):
+    records = _population(50)
+    first = ensure_splits(tmp_path / "run", records, 0.2, 0.2, seed=1)
+    assert (tmp_path / "run" / "splits.csv").is_file()
+    # A second call (a resumed run) reads the file, whatever seed it is given.
+    assert ensure_splits(tmp_path / "run", records, 0.2, 0.2, seed=99) == first
+    extra = records + [Record("new_left", "/x/new_left.jpeg", 0, "new", "left")]
+    with pytest.raises(ValueError, match="no split for 1 image"):
+        ensure_splits(tmp_path / "run", extra)
