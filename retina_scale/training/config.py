@@ -211,8 +211,8 @@ def quick_preset() -> TrainConfig:
         optim=OptimConfig(name="adam", lr=1e-3),
         data=DataConfig(synth_count=600, synth_size=512),
         # The search is on in the quick preset so that the main job shows every part of the method:
-        # 3 trials per stage of one epoch on a quarter of the training draw.
-        tune=TuneConfig(enabled=True, tuner="random", max_trials=3, lr_min=1e-4, lr_max=3e-2, epochs=1,
+        # 3 trials per stage of one epoch on a quarter of the training draw, around Adam's usual rates.
+        tune=TuneConfig(enabled=True, tuner="random", max_trials=3, lr_min=1e-4, lr_max=1e-2, epochs=1,
                         data_fraction=0.25),
         global_batch_size=32,
         eval_bootstrap=200,
