@@ -10,6 +10,7 @@ stage) in ``OUT/runs/bench`` and writes ``OUT/tuning_overhead.json``; KEY=VALUE 
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -43,7 +44,7 @@ def main():
                      "search_wall_seconds": search.get("wall_seconds"), "lr": s["lr"], "lr_source": s["lr_source"],
                      "val_kappa": s["val_kappa"]})
     result = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-              "cpus": __import__("os").cpu_count(), "tensorflow": tf.__version__, "keras_tuner": keras_tuner.__version__,
+              "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras_tuner": keras_tuner.__version__,
               "total_wall_seconds": round(wall, 1), "stages": rows}
     (out / "tuning_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
     print("stage   size  epochs  train s  trials  trial s  search wall s  search/train  lr")

@@ -252,7 +252,8 @@ def _make_tuner_class():
             self._log(f"  trial {trial.trial_id}: lr {values['lr']:.3g}"
                       + "".join(f", {k} {v:.3g}" for k, v in values.items() if k in ("weight_decay", "batch_size",
                                                                                      "momentum"))
-                      + (f": diverged (loss {loss})" if diverged else f": val kappa {kappa:.4f}, val loss {val_loss:.4f}")
+                      + (f": diverged (loss {loss})" if diverged
+                         else f": val kappa {kappa:.4f}, val loss {val_loss:.4f}")
                       + f", {epochs} epoch(s) of {steps} step(s), {seconds:.1f} s")
             return {OBJECTIVE: float(kappa), "val_loss": float(val_loss),
                     "loss": float(loss) if math.isfinite(loss) else float("inf"),
@@ -386,7 +387,8 @@ def format_search_table(result: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"* best: trial {result['best_trial']}, lr {result['lr']:.4g} ({result['tuner']} search, "
-                 f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, {result.get('wall_seconds', 0):.0f} s "
+                 f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, "
+                 f"{result.get('wall_seconds', 0):.0f} s "
                  "this time; val kappa at cut-offs "
                  "0.5/1.5/2.5/3.5, ties to the lower val loss)")
     return "\n".join(lines)
