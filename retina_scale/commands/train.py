@@ -6,9 +6,12 @@ Examples:
   retina-scale train                                   # the 'quick' preset on synthetic data
   retina-scale train --config paper --data ~/eyepacs   # the paper's ladder on EyePACS
   retina-scale train stages.0.epochs=3 optim.lr=1e-3   # any config value, as key=value
+  retina-scale train --config paper --tune tune.max_trials=8   # Keras Tuner picks each stage's lr
 """
 
 from __future__ import annotations
+
+import argparse
 
 
 def add_arguments(parser):
@@ -23,6 +26,9 @@ def add_arguments(parser):
                         help="tf.distribute strategy (default: chosen from the machine and TF_CONFIG)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                        help="search each stage's learning rate with Keras Tuner before training it (tune.enabled; "
+                             "on in the quick preset); --no-tune uses the config's learning rates")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     parser.add_argument("positional_overrides", nargs="*", metavar="KEY=VALUE",
@@ -38,6 +44,8 @@ def build_config(args):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={_yaml_string(value)}")
+    if getattr(args, "tune", None) is not None:
+        overrides.append(f"tune.enabled={'true' if args.tune else 'false'}")
     overrides += args.positional_overrides
     return load_train_config(args.config, overrides)
 

@@ -118,6 +118,62 @@ class NanPolicy:
 
 
 @dataclasses.dataclass
+class SearchDimension:
+    """One extra dimension of the learning-rate search (beside the learning rate itself).
+
+    Either a list of ``values`` (a choice) or a range ``min``..``max`` sampled ``linear`` or ``log``.
+    ``batch_size`` takes whole numbers (a range then steps by ``step``, default 1).
+    """
+
+    values: Optional[list[float]] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    sampling: Literal["linear", "log"] = "linear"
+    step: Optional[float] = None
+
+
+TUNERS = ("random", "bayesian", "hyperband")
+SEARCH_EXTRAS = ("weight_decay", "batch_size", "momentum")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """Keras Tuner's learning-rate search, once per stage, before the stage's fine-tuning.
+
+    Every trial builds the stage's model, loads the stage's transferred initial weights (the same
+    for every trial), trains ``epochs`` epochs on ``data_fraction`` of each epoch's training draw
+    with the trial's learning rate (log-uniform in ``lr_min``..``lr_max``) and is scored by
+    validation kappa (ties: lower validation loss). The best learning rate then drives the stage.
+
+    Args:
+        enabled: search every stage's learning rate (``--tune`` turns it on).
+        tuner: ``random``, ``bayesian`` or ``hyperband`` (Keras Tuner's oracles).
+        max_trials: trials per stage (random, bayesian); hyperband's count follows from ``epochs``.
+        lr_min: lowest learning rate tried (> 0: sampled on a log scale).
+        lr_max: highest learning rate tried.
+        epochs: epochs per trial (hyperband: the most epochs of a trial).
+        data_fraction: fraction of each training epoch's steps a trial runs, in (0, 1].
+        extra: further dimensions by name (``weight_decay``, ``batch_size``, ``momentum``), e.g.
+            ``{weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, batch_size: {values: [16, 32]}}``.
+            They are searched and reported; the stage trains with the best learning rate and the
+            config's own weight decay, batch size and momentum.
+        seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
+            uses ``seed + 10007 * (i - 1)``, so stages draw different rates and every worker of a multi-worker
+            run draws the same trials.
+    """
+
+    enabled: bool = False
+    tuner: str = "random"
+    max_trials: int = 10
+    lr_min: float = 1e-5
+    lr_max: float = 1e-1
+    epochs: int = 1
+    data_fraction: float = 0.25
+    extra: dict[str, SearchDimension] = field(default_factory=dict)
+    seed: int = 1
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A whole stepwise run."""
 
@@ -132,6 +188,7 @@ class TrainConfig:
     augment: AugmentSettings = field(default_factory=AugmentSettings)
     resample: ResampleSettings = field(default_factory=ResampleSettings)
     nan: NanPolicy = field(default_factory=NanPolicy)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     global_batch_size: int = 32
     strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker"] = "auto"
     seed: int = 0
@@ -153,6 +210,10 @@ def quick_preset() -> TrainConfig:
         model=ModelConfig(width=0.25),
         optim=OptimConfig(name="adam", lr=1e-3),
         data=DataConfig(synth_count=600, synth_size=512),
+        # The search is on in the quick preset so that the main job shows every part of the method:
+        # 3 trials per stage of one epoch on a quarter of the training draw, around Adam's usual rates.
+        tune=TuneConfig(enabled=True, tuner="random", max_trials=3, lr_min=1e-4, lr_max=1e-2, epochs=1,
+                        data_fraction=0.25),
         global_batch_size=32,
         eval_bootstrap=200,
     )
@@ -226,3 +287,48 @@ def check_config(config: TrainConfig) -> None:
             )
     if not 0 < config.nan.lr_factor < 1:
         raise ConfigError(f"nan.lr_factor must be in (0, 1); got {config.nan.lr_factor}")
+    check_tune_config(config.tune, config.global_batch_size)
+
+
+def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) -> None:
+    """Refuses, before any trial, a search space or budget that cannot run (one-line ConfigError)."""
+    if tune.tuner not in TUNERS:
+        raise ConfigError(f"tune.tuner: unknown tuner {tune.tuner!r}; accepted: {', '.join(TUNERS)}")
+    if not tune.lr_min > 0 or not tune.lr_max > 0:
+        raise ConfigError(f"tune.lr_min and tune.lr_max must be > 0 for log sampling; got "
+                          f"lr_min={tune.lr_min}, lr_max={tune.lr_max}")
+    if tune.lr_min >= tune.lr_max:
+        raise ConfigError(f"tune.lr_min must be < tune.lr_max; got lr_min={tune.lr_min} >= lr_max={tune.lr_max}")
+    if tune.max_trials < 1:
+        raise ConfigError(f"tune.max_trials must be >= 1; got {tune.max_trials}")
+    if tune.epochs < 1:
+        raise ConfigError(f"tune.epochs must be >= 1; got {tune.epochs}")
+    if not 0 < tune.data_fraction <= 1:
+        raise ConfigError(f"tune.data_fraction must be in (0, 1]; got {tune.data_fraction}")
+    if tune.seed < 1:
+        raise ConfigError(f"tune.seed must be >= 1 (Keras Tuner reads 0 as 'random'); got {tune.seed}")
+    for name, dim in tune.extra.items():
+        where = f"tune.extra.{name}"
+        if name not in SEARCH_EXTRAS:
+            raise ConfigError(f"{where}: unknown search dimension {name!r}; accepted: {', '.join(SEARCH_EXTRAS)}")
+        if dim.values is not None:
+            if dim.min is not None or dim.max is not None:
+                raise ConfigError(f"{where}: give either values or min/max, not both")
+            if not dim.values:
+                raise ConfigError(f"{where}.values is empty; give at least one value")
+            values = dim.values
+        else:
+            if dim.min is None or dim.max is None:
+                raise ConfigError(f"{where}: give values: [...] or both min and max")
+            if dim.min >= dim.max:
+                raise ConfigError(f"{where}: min must be < max; got min={dim.min} >= max={dim.max}")
+            if dim.sampling == "log" and not dim.min > 0:
+                raise ConfigError(f"{where}: min must be > 0 for log sampling; got min={dim.min}")
+            if dim.step is not None and not dim.step > 0:
+                raise ConfigError(f"{where}.step must be > 0; got {dim.step}")
+            values = [dim.min, dim.max]
+        if name == "batch_size":
+            if any(v != int(v) or v < 1 for v in values) or (dim.step is not None and dim.step != int(dim.step)):
+                raise ConfigError(f"{where}: batch sizes must be whole numbers >= 1; got {values}")
+        elif any(v < 0 for v in values):
+            raise ConfigError(f"{where}: values must be >= 0; got {values}")

@@ -13,6 +13,7 @@ A run lives in ``<runs_dir>/<name>/``::
     data/synthetic/ data/cache/          (the embedded data set, when no --data is given)
     stages/1-tiny/  state.json  log.csv  tensorboard/  transfer.{json,txt}  initial.npz
                     last.npz  best.npz  best.keras  evaluation.{json,md}
+                    tuning/  (the Keras Tuner project of the stage's learning-rate search, when tune.enabled)
 
 Run the same command again after an interruption (Ctrl-C or kill -9): finished stages are not
 retrained, the interrupted stage resumes from its last epoch checkpoint (optimizer state
@@ -88,8 +89,10 @@ class StepwiseScaler:
         config: the run's configuration (``load_train_config("quick")``, ...).
         strategy: a ``tf.distribute.Strategy``; by default chosen from the machine and
             ``config.strategy`` (see ``choose_strategy``).
-        lr_search: optional hook ``fn(StageContext) -> float`` that picks each stage's learning
-            rate (Keras Tuner plugs in here); None uses the config's.
+        lr_search: optional hook ``fn(StageContext) -> float`` (or an object with ``lr`` and
+            ``to_dict()``) that picks each stage's learning rate; None runs Keras Tuner's search
+            (``retina_scale.tuning.LearningRateSearch``) when ``config.tune.enabled``, else uses the
+            config's learning rates. A resumed stage keeps the learning rate it started with.
         verbose: 1 shows Keras progress bars per epoch and a line per stage; 0 is silent.
         log: where lines for people go (default ``print``).
 
@@ -251,6 +254,14 @@ class StepwiseScaler:
         self.log("\n" + format_stage_table(results))
         return report
 
+    def _lr_search(self):
+        """The hook given, else Keras Tuner's search when ``tune.enabled``, else None (the config's lr)."""
+        if self.lr_search is not None or not self.config.tune.enabled:
+            return self.lr_search
+        from retina_scale.tuning import LearningRateSearch
+
+        return LearningRateSearch(verbose=self.verbose, log=self._log)
+
     # ------------------------------------------------------------------------------------ stage
     def _stage_dir(self, index, spec) -> Path:
         return self.run_dir / "stages" / f"{index}-{spec.name}"
@@ -294,15 +305,20 @@ class StepwiseScaler:
             from retina_scale.training.distribute import scaled_learning_rate
 
             default_lr = scaled_learning_rate(default_lr, cfg.global_batch_size, cfg.optim.reference_batch_size)
-            lr, lr_source = default_lr, "config"
-            if self.lr_search is not None:
-                lr = float(self.lr_search(StageContext(index, spec, stage_dir, initial, default_lr, cfg,
-                                                       strategy, cache_dir, splits_file)))
+            lr, lr_source, search = default_lr, "config", None
+            lr_search = self._lr_search()
+            if lr_search is not None:
+                found = lr_search(StageContext(index, spec, stage_dir, initial, default_lr, cfg,
+                                               strategy, cache_dir, splits_file))
+                # A hook returns a learning rate, or an object with ``lr`` and ``to_dict()`` (the
+                # Keras Tuner search's result, whose table goes into the stage's report).
+                lr = float(getattr(found, "lr", found))
+                search = found.to_dict() if hasattr(found, "to_dict") else None
                 lr_source = "search"
                 restore_checkpoint(model, None, initial)
             state = {"status": "training", "stage": spec.name, "size": spec.input_size, "epoch": 0,
                      "lr": lr, "lr_source": lr_source, "lr_scale": 1.0, "nan_events": 0,
-                     "best_kappa": None, "best_epoch": None, "history": [], "seconds": 0.0}
+                     "best_kappa": None, "best_epoch": None, "history": [], "seconds": 0.0, "search": search}
             _write_json(state_file, state)
         else:
             last = stage_dir / "last.npz"
@@ -418,6 +434,7 @@ class StepwiseScaler:
             "best_checkpoint": str(stage_dir / "best.npz"),
             "keras_model": str(stage_dir / "best.keras"),
             "export_path": export_path,
+            "search": state.get("search"),
         }
 
     def _export(self, model, spec, thresholds, stage_dir):
@@ -438,24 +455,10 @@ class StepwiseScaler:
 
     # ---------------------------------------------------------------------------------- helpers
     def _build_model(self, spec):
-        from retina_scale.models.convnet import build_model
-
-        m = self.config.model
-        return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2, seed=m.seed)
+        return build_stage_model(self.config, spec)
 
     def _make_optimizer(self):
-        import keras
-
-        o = self.config.optim
-        kwargs = {"learning_rate": o.lr}
-        if o.clipnorm:
-            kwargs["clipnorm"] = o.clipnorm
-        if o.name == "sgd":
-            return keras.optimizers.SGD(momentum=o.momentum, nesterov=o.nesterov,
-                                        weight_decay=o.weight_decay or None, **kwargs)
-        if o.name == "adam":
-            return keras.optimizers.Adam(**kwargs)
-        return keras.optimizers.AdamW(weight_decay=o.weight_decay or 0.004, **kwargs)
+        return make_optimizer(self.config.optim)
 
     def _lr_at(self, state, epoch, epochs) -> float:
         o = self.config.optim
@@ -463,43 +466,14 @@ class StepwiseScaler:
         return float(state["lr"] * state["lr_scale"] * drop)
 
     def _input(self, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
-        from retina_scale.data.pipeline import AugmentConfig, CacheInput, ResampleConfig
-
-        cfg = self.config
-        augment = resample = None
-        if training:
-            a = cfg.augment
-            strength = a.strength if stage_cfg is None or stage_cfg.augment_strength is None else stage_cfg.augment_strength
-            augment = AugmentConfig(strength=strength, rotation=a.rotation, flip=a.flip, zoom=a.zoom,
-                                    translation=a.translation, color_sigma=a.color_sigma)
-            r = cfg.resample
-            resample = ResampleConfig(r=r.r, w0=tuple(r.w0), wf=tuple(r.wf)) if r.enabled else None
-        try:
-            return CacheInput(cache_dir, spec.input_size, split=split, split_file=splits_file,
-                              augment=augment, resample=resample, seed=cfg.seed)
-        except ValueError:
-            if missing_ok:
-                return None
-            raise
+        return stage_input(self.config, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok)
 
     def _inputs(self, spec, stage_cfg, cache_dir, splits_file):
         return (self._input(spec, stage_cfg, cache_dir, splits_file, "train", training=True),
                 self._input(spec, stage_cfg, cache_dir, splits_file, "val", training=False))
 
     def _predict(self, trainer, inp, with_keys=False):
-        import tensorflow as tf
-
-        gb = self.config.global_batch_size
-        table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(inp.image_ids), tf.range(len(inp), dtype=tf.int64)), -1)
-
-        def make_examples(ctx):
-            ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
-            return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
-
-        iterator, steps = trainer.distribute_evaluation(make_examples, len(inp))
-        labels, scores, keys = trainer.predict(iterator, steps, with_keys=True)
-        return (labels, scores, keys) if with_keys else (labels, scores)
+        return predict_input(trainer, inp, with_keys=with_keys)
 
     @staticmethod
     def _patients(splits_file, image_ids):
@@ -511,11 +485,8 @@ class StepwiseScaler:
 
     @staticmethod
     def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
-        from retina_scale.training.metrics import apply_thresholds, quadratic_weighted_kappa
-
-        kappa = quadratic_weighted_kappa(labels, apply_thresholds(scores))
-        return {"epoch": epoch + 1, "loss": float(loss), "val_loss": float(np.mean((scores - labels) ** 2)),
-                "val_kappa": float(kappa) if math.isfinite(kappa) else 0.0, "lr": float(lr),
+        val_loss, kappa = validation_scores(labels, scores)
+        return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),
                 "seconds": round(seconds, 2)}
 
     def _summary_writer(self, stage_dir):
@@ -533,6 +504,79 @@ class StepwiseScaler:
             for key in ("loss", "val_loss", "val_kappa", "lr"):
                 tf.summary.scalar(key, row[key])
         writer.flush()
+
+
+# ------------------------------------------------------------------- helpers shared with the search
+def build_stage_model(config: TrainConfig, spec):
+    """The stage's model as the config describes it (call inside the strategy's scope)."""
+    from retina_scale.models.convnet import build_model
+
+    m = config.model
+    return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2, seed=m.seed)
+
+
+def make_optimizer(optim, lr: float | None = None, weight_decay: float | None = None,
+                   momentum: float | None = None):
+    """The optimizer of ``optim`` (an ``OptimConfig``), with optional overrides (a search trial's values)."""
+    import keras
+
+    kwargs = {"learning_rate": optim.lr if lr is None else lr}
+    if optim.clipnorm:
+        kwargs["clipnorm"] = optim.clipnorm
+    wd = optim.weight_decay if weight_decay is None else weight_decay
+    if optim.name == "sgd":
+        return keras.optimizers.SGD(momentum=optim.momentum if momentum is None else momentum,
+                                    nesterov=optim.nesterov, weight_decay=wd or None, **kwargs)
+    if optim.name == "adam":
+        return keras.optimizers.Adam(weight_decay=wd or None, **kwargs)
+    return keras.optimizers.AdamW(weight_decay=wd or 0.004, **kwargs)
+
+
+def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
+    """The ``CacheInput`` of one split at the stage's size; training input is augmented and resampled."""
+    from retina_scale.data.pipeline import AugmentConfig, CacheInput, ResampleConfig
+
+    augment = resample = None
+    if training:
+        a = config.augment
+        strength = a.strength if stage_cfg is None or stage_cfg.augment_strength is None else stage_cfg.augment_strength
+        augment = AugmentConfig(strength=strength, rotation=a.rotation, flip=a.flip, zoom=a.zoom,
+                                translation=a.translation, color_sigma=a.color_sigma)
+        r = config.resample
+        resample = ResampleConfig(r=r.r, w0=tuple(r.w0), wf=tuple(r.wf)) if r.enabled else None
+    try:
+        return CacheInput(cache_dir, spec.input_size, split=split, split_file=splits_file,
+                          augment=augment, resample=resample, seed=config.seed)
+    except ValueError:
+        if missing_ok:
+            return None
+        raise
+
+
+def predict_input(trainer, inp, with_keys=False):
+    """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker."""
+    import tensorflow as tf
+
+    gb = trainer.global_batch_size
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(inp.image_ids), tf.range(len(inp), dtype=tf.int64)), -1)
+
+    def make_examples(ctx):
+        ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
+        return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
+
+    iterator, steps = trainer.distribute_evaluation(make_examples, len(inp))
+    labels, scores, keys = trainer.predict(iterator, steps, with_keys=True)
+    return (labels, scores, keys) if with_keys else (labels, scores)
+
+
+def validation_scores(labels, scores) -> tuple[float, float]:
+    """``(val_loss, val_kappa)``: mean squared error of the grade and kappa at cut-offs 0.5/1.5/2.5/3.5
+    (a non-finite kappa, e.g. from constant predictions, counts as 0)."""
+    from retina_scale.training.metrics import apply_thresholds, quadratic_weighted_kappa
+
+    kappa = quadratic_weighted_kappa(labels, apply_thresholds(scores))
+    return float(np.mean((scores - labels) ** 2)), float(kappa) if math.isfinite(kappa) else 0.0
 
 
 class _ProgbarAdapter:
@@ -572,4 +616,10 @@ def format_report(report: dict) -> str:
     lines = [f"# Stepwise run `{report['name']}`", "",
              f"Strategy {report['strategy']} with {report['replicas']} replica(s).", "", "```",
              format_stage_table(report["stages"]), "```", ""]
+    for stage in report["stages"]:
+        if stage.get("search"):
+            from retina_scale.tuning import format_search_table
+
+            lines += [f"## Learning-rate search, stage {stage['index']} {stage['stage']}", "", "```",
+                      format_search_table(stage["search"]), "```", ""]
     return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""Keras Tuner's learning-rate search: picks the best trial, starts every trial from the same
+weights, resumes an interrupted search, runs distributed (chief + 2 workers on localhost), and
+refuses a bad search space before any trial."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_scale.cli import main
+from retina_scale.training.config import load_train_config
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.sources import read_dataset
+    from retina_scale.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("tuning-data")
+    data = root / "synthetic"
+    generate_dataset(str(data), count=48, size=224, seed=3, prior="balanced", workers=2, progress=False)
+    cache = root / "cache"
+    result = prepare_cache(read_dataset(data / "train", labels=data / "trainLabels.csv"), cache, sizes=(112, 224),
+                           workers=2, progress=False)
+    assert result.prepared == 48
+    return data, cache
+
+
+def _overrides(tmp_path, tiny_data, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3, extra=()):
+    data, cache = tiny_data
+    return [
+        f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"export_dir={json.dumps(str(tmp_path / 'export'))}",
+        f"name={name}", "model.width=0.125", "model.dropout=0.0", "export=false",
+        f"data.data={json.dumps(str(data / 'train'))}", f"data.labels={json.dumps(str(data / 'trainLabels.csv'))}",
+        f"data.cache={json.dumps(str(cache))}", "data.workers=1",
+        "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
+        f"stages={stages}", "tune.enabled=true", f"tune.max_trials={trials}", "tune.epochs=1",
+        "tune.data_fraction=0.5", "tune.lr_min=1e-4", "tune.lr_max=0.1", *extra,
+    ]
+
+
+def _best(rows):
+    """The selection rule, restated: highest val kappa, then lowest val loss, then earliest."""
+    done = [r for r in rows if r["status"] == "COMPLETED"]
+    return sorted(done, key=lambda r: (-r["val_kappa"], r["val_loss"] if r["val_loss"] is not None else math.inf,
+                                       int(r["trial"])))[0]
+
+
+@pytest.fixture(scope="module")
+def searched_run(tmp_path_factory, tiny_data):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    tmp = tmp_path_factory.mktemp("searched")
+    stages = "[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 1, lr: 0.001}]"
+    config = load_train_config("quick", _overrides(tmp, tiny_data, stages=stages, trials=2))
+    report = StepwiseScaler(config, verbose=0).run()
+    return tmp / "runs" / "t", report, config
+
+
+def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
+    run_dir, report, _ = searched_run
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk["stages"] == report["stages"]
+    for stage, folder in zip(report["stages"], ("1-tiny", "2-small")):
+        search = stage["search"]
+        rows = search["trials"]
+        assert [r["trial"] for r in rows] == ["0", "1"] and all(r["status"] == "COMPLETED" for r in rows)
+        assert len({r["lr"] for r in rows}) == 2 and all(1e-4 <= r["lr"] <= 0.1 for r in rows)
+        best = _best(rows)
+        assert search["best_trial"] == best["trial"] and search["lr"] == best["lr"]
+        state = json.loads((run_dir / "stages" / folder / "state.json").read_text())
+        assert state["lr_source"] == "search" and state["lr"] == best["lr"] == stage["lr"]
+        assert state["history"][0]["lr"] == pytest.approx(best["lr"])  # the stage trained with it
+        assert state["search"] == search
+        stored = json.loads((run_dir / "stages" / folder / "tuning" / "search.json").read_text())
+        assert stored["result"] == search
+        table = (run_dir / "stages" / folder / "tuning" / "search.md").read_text()
+        assert f"{best['trial']} *" in table and "val kappa" in table
+        for r in rows:  # a diverged trial (too large an lr) is a result: kappa -1, no loss
+            assert r["seconds"] > 0 and (r["val_loss"] is None) == r["diverged"]
+            assert r["val_kappa"] == -1.0 if r["diverged"] else -1.0 <= r["val_kappa"] <= 1.0
+    assert (run_dir / "report.md").read_text().count("## Learning-rate search") == 2
+    tiny, small = ({r["lr"] for r in s["search"]["trials"]} for s in report["stages"])
+    assert not tiny & small  # each stage draws its own learning rates
+
+
+def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
+    import keras
+
+    from retina_scale.models.convnet import get_stage
+    from retina_scale.training.stepwise import build_stage_model
+    from retina_scale.tuning import checkpoint_fingerprint, model_fingerprint
+
+    run_dir, report, config = searched_run
+    for stage, folder in zip(report["stages"], ("1-tiny", "2-small")):
+        initial = checkpoint_fingerprint(run_dir / "stages" / folder / "initial.npz")
+        hashes = {r["initial_weights_hash"] for r in stage["search"]["trials"]}
+        assert hashes == {initial}
+    # The small stage's initial weights are the tiny stage's, transferred: not what a fresh build holds.
+    keras.backend.clear_session()
+    fresh = model_fingerprint(build_stage_model(config, get_stage("small")))
+    assert fresh != checkpoint_fingerprint(run_dir / "stages" / "2-small" / "initial.npz")
+
+
+def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, tiny_data):
+    from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.tuning import LearningRateSearch
+
+    run_dir, report, config = searched_run
+    stage_dir = run_dir / "stages" / "2-small"
+    # Interrupted after its search, before training: the stage starts again, its search does not.
+    (stage_dir / "state.json").unlink()
+    trial_files = sorted((stage_dir / "tuning").glob("trial_*/trial.json"))
+    before = {p: p.stat().st_mtime_ns for p in trial_files}
+    lines = []
+    search = LearningRateSearch(log=lines.append)
+    again = StepwiseScaler(config, lr_search=search, verbose=0).run()
+    assert search.last_tuner.trials_run_here == []
+    assert {p: p.stat().st_mtime_ns for p in trial_files} == before
+    assert again["stages"][1]["lr"] == report["stages"][1]["lr"]
+    assert again["stages"][1]["search"]["trials"] == report["stages"][1]["search"]["trials"]
+    assert any("finished earlier" in line and "not repeated" in line for line in lines)
+
+
+def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, tiny_data, monkeypatch):
+    from retina_scale.training import distribute
+    from retina_scale.tuning import LearningRateSearch, stage_context
+
+    config = load_train_config("quick", _overrides(tmp_path, tiny_data, trials=3))
+    context = stage_context(config, "tiny", verbose=0)
+    real = distribute.DistributedTrainer.train_steps
+    calls = {"n": 0}
+
+    def interrupted_in_second_trial(self, iterator, steps, progbar=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of trial 1
+        return real(self, iterator, steps, progbar)
+
+    monkeypatch.setattr(distribute.DistributedTrainer, "train_steps", interrupted_in_second_trial)
+    first = LearningRateSearch(verbose=0)
+    with pytest.raises(KeyboardInterrupt):
+        first(context)
+    assert first.last_tuner.trials_run_here == ["0"]
+    project = context.stage_dir / "tuning"
+    trial0 = json.loads((project / "trial_0" / "trial.json").read_text())
+    lr1 = json.loads((project / "trial_1" / "trial.json").read_text())["hyperparameters"]["values"]["lr"]
+    assert trial0["status"] == "COMPLETED"
+
+    monkeypatch.setattr(distribute.DistributedTrainer, "train_steps", real)
+    second = LearningRateSearch(verbose=0)
+    result = second(context)
+    assert second.last_tuner.trials_run_here == ["1", "2"]  # trial 0 is not run again
+    assert [r["trial"] for r in result.trials] == ["0", "1", "2"]
+    assert all(r["status"] == "COMPLETED" for r in result.trials)
+    assert result.trials[0]["val_kappa"] == trial0["metrics"]["metrics"]["val_kappa"]["observations"][0]["value"][0]
+    assert result.trials[1]["lr"] == lr1  # the interrupted trial is run again with its own values
+
+
+def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, tiny_data, subprocess_env, free_ports):
+    args = [sys.executable, "-m", "retina_scale", "tune", "--stage", "tiny", "--quiet", "--json",
+            *_overrides(tmp_path, tiny_data, name="dist", trials=3)]
+    port = free_ports(1)[0]
+    procs = {}
+    for tuner_id in ("chief", "worker0", "worker1"):
+        env = dict(subprocess_env, KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP="127.0.0.1",
+                   KERASTUNER_ORACLE_PORT=str(port))
+        procs[tuner_id] = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = {}
+    try:
+        for tuner_id, proc in procs.items():
+            out, err = proc.communicate(timeout=400)
+            assert proc.returncode == 0, f"{tuner_id}:\n{out[-2000:]}\n{err[-3000:]}"
+            outputs[tuner_id] = json.loads(out.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    chief = outputs["chief"]
+    assert [r["trial"] for r in chief["trials"]] == ["0", "1", "2"]
+    assert all(r["status"] == "COMPLETED" for r in chief["trials"])
+    assert chief["best_trial"] == _best(chief["trials"])["trial"]
+    ran = outputs["worker0"]["trials"] + outputs["worker1"]["trials"]
+    assert sorted(ran) == ["0", "1", "2"]  # every trial ran on a worker, once
+    assert outputs["worker0"]["role"] == outputs["worker1"]["role"] == "worker"
+    stored = json.loads((tmp_path / "runs" / "dist" / "stages" / "1-tiny" / "tuning" / "search.json").read_text())
+    assert stored["result"]["lr"] == chief["lr"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tune.lr_max=1e-5", "tune.lr_min must be < tune.lr_max; got lr_min=0.0001 >= lr_max=1e-05"),
+    ("tune.lr_min=0", "tune.lr_min and tune.lr_max must be > 0 for log sampling"),
+    ("tune.tuner=grid", "unknown tuner 'grid'; accepted: random, bayesian, hyperband"),
+    ("tune.extra={dropout: {values: [0.1]}}", "unknown search dimension 'dropout'; accepted: weight_decay, "
+                                              "batch_size, momentum"),
+    ("tune.extra={weight_decay: {min: 0, max: 1e-3, sampling: log}}", "min must be > 0 for log sampling"),
+])
+@pytest.mark.parametrize("command", ["tune", "train"])
+def test_bad_search_space_is_refused_before_any_trial(tmp_path, tiny_data, capsys, override, message, command):
+    argv = [command, *(["--stage", "tiny"] if command == "tune" else ["--tune"]),
+            *_overrides(tmp_path, tiny_data), override]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_extra_dimensions_come_from_the_config():
+    from retina_scale.training.config import TuneConfig, load_train_config
+    from retina_scale.tuning import build_search_space
+
+    config = load_train_config("quick", ["tune.extra={weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, "
+                                         "batch_size: {values: [16, 32]}}"])
+    hp = build_search_space(config.tune)
+    space = {p.name: p.get_config() for p in hp.space}
+    assert set(space) == {"lr", "weight_decay", "batch_size"}
+    assert space["lr"]["sampling"] == "log" and space["lr"]["min_value"] == config.tune.lr_min
+    assert space["batch_size"]["values"] == [16, 32]
+    assert TuneConfig().lr_min == 1e-5 and TuneConfig().lr_max == 1e-1
+
+
+def test_unknown_stage_names_the_ladder(tmp_path, tiny_data, capsys):
+    code = main(["tune", "--stage", "large", *_overrides(tmp_path, tiny_data)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no stage 'large' in this run's ladder; accepted: tiny or 1..1" in err
+
+
+def test_the_build_sets_the_mixed_precision_policy_again_after_clear_session():
+    import keras
+
+    from retina_scale.models.convnet import get_stage
+    from retina_scale.training.config import load_train_config
+    from retina_scale.tuning import StageHyperModel
+    import tensorflow as tf
+
+    config = load_train_config("quick", ["model.width=0.125"])
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        hypermodel = StageHyperModel(config, get_stage("tiny"), tf.distribute.get_strategy(),
+                                     keras.config.dtype_policy().name)
+        keras.backend.clear_session()
+        assert keras.config.dtype_policy().name == "float32"  # the trap: clear_session resets it
+        model = hypermodel.build()
+        assert model.get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
+    finally:
+        keras.config.set_dtype_policy("float32")
+        keras.backend.clear_session()
