@@ -251,3 +251,16 @@ def test_the_build_sets_the_mixed_precision_policy_again_after_clear_session():
     finally:
         keras.config.set_dtype_policy("float32")
         keras.backend.clear_session()
+
+
+def test_extra_dimensions_found_by_the_search_drive_the_stage(tmp_path, tiny_data):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    extra = ["tune.extra={weight_decay: {values: [0.0003]}, batch_size: {values: [16]}}"]
+    config = load_train_config("quick", _overrides(tmp_path, tiny_data, trials=1, extra=extra))
+    lines = []
+    StepwiseScaler(config, log=lines.append).run()
+    state = json.loads((tmp_path / "runs" / "t" / "stages" / "1-tiny" / "state.json").read_text())
+    assert state["hparams"] == {"weight_decay": 0.0003, "batch_size": 16}
+    # 24 training images: one step of 16 per epoch (a global batch of 8 would give 3).
+    assert any("24 training / " in line and "1 steps per epoch" in line for line in lines), lines

@@ -287,9 +287,8 @@ class StepwiseScaler:
 
         with strategy.scope():
             model = self._build_model(spec)
-            optimizer = self._make_optimizer()
-        trainer = DistributedTrainer(model, optimizer, strategy, cfg.global_batch_size)  # builds the optimizer
         initial = stage_dir / "initial.npz"
+        resumed = state is not None
 
         if state is None:
             if previous is not None:
@@ -316,17 +315,28 @@ class StepwiseScaler:
                 search = found.to_dict() if hasattr(found, "to_dict") else None
                 lr_source = "search"
                 restore_checkpoint(model, None, initial)
+            # The search's other dimensions (tune.extra) drive the stage too, not only its lr.
+            best = (search or {}).get("best_values") or {}
+            hparams = {k: best[k] for k in ("weight_decay", "momentum", "batch_size") if k in best}
             state = {"status": "training", "stage": spec.name, "size": spec.input_size, "epoch": 0,
-                     "lr": lr, "lr_source": lr_source, "lr_scale": 1.0, "nan_events": 0,
+                     "lr": lr, "lr_source": lr_source, "hparams": hparams, "lr_scale": 1.0, "nan_events": 0,
                      "best_kappa": None, "best_epoch": None, "history": [], "seconds": 0.0, "search": search}
             _write_json(state_file, state)
-        else:
+        hparams = state.get("hparams") or {}
+        batch_size = int(hparams.get("batch_size", cfg.global_batch_size))
+        with strategy.scope():
+            optimizer = make_optimizer(cfg.optim, weight_decay=hparams.get("weight_decay"),
+                                       momentum=hparams.get("momentum"))
+        trainer = DistributedTrainer(model, optimizer, strategy, batch_size)  # builds the optimizer
+        if resumed:  # this process built the model afresh: start from the stage's own weights
             last = stage_dir / "last.npz"
             restore_checkpoint(model, optimizer if last.exists() else None, last if last.exists() else initial)
             self.log(f"Stage {index} {spec.name}: resuming at epoch {state['epoch'] + 1} of {stage_cfg.epochs}")
+        if hparams:
+            self.log(f"Stage {index} {spec.name}: search's choices {hparams} (with lr {state['lr']:.3g})")
 
         train_input, val_input = self._inputs(spec, stage_cfg, cache_dir, splits_file)
-        steps = train_input.steps_per_epoch(cfg.global_batch_size)
+        steps = train_input.steps_per_epoch(batch_size)
         writer = self._summary_writer(stage_dir)
         self.log(f"Stage {index} {spec.name} ({spec.input_size} px): {model.count_params():,} weights, "
                  f"{len(train_input)} training / {len(val_input)} validation images, {steps} steps per epoch, "
@@ -337,7 +347,7 @@ class StepwiseScaler:
             t_epoch = time.time()
             lr = self._lr_at(state, epoch, stage_cfg.epochs)
             optimizer.learning_rate.assign(lr)
-            iterator = iter(train_input.distribute(strategy, cfg.global_batch_size, training=True,
+            iterator = iter(train_input.distribute(strategy, batch_size, training=True,
                                                    start_epoch=epoch, epochs=1))
             progbar = keras.utils.Progbar(steps, verbose=1 if self.verbose else 0,
                                           stateful_metrics=["val_loss", "val_kappa"])
@@ -456,9 +466,6 @@ class StepwiseScaler:
     # ---------------------------------------------------------------------------------- helpers
     def _build_model(self, spec):
         return build_stage_model(self.config, spec)
-
-    def _make_optimizer(self):
-        return make_optimizer(self.config.optim)
 
     def _lr_at(self, state, epoch, epochs) -> float:
         o = self.config.optim
