@@ -16,6 +16,7 @@ from dataclasses import field
 from typing import Literal, Optional
 
 from retina_scale.config import ConfigError, load_config
+from retina_scale.data.pipeline import AugmentConfig  # o_O's augmentation: one definition
 
 
 @dataclasses.dataclass
@@ -87,16 +88,6 @@ class DataConfig:
     synth_prior: str = "eyepacs"
     synth_seed: int = 0
     workers: int = 0
-
-
-@dataclasses.dataclass
-class AugmentSettings:
-    strength: float = 1.0
-    rotation: bool = True
-    flip: bool = True
-    zoom: float = 1.15
-    translation: float = 40 / 512
-    color_sigma: float = 0.2
 
 
 @dataclasses.dataclass
@@ -185,7 +176,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     resample: ResampleSettings = field(default_factory=ResampleSettings)
     nan: NanPolicy = field(default_factory=NanPolicy)
     tune: TuneConfig = field(default_factory=TuneConfig)

@@ -541,14 +541,13 @@ def make_optimizer(optim, lr: float | None = None, weight_decay: float | None = 
 
 def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
     """The ``CacheInput`` of one split at the stage's size; training input is augmented and resampled."""
-    from retina_scale.data.pipeline import AugmentConfig, CacheInput, ResampleConfig
+    from retina_scale.data.pipeline import CacheInput, ResampleConfig
 
     augment = resample = None
     if training:
-        a = config.augment
-        strength = a.strength if stage_cfg is None or stage_cfg.augment_strength is None else stage_cfg.augment_strength
-        augment = AugmentConfig(strength=strength, rotation=a.rotation, flip=a.flip, zoom=a.zoom,
-                                translation=a.translation, color_sigma=a.color_sigma)
+        augment = config.augment
+        if stage_cfg is not None and stage_cfg.augment_strength is not None:
+            augment = dataclasses.replace(augment, strength=stage_cfg.augment_strength)
         r = config.resample
         resample = ResampleConfig(r=r.r, w0=tuple(r.w0), wf=tuple(r.wf)) if r.enabled else None
     try:
