@@ -43,3 +43,21 @@ def subprocess_env():
     env = dict(os.environ, PYTHONPATH=str(root), TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     env.pop("TF_CONFIG", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """A small synthetic data set (48 photos, balanced grades) and its cache at 112 and 224 px,
+    shared by the trainer's and the search's tests: ``(data folder, cache folder)``."""
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.sources import read_dataset
+    from retina_scale.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("stepwise-data")
+    data = root / "synthetic"
+    # One process: no worker pool inside the test process (its start-up cost more than it saved here).
+    generate_dataset(str(data), count=48, size=224, seed=3, prior="balanced", workers=1, progress=False)
+    cache = root / "cache"
+    result = prepare_cache(read_dataset(data), cache, sizes=(112, 224), workers=1, progress=False)
+    assert result.prepared == 48
+    return data, cache

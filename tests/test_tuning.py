@@ -4,36 +4,17 @@ refuses a bad search space before any trial."""
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from retina_scale.cli import main
 from retina_scale.training.config import load_train_config
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    from retina_scale.data.cache import prepare_cache
-    from retina_scale.data.sources import read_dataset
-    from retina_scale.data.synthetic import generate_dataset
-
-    root = tmp_path_factory.mktemp("tuning-data")
-    data = root / "synthetic"
-    generate_dataset(str(data), count=48, size=224, seed=3, prior="balanced", workers=2, progress=False)
-    cache = root / "cache"
-    result = prepare_cache(read_dataset(data / "train", labels=data / "trainLabels.csv"), cache, sizes=(112, 224),
-                           workers=2, progress=False)
-    assert result.prepared == 48
-    return data, cache
-
-
-def _overrides(tmp_path, tiny_data, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3, extra=()):
-    data, cache = tiny_data
+def _overrides(tmp_path, small_cache, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3, extra=()):
+    data, cache = small_cache
     return [
         f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"export_dir={json.dumps(str(tmp_path / 'export'))}",
         f"name={name}", "model.width=0.125", "model.dropout=0.0", "export=false",
@@ -53,12 +34,12 @@ def _best(rows):
 
 
 @pytest.fixture(scope="module")
-def searched_run(tmp_path_factory, tiny_data):
+def searched_run(tmp_path_factory, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
 
     tmp = tmp_path_factory.mktemp("searched")
     stages = "[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 1, lr: 0.001}]"
-    config = load_train_config("quick", _overrides(tmp, tiny_data, stages=stages, trials=2))
+    config = load_train_config("quick", _overrides(tmp, small_cache, stages=stages, trials=2))
     report = StepwiseScaler(config, verbose=0).run()
     return tmp / "runs" / "t", report, config
 
@@ -108,7 +89,7 @@ def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
     assert fresh != checkpoint_fingerprint(run_dir / "stages" / "2-small" / "initial.npz")
 
 
-def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, tiny_data):
+def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
     from retina_scale.tuning import LearningRateSearch
 
@@ -128,11 +109,11 @@ def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, tiny_data
     assert any("finished earlier" in line and "not repeated" in line for line in lines)
 
 
-def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, tiny_data, monkeypatch):
+def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, small_cache, monkeypatch):
     from retina_scale.training import distribute
     from retina_scale.tuning import LearningRateSearch, stage_context
 
-    config = load_train_config("quick", _overrides(tmp_path, tiny_data, trials=3))
+    config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=3))
     context = stage_context(config, "tiny", verbose=0)
     real = distribute.DistributedTrainer.train_steps
     calls = {"n": 0}
@@ -163,9 +144,9 @@ def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, tin
     assert result.trials[1]["lr"] == lr1  # the interrupted trial is run again with its own values
 
 
-def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, tiny_data, subprocess_env, free_ports):
+def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, small_cache, subprocess_env, free_ports):
     args = [sys.executable, "-m", "retina_scale", "tune", "--stage", "tiny", "--quiet", "--json",
-            *_overrides(tmp_path, tiny_data, name="dist", trials=3)]
+            *_overrides(tmp_path, small_cache, name="dist", trials=3)]
     port = free_ports(1)[0]
     procs = {}
     for tuner_id in ("chief", "worker0", "worker1"):
@@ -202,9 +183,9 @@ def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, tiny_dat
     ("tune.extra={weight_decay: {min: 0, max: 1e-3, sampling: log}}", "min must be > 0 for log sampling"),
 ])
 @pytest.mark.parametrize("command", ["tune", "train"])
-def test_bad_search_space_is_refused_before_any_trial(tmp_path, tiny_data, capsys, override, message, command):
+def test_bad_search_space_is_refused_before_any_trial(tmp_path, small_cache, capsys, override, message, command):
     argv = [command, *(["--stage", "tiny"] if command == "tune" else ["--tune"]),
-            *_overrides(tmp_path, tiny_data), override]
+            *_overrides(tmp_path, small_cache), override]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -225,8 +206,8 @@ def test_extra_dimensions_come_from_the_config():
     assert TuneConfig().lr_min == 1e-5 and TuneConfig().lr_max == 1e-1
 
 
-def test_unknown_stage_names_the_ladder(tmp_path, tiny_data, capsys):
-    code = main(["tune", "--stage", "large", *_overrides(tmp_path, tiny_data)])
+def test_unknown_stage_names_the_ladder(tmp_path, small_cache, capsys):
+    code = main(["tune", "--stage", "large", *_overrides(tmp_path, small_cache)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no stage 'large' in this run's ladder; accepted: tiny or 1..1" in err
 
@@ -253,11 +234,11 @@ def test_the_build_sets_the_mixed_precision_policy_again_after_clear_session():
         keras.backend.clear_session()
 
 
-def test_extra_dimensions_found_by_the_search_drive_the_stage(tmp_path, tiny_data):
+def test_extra_dimensions_found_by_the_search_drive_the_stage(tmp_path, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
 
     extra = ["tune.extra={weight_decay: {values: [0.0003]}, batch_size: {values: [16]}}"]
-    config = load_train_config("quick", _overrides(tmp_path, tiny_data, trials=1, extra=extra))
+    config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=1, extra=extra))
     lines = []
     StepwiseScaler(config, log=lines.append).run()
     state = json.loads((tmp_path / "runs" / "t" / "stages" / "1-tiny" / "state.json").read_text())

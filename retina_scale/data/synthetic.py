@@ -290,31 +290,33 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
-def _multiply_patch(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, factors: np.ndarray) -> None:
-    """img[y0:, x0:] *= 1 - alpha * factors, clipped to the image."""
+def _clipped(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int):
+    """``(region of img, matching alpha[..., None])`` for a patch placed at (x0, y0), clipped to the
+    image; None when the patch falls outside it."""
     h, w = alpha.shape
     H, W = img.shape[:2]
     ax0, ay0 = max(0, -x0), max(0, -y0)
     ax1, ay1 = min(w, W - x0), min(h, H - y0)
     if ax1 <= ax0 or ay1 <= ay0:
-        return
-    a = alpha[ay0:ay1, ax0:ax1, None]
-    region = img[y0 + ay0:y0 + ay1, x0 + ax0:x0 + ax1]
-    region *= 1.0 - a * factors[None, None, :]
+        return None
+    return img[y0 + ay0:y0 + ay1, x0 + ax0:x0 + ax1], alpha[ay0:ay1, ax0:ax1, None]
+
+
+def _multiply_patch(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, factors: np.ndarray) -> None:
+    """img[y0:, x0:] *= 1 - alpha * factors, clipped to the image."""
+    clipped = _clipped(img, alpha, x0, y0)
+    if clipped is not None:
+        region, a = clipped
+        region *= 1.0 - a * factors[None, None, :]
 
 
 def _blend_patch(img: np.ndarray, alpha: np.ndarray, x0: int, y0: int, colour: np.ndarray) -> None:
     """img[y0:, x0:] = (1 - alpha) img + alpha colour, clipped to the image."""
-    h, w = alpha.shape
-    H, W = img.shape[:2]
-    ax0, ay0 = max(0, -x0), max(0, -y0)
-    ax1, ay1 = min(w, W - x0), min(h, H - y0)
-    if ax1 <= ax0 or ay1 <= ay0:
-        return
-    a = alpha[ay0:ay1, ax0:ax1, None]
-    region = img[y0 + ay0:y0 + ay1, x0 + ax0:x0 + ax1]
-    region *= 1.0 - a
-    region += a * colour[None, None, :]
+    clipped = _clipped(img, alpha, x0, y0)
+    if clipped is not None:
+        region, a = clipped
+        region *= 1.0 - a
+        region += a * colour[None, None, :]
 
 
 def _patch(cx: float, cy: float, radius_px: float, min_sub: float = 12.0):
