@@ -55,7 +55,8 @@ def small_cache(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("stepwise-data")
     data = root / "synthetic"
-    # One process: no worker pool inside the test process (its start-up cost more than it saved here).
+    # In this process, no worker pool: one run of tests/data/test_synthetic.py followed by
+    # tests/test_tuning.py stalled (undiagnosed) while this fixture's pool was the one new thing there.
     generate_dataset(str(data), count=48, size=224, seed=3, prior="balanced", workers=1, progress=False)
     cache = root / "cache"
     result = prepare_cache(read_dataset(data), cache, sizes=(112, 224), workers=1, progress=False)
