@@ -43,13 +43,13 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
+from retina_scale.fileio import atomic_path
 
 __all__ = [
     "ConfigError",
@@ -440,12 +440,6 @@ def dump_config(config: Any, path: str | os.PathLike) -> Path:
     else:
         text = to_yaml(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
     return path

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
+from retina_scale.fileio import atomic_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def make_gallery(path: str, size: int = 1024, seed: int = 0, photos_per_grade: i
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from retina_scale.data.synthetic import _chmod_default, render_fundus, validate_size
+    from retina_scale.data.synthetic import render_fundus, validate_size
 
     size = validate_size(size)
     ncols = photos_per_grade + len(GALLERY_RESOLUTIONS)
@@ -146,13 +146,8 @@ def make_gallery(path: str, size: int = 1024, seed: int = 0, photos_per_grade: i
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".gallery.", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        _chmod_default(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -45,6 +45,7 @@ import numpy as np
 
 from retina_scale.data.fundus import BadImage, PreprocessConfig
 from retina_scale.data.sources import Dataset, Failure, Record
+from retina_scale.fileio import atomic_path
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.csv"
@@ -82,10 +83,8 @@ def cache_key(image_id: str) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
-    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

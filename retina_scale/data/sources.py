@@ -35,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from retina_scale.fileio import atomic_path
 
 FORMATS = ("eyepacs", "aptos", "folders", "csv")
 GRADES = (0, 1, 2, 3, 4)
@@ -374,14 +375,12 @@ def write_splits(splits: dict[str, str], records: list[Record], path) -> Path:
     """Write ``image,patient,eye,label,split`` to ``path`` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["image", "patient", "eye", "label", "split"])
         for r in records:
             if r.image_id in splits:
                 w.writerow([r.image_id, r.patient, r.eye or "", "" if r.label is None else r.label, splits[r.image_id]])
-    os.replace(tmp, path)
     return path
 
 
