@@ -29,12 +29,17 @@ class StageConfig:
         lr: base learning rate of this stage (None: ``optim.lr``); scaled by the global batch size if
             ``optim.reference_batch_size`` is set.
         augment_strength: augmentation strength at this stage (None: ``augment.strength``).
+        max_seconds: a time budget: no new epoch starts once the stage's epochs (training and
+            validation) have taken this many seconds (None: run all ``epochs``). The learning-rate
+            schedule still follows ``epochs``. The resolution study's from-scratch run uses it to get
+            the same wall-clock time as the whole ladder.
     """
 
     stage: str = "tiny"
     epochs: int = 5
     lr: Optional[float] = None
     augment_strength: Optional[float] = None
+    max_seconds: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -223,7 +228,43 @@ def paper_preset() -> TrainConfig:
     )
 
 
-PRESETS = {"quick": quick_preset, "paper": paper_preset}
+def study_preset() -> TrainConfig:
+    """The resolution study's CPU ladder (``scripts/resolution_study.py``): about an hour on 2 cores.
+
+    112 -> 224 -> 448 at width 0.25 on 4000 synthetic photos (EyePACS's prior, fundus 512 px), Adam
+    with the quick preset's per-stage learning rates and no search (the search would double the
+    time; the study compares resolutions, not learning rates).
+    """
+    return TrainConfig(
+        name="stepwise",
+        stages=[StageConfig("tiny", 12, lr=1e-3), StageConfig("small", 8, lr=5e-4), StageConfig("median", 6, lr=3e-4)],
+        model=ModelConfig(width=0.25),
+        optim=OptimConfig(name="adam", lr=1e-3),
+        data=DataConfig(synth_count=4000, synth_size=512),
+        global_batch_size=32,
+        eval_bootstrap=1000,
+    )
+
+
+def study_full_preset() -> TrainConfig:
+    """The resolution study for a GPU machine (``--full``): the paper's four stages at full width.
+
+    112 -> 224 -> 448 -> 896, width 1, on 10000 synthetic photos with a 1024 px fundus; Adam with
+    decreasing per-stage learning rates (the paper's SGD needs its 200 epochs per stage).
+    """
+    return TrainConfig(
+        name="stepwise",
+        stages=[StageConfig("tiny", 30, lr=1e-3), StageConfig("small", 20, lr=5e-4),
+                StageConfig("median", 15, lr=3e-4), StageConfig("large", 10, lr=2e-4)],
+        model=ModelConfig(width=1.0),
+        optim=OptimConfig(name="adam", lr=1e-3),
+        data=DataConfig(synth_count=10000, synth_size=1024),
+        global_batch_size=32,
+        eval_bootstrap=1000,
+    )
+
+
+PRESETS = {"quick": quick_preset, "paper": paper_preset, "study": study_preset, "study-full": study_full_preset}
 
 
 def load_train_config(source=None, overrides=()) -> TrainConfig:
@@ -259,6 +300,8 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"stages.{i}.epochs must be >= 1; got {stage.epochs}")
         if stage.lr is not None and not stage.lr > 0:
             raise ConfigError(f"stages.{i}.lr must be > 0; got {stage.lr}")
+        if stage.max_seconds is not None and not stage.max_seconds > 0:
+            raise ConfigError(f"stages.{i}.max_seconds must be > 0 (or null for no limit); got {stage.max_seconds}")
     sizes = [s.input_size for s in specs]
     if any(b <= a for a, b in zip(sizes, sizes[1:])):
         raise ConfigError(f"the ladder's sizes must increase stage by stage; got {sizes}")

@@ -344,6 +344,11 @@ class StepwiseScaler:
 
         epoch = state["epoch"]
         while epoch < stage_cfg.epochs:
+            if stage_cfg.max_seconds is not None and state["seconds"] >= stage_cfg.max_seconds:
+                self.log(f"Stage {index} {spec.name}: time budget of {stage_cfg.max_seconds:.0f} s spent after "
+                         f"{epoch} of {stage_cfg.epochs} epochs ({state['seconds']:.0f} s); stopping the stage")
+                state["stopped_by_time"] = True
+                break
             t_epoch = time.time()
             lr = self._lr_at(state, epoch, stage_cfg.epochs)
             optimizer.learning_rate.assign(lr)
@@ -396,7 +401,7 @@ class StepwiseScaler:
         state["status"] = "done"
         state["result"] = result
         _write_json(state_file, state)
-        self.log(f"Stage {index} {spec.name}: {spec.input_size} px, {stage_cfg.epochs} epochs, best val kappa "
+        self.log(f"Stage {index} {spec.name}: {spec.input_size} px, {state['epoch']} epochs, best val kappa "
                  f"{result['val_kappa']:.4f} (epoch {result['best_epoch']}), {result['seconds']:.0f} s")
         return result
 
@@ -429,7 +434,9 @@ class StepwiseScaler:
             "index": index,
             "stage": spec.name,
             "size": spec.input_size,
-            "epochs": stage_cfg.epochs,
+            "epochs": state["epoch"],
+            "planned_epochs": stage_cfg.epochs,
+            "stopped_by_time": bool(state.get("stopped_by_time")),
             "lr": state["lr"],
             "lr_source": state["lr_source"],
             "nan_events": state["nan_events"],
