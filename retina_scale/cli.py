@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("retina_scale.commands.export", "export a run's stage as a SavedModel version for TF Serving"),
     "predict": ("retina_scale.commands.predict", "grade a folder or CSV of photos with an export, to a CSV"),
     "tune": ("retina_scale.commands.tune", "search one stage's learning rate with Keras Tuner (resumable, distributable)"),
+    "report": ("retina_scale.commands.report", "the resolution report of a run or study: tables, figures, REPORT.md"),
 }
 
 

@@ -1,0 +1,507 @@
+"""The resolution report of a stepwise run: Li et al.'s tables and figures, for any data.
+
+``write_report(run_dir, out)`` reads a finished run (``report.json``, each stage's ``state.json`` and
+``evaluation.json``) and, when given, the from-scratch control and the throughput measurement of a
+resolution study (:mod:`retina_scale.study`), and writes into ``out``::
+
+    REPORT.md            the tables and figures with a plain reading of them
+    report.json          the same numbers for machines
+    figures/val_loss.png          validation loss per epoch, one curve per stage (the paper's Fig. 2)
+    figures/confusion.png         the last stage's test confusion matrix with counts (Fig. 3)
+    figures/complexity.png        weights, multiply-adds, activations per stage, log scale (Fig. 4)
+    figures/kappa_vs_stage.png    test kappa per stage with 95 % intervals, marker area ~ weights (Fig. 5)
+    figures/stepwise_vs_scratch.png  validation kappa against training time, ladder and scratch
+
+Nothing here needs TensorFlow except the complexity counts (Keras builds each stage once).
+
+Example:
+>>> summary = write_report("runs/quick", "runs/quick/report")
+>>> summary["stages"][-1]["test_kappa"]["value"]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+from retina_scale.fileio import atomic_path
+
+# The paper's Table III (EyePACS test set, full width, 200 epochs per stage).
+PAPER_TABLE_III = {"tiny": 0.63978, "small": 0.77646, "median": 0.83879, "large": 0.85114}
+# The paper's Table IV for its large model: (precision, recall, F1).
+PAPER_TABLE_IV = {"no_dr": (0.932, 0.943, 0.938), "any_dr": (0.842, 0.815, 0.829), "mild_dr": (0.466, 0.312, 0.370)}
+ROW_LABELS = {"no_dr": "No DR", "any_dr": "Any DR", "mild_dr": "Mild DR"}
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def load_run(run_dir) -> dict:
+    """A finished stepwise run as one dict: ``report`` (report.json), ``config`` (config.yaml as a
+    dict) and ``stages``: per stage the report row plus ``history`` (epochs) and ``evaluation``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a finished run (no report.json) or lacks a stage's state.
+    """
+    import yaml
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no such run folder: {run_dir}")
+    if not (run_dir / "report.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds no finished stepwise run (no report.json); train it first "
+                                "with 'retina-scale train' or 'python scripts/stepwise.py'")
+    report = _read_json(run_dir / "report.json")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").exists() else {}
+    stages = []
+    for row in report["stages"]:
+        stage_dir = run_dir / "stages" / f"{row['index']}-{row['stage']}"
+        state_file = stage_dir / "state.json"
+        if not state_file.exists():
+            raise FileNotFoundError(f"{run_dir}: stage {row['stage']} has no state.json in {stage_dir}")
+        state = _read_json(state_file)
+        evaluation = _read_json(stage_dir / "evaluation.json") if (stage_dir / "evaluation.json").exists() else None
+        stages.append({**row, "history": state.get("history", []), "evaluation": evaluation})
+    return {"dir": str(run_dir), "report": report, "config": config or {}, "stages": stages}
+
+
+# ----------------------------------------------------------------------------------------- analysis
+def cumulative_curve(stages: list[dict]) -> list[dict]:
+    """Every epoch of a run in order with its cumulative training seconds (epochs' seconds summed
+    over the stages before it too): ``{"stage", "epoch", "elapsed", "val_kappa", "val_loss"}``."""
+    points, elapsed = [], 0.0
+    for stage in stages:
+        for row in stage["history"]:
+            elapsed += float(row["seconds"])
+            points.append({"stage": stage["stage"], "epoch": row["epoch"], "elapsed": elapsed,
+                           "val_kappa": row["val_kappa"], "val_loss": row["val_loss"]})
+    return points
+
+
+def first_time_reaching(curve: list[dict], target: float) -> float | None:
+    """The elapsed seconds at the first epoch whose validation kappa reaches ``target``; None if none."""
+    for point in curve:
+        kappa = point["val_kappa"]
+        if kappa is not None and math.isfinite(kappa) and kappa >= target - 1e-12:
+            return point["elapsed"]
+    return None
+
+
+def compare_scratch(ladder: dict, scratch: dict) -> dict:
+    """Stepwise against from scratch, by validation kappa per epoch and training time."""
+    ladder_curve = cumulative_curve(ladder["stages"])
+    scratch_curve = cumulative_curve(scratch["stages"])
+    scratch_best = max((p["val_kappa"] for p in scratch_curve), default=None)
+    ladder_best = max((p["val_kappa"] for p in ladder_curve), default=None)
+    top = scratch["stages"][-1]
+    ev = top.get("evaluation")
+    return {
+        "stage": top["stage"],
+        "scratch_epochs": top["epochs"],
+        "scratch_seconds": scratch_curve[-1]["elapsed"] if scratch_curve else 0.0,
+        "ladder_seconds": ladder_curve[-1]["elapsed"] if ladder_curve else 0.0,
+        "scratch_best_val_kappa": scratch_best,
+        "ladder_best_val_kappa": ladder_best,
+        "ladder_top_stage_best_val_kappa": ladder["stages"][-1]["val_kappa"],
+        "scratch_test_kappa": ev["kappa"] if ev else None,
+        "ladder_test_kappa": (ladder["stages"][-1].get("evaluation") or {}).get("kappa"),
+        "ladder_time_to_scratch_best": first_time_reaching(ladder_curve, scratch_best) if scratch_best is not None else None,
+        "scratch_time_to_scratch_best": first_time_reaching(scratch_curve, scratch_best) if scratch_best is not None else None,
+        "ladder_curve": ladder_curve,
+        "scratch_curve": scratch_curve,
+    }
+
+
+def _ci_overlap(a: dict, b: dict) -> bool | None:
+    if None in (a.get("ci_low"), a.get("ci_high"), b.get("ci_low"), b.get("ci_high")):
+        return None
+    return not (a["ci_high"] < b["ci_low"] or b["ci_high"] < a["ci_low"])
+
+
+def findings(stages: list[dict], comparison: dict | None, throughput: dict | None) -> list[str]:
+    """Plain sentences stating what the numbers show (computed, not tuned to any expectation)."""
+    lines = []
+    rated = [s for s in stages if s.get("evaluation")]
+    if len(rated) >= 2:
+        kappas = [s["evaluation"]["kappa"]["value"] for s in rated]
+        names = [f"{s['stage']} ({s['size']} px)" for s in rated]
+        steps = [b - a for a, b in zip(kappas, kappas[1:])]
+        trend = ("does not change" if all(d == 0 for d in steps)
+                 else "rises at every step" if all(d > 0 for d in steps)
+                 else "falls at every step" if all(d < 0 for d in steps) else "does not change monotonically")
+        first, last = rated[0]["evaluation"]["kappa"], rated[-1]["evaluation"]["kappa"]
+        overlap = _ci_overlap(first, last)
+        lines.append(
+            f"Test kappa {trend} with resolution: " + ", ".join(f"{n} {k:.3f}" for n, k in zip(names, kappas))
+            + f" (change {kappas[-1] - kappas[0]:+.3f} from the first to the last stage; the 95 % intervals of "
+            f"these two {'overlap' if overlap else 'do not overlap' if overlap is False else 'are not available'})."
+        )
+        if len(steps) >= 2 and all(d > 0 for d in steps):
+            shrinking = all(b < a for a, b in zip(steps, steps[1:]))
+            lines.append("Each doubling of the input gains " + ", ".join(f"{d:+.3f}" for d in steps)
+                         + (": smaller gains per doubling, the paper's roughly logarithmic growth."
+                            if shrinking else ": the gains do not shrink per doubling."))
+        for key in ("mild_dr", "any_dr"):
+            f_first = rated[0]["evaluation"]["table_iv"][key]["f1"]["value"]
+            f_last = rated[-1]["evaluation"]["table_iv"][key]["f1"]["value"]
+            if f_first is not None and f_last is not None:
+                lines.append(f"{ROW_LABELS[key]} F1 {f_first:.3f} -> {f_last:.3f} ({f_last - f_first:+.3f}) from "
+                             f"{rated[0]['stage']} to {rated[-1]['stage']}; recall "
+                             f"{rated[0]['evaluation']['table_iv'][key]['recall']['value'] or 0:.3f} -> "
+                             f"{rated[-1]['evaluation']['table_iv'][key]['recall']['value'] or 0:.3f}.")
+        gap = [s for s in rated if s["val_kappa"] is not None]
+        if gap:
+            worst = max(gap, key=lambda s: s["val_kappa"] - s["evaluation"]["kappa"]["value"])
+            lines.append(f"Largest drop from best validation kappa (cut-offs 0.5/1.5/2.5/3.5) to test kappa "
+                         f"(optimised cut-offs): {worst['stage']} {worst['val_kappa']:.3f} -> "
+                         f"{worst['evaluation']['kappa']['value']:.3f}.")
+    if comparison:
+        c = comparison
+        reach = c["ladder_time_to_scratch_best"]
+        lines.append(
+            f"From scratch, the {c['stage']} stage trained {c['scratch_epochs']} epochs in {c['scratch_seconds']:.0f} s "
+            f"(the ladder: {c['ladder_seconds']:.0f} s) and reached best validation kappa "
+            f"{c['scratch_best_val_kappa']:.3f} after {c['scratch_time_to_scratch_best']:.0f} s; the ladder's best was "
+            f"{c['ladder_best_val_kappa']:.3f}, and it "
+            + (f"first reached {c['scratch_best_val_kappa']:.3f} after {reach:.0f} s "
+               f"({reach / c['scratch_time_to_scratch_best']:.2f} of scratch's time)." if reach is not None
+               else "never reached the scratch run's best.")
+        )
+    if throughput:
+        fractions = [s["fraction_of_peak"] for s in throughput["stages"]]
+        lines.append(
+            f"Training reaches {min(fractions):.1%}-{max(fractions):.1%} of this machine's measured fp32 matmul peak "
+            f"({throughput['peak']['flops'] / 1e9:.1f} GFLOP/s); the input pipeline alone is "
+            + ", ".join(f"{s['input']['images_per_s'] / s['train']['images_per_s']:.1f}x" for s in throughput["stages"])
+            + " the training step's images/s per stage."
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    plt = _plt()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_val_loss(stages: list[dict], path) -> None:
+    """Fig. 2: validation loss (MSE of the grade) per epoch, one curve per stage."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for s in stages:
+        epochs = [r["epoch"] for r in s["history"]]
+        ax.plot(epochs, [r["val_loss"] for r in s["history"]], marker="o", ms=3, label=f"{s['stage']} ({s['size']} px)")
+    ax.set_xlabel("epoch of the stage")
+    ax.set_ylabel("validation loss (MSE of the grade)")
+    ax.set_title("Validation loss per stage (cf. the paper's Fig. 2)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusion(stage: dict, path) -> None:
+    """Fig. 3: the stage's test confusion matrix as a heat map (row-normalised colour, counts written)."""
+    import numpy as np
+
+    plt = _plt()
+    matrix = np.asarray(stage["evaluation"]["confusion_matrix"], dtype=float)
+    rows = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=9,
+                    color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xlabel("predicted grade")
+    ax.set_ylabel("true grade")
+    ax.set_xticks(range(matrix.shape[1]))
+    ax.set_yticks(range(matrix.shape[0]))
+    ax.set_title(f"Test confusion, {stage['stage']} ({stage['size']} px)")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true grade's row")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_kappa_vs_stage(stages: list[dict], path) -> None:
+    """Fig. 5: test kappa per stage with its 95 % interval; marker area proportional to weights."""
+    plt = _plt()
+    rated = [s for s in stages if s.get("evaluation")]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    x = list(range(len(rated)))
+    kappa = [s["evaluation"]["kappa"] for s in rated]
+    values = [k["value"] for k in kappa]
+    low = [k["value"] - (k["ci_low"] if k["ci_low"] is not None else k["value"]) for k in kappa]
+    high = [(k["ci_high"] if k["ci_high"] is not None else k["value"]) - k["value"] for k in kappa]
+    biggest = max(s["weights"] for s in rated)
+    ax.errorbar(x, values, yerr=[low, high], fmt="none", ecolor="grey", capsize=4, zorder=1)
+    ax.scatter(x, values, s=[900 * s["weights"] / biggest for s in rated], alpha=0.6, zorder=2,
+               label="this run (area ~ weights)")
+    paper = [(i, PAPER_TABLE_III[s["stage"]]) for i, s in enumerate(rated) if s["stage"] in PAPER_TABLE_III]
+    if paper:
+        ax.plot(*zip(*paper), "k_", ms=18, mew=2, label="paper's Table III (EyePACS)")
+    for i, s in enumerate(rated):
+        ax.annotate(f"{s['weights'] / 1e6:.2f}M", (i, values[i]), textcoords="offset points", xytext=(12, -4), fontsize=7)
+    ax.set_xticks(x, [f"{s['stage']}\n{s['size']} px" for s in rated])
+    ax.set_xlim(-0.5, len(rated) - 0.5)
+    ax.set_ylabel("test quadratic weighted kappa")
+    ax.set_title("Kappa against stage (cf. the paper's Fig. 5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_scratch(comparison: dict, path) -> None:
+    """Validation kappa against cumulative training seconds, the ladder and the scratch run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ladder = comparison["ladder_curve"]
+    stages = []
+    for p in ladder:
+        if not stages or stages[-1][0] != p["stage"]:
+            stages.append((p["stage"], []))
+        stages[-1][1].append(p)
+    for name, points in stages:
+        ax.plot([p["elapsed"] for p in points], [p["val_kappa"] for p in points], marker="o", ms=3,
+                label=f"stepwise: {name}")
+    scratch = comparison["scratch_curve"]
+    ax.plot([p["elapsed"] for p in scratch], [p["val_kappa"] for p in scratch], "k--", marker="s", ms=3,
+            label=f"from scratch: {comparison['stage']}")
+    if comparison["scratch_best_val_kappa"] is not None:
+        ax.axhline(comparison["scratch_best_val_kappa"], color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("training time, s (epochs incl. validation)")
+    ax.set_ylabel("validation kappa (cut-offs 0.5/1.5/2.5/3.5)")
+    ax.set_title("Stepwise against from scratch, same time budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------- the report
+def _cell(stat: dict | None, digits: int = 3) -> str:
+    if not stat or stat.get("value") is None:
+        return "n/a"
+    text = f"{stat['value']:.{digits}f}"
+    if stat.get("ci_low") is not None:
+        text += f" [{stat['ci_low']:.{digits}f}, {stat['ci_high']:.{digits}f}]"
+    return text
+
+
+def _md_table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _strip_curves(comparison: dict | None) -> dict | None:
+    if comparison is None:
+        return None
+    return {k: v for k, v in comparison.items() if not k.endswith("_curve")}
+
+
+def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, study: dict | None = None,
+                 complexity: bool = True) -> dict:
+    """Writes REPORT.md, report.json and figures/ for the run in ``run_dir`` into ``out``.
+
+    Args:
+        run_dir: a finished stepwise run folder.
+        out: where to write (default ``<run_dir>/report``; the run's own report.md stays beside it).
+        scratch_dir: a finished from-scratch run of the top stage (the study's control), or None.
+        throughput_file: a ``throughput.json`` written by :mod:`retina_scale.throughput`, or None.
+        study: the study's step timings (``study.json``), shown in the report.
+        complexity: count weights / multiply-adds / activations (builds each stage once with Keras).
+
+    Returns:
+        The summary written to ``report.json``, plus ``report_md`` (the REPORT.md path).
+    """
+    run = load_run(run_dir)
+    out = Path(out) if out is not None else Path(run_dir) / "report"
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    stages = run["stages"]
+    width = float((run["config"].get("model") or {}).get("width", 1.0))
+    scratch = load_run(scratch_dir) if scratch_dir is not None else None
+    comparison = compare_scratch(run, scratch) if scratch is not None else None
+    throughput = _read_json(throughput_file) if throughput_file is not None and Path(throughput_file).exists() else None
+
+    made = {}
+    if any(s["history"] for s in stages):
+        plot_val_loss(stages, figures / "val_loss.png")
+        made["val_loss"] = "figures/val_loss.png"
+    last = stages[-1]
+    if last.get("evaluation"):
+        plot_confusion(last, figures / "confusion.png")
+        made["confusion"] = "figures/confusion.png"
+    records = None
+    if complexity:
+        from retina_scale.models.complexity import family_complexity, plot_complexity
+
+        records = family_complexity([s["stage"] for s in stages], width=width)
+        plot_complexity(records, figures / "complexity.png")
+        made["complexity"] = "figures/complexity.png"
+    if any(s.get("evaluation") for s in stages):
+        plot_kappa_vs_stage(stages, figures / "kappa_vs_stage.png")
+        made["kappa_vs_stage"] = "figures/kappa_vs_stage.png"
+    if comparison is not None:
+        plot_scratch(comparison, figures / "stepwise_vs_scratch.png")
+        made["stepwise_vs_scratch"] = "figures/stepwise_vs_scratch.png"
+
+    found = findings(stages, comparison, throughput)
+    summary = {
+        "run_dir": str(run_dir),
+        "width": width,
+        "stages": [{
+            "stage": s["stage"], "size": s["size"], "epochs": s["epochs"], "weights": s["weights"],
+            "seconds": s["seconds"], "val_kappa": s["val_kappa"],
+            "test_kappa": (s.get("evaluation") or {}).get("kappa"),
+            "table_iv": (s.get("evaluation") or {}).get("table_iv"),
+            "referable": (s.get("evaluation") or {}).get("referable"),
+            "test_images": s.get("test_images"),
+            "val_loss": [r["val_loss"] for r in s["history"]],
+            "val_kappa_per_epoch": [r["val_kappa"] for r in s["history"]],
+        } for s in stages],
+        "complexity": records,
+        "scratch": _strip_curves(comparison),
+        "throughput": throughput,
+        "study": study,
+        "findings": found,
+        "figures": made,
+    }
+    text = format_markdown(run, summary, comparison, throughput, records, study)
+    with atomic_path(out / "report.json") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+        f.write("\n")
+    _write_text(out / "REPORT.md", text)
+    summary["report_md"] = str(out / "REPORT.md")
+    return summary
+
+
+def format_markdown(run, summary, comparison, throughput, records, study) -> str:
+    stages = run["stages"]
+    figs = summary["figures"]
+    cfg = run["config"]
+    lines = [f"# Resolution report: `{run['report']['name']}`", ""]
+    machine = (throughput or {}).get("machine") or {"platform": platform.platform(), "cpus": None}
+    lines += [f"Run folder `{run['dir']}`; width multiplier {summary['width']:g}; "
+              f"global batch {cfg.get('global_batch_size', '?')}; optimiser {(cfg.get('optim') or {}).get('name', '?')}; "
+              f"strategy {run['report'].get('strategy')} x{run['report'].get('replicas')}.",
+              f"Machine: {machine.get('platform')}, {machine.get('cpus')} CPUs"
+              + (f", TensorFlow {machine['tensorflow']}, Keras {machine['keras']}" if "tensorflow" in machine else "") + "."]
+    if study:
+        lines.append("Wall time per step: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in study.items()) + ".")
+    lines.append("")
+    if summary["findings"]:
+        lines += ["## What the numbers show", ""] + [f"- {f}" for f in summary["findings"]] + [""]
+
+    lines += ["## 1. Kappa per stage (Table III)", "",
+              "Test split, thresholds optimised on validation; 95 % percentile bootstrap intervals over patients.", ""]
+    rows = []
+    for s in stages:
+        ev = s.get("evaluation") or {}
+        rows.append((s["stage"], s["size"], s["epochs"], f"{s['weights'] / 1e6:.3f} M",
+                     f"{s['val_kappa']:.3f}" if s["val_kappa"] is not None else "n/a",
+                     _cell(ev.get("kappa")), ev.get("n_images", 0),
+                     f"{PAPER_TABLE_III[s['stage']]:.3f}" if s["stage"] in PAPER_TABLE_III else "-"))
+    lines += _md_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]", "test images",
+                        "paper (EyePACS)"), rows) + [""]
+    if "kappa_vs_stage" in figs:
+        lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
+
+    lines += ["## 2. No DR / any DR / mild DR, referable DR (Table IV)", ""]
+    rows = []
+    for s in stages:
+        ev = s.get("evaluation")
+        if not ev:
+            continue
+        for key, label in ROW_LABELS.items():
+            r = ev["table_iv"][key]
+            rows.append((s["stage"], label, _cell(r["precision"]), _cell(r["recall"]), _cell(r["f1"])))
+    lines += _md_table(("stage", "class", "precision", "recall", "F1"), rows) + [""]
+    paper_rows = [("large (paper)", ROW_LABELS[k], *(f"{v:.3f}" for v in vals)) for k, vals in PAPER_TABLE_IV.items()]
+    lines += ["The paper's large model on EyePACS, for reference:", ""]
+    lines += _md_table(("stage", "class", "precision", "recall", "F1"), paper_rows) + [""]
+    rows = [(s["stage"], _cell(s["evaluation"]["referable"]["sensitivity"]), _cell(s["evaluation"]["referable"]["specificity"]),
+             _cell(s["evaluation"]["referable"]["auc"])) for s in stages if s.get("evaluation")]
+    lines += ["Referable DR (grade >= 2):", ""]
+    lines += _md_table(("stage", "sensitivity", "specificity", "AUC"), rows) + [""]
+
+    lines += ["## 3. Validation loss per epoch (Fig. 2)", ""]
+    if "val_loss" in figs:
+        lines += [f"![validation loss]({figs['val_loss']})", ""]
+    lines += ["## 4. Confusion matrix of the last stage (Fig. 3)", ""]
+    if "confusion" in figs:
+        matrix = stages[-1]["evaluation"]["confusion_matrix"]
+        lines += [f"![confusion]({figs['confusion']})", ""]
+        lines += _md_table(("true \\ predicted", *map(str, range(len(matrix)))),
+                           [(str(i), *row) for i, row in enumerate(matrix)]) + [""]
+    lines += ["## 5. Complexity per stage (Fig. 4)", ""]
+    if records:
+        lines += [f"![complexity]({figs['complexity']})", ""]
+        lines += _md_table(("stage", "px", "weights", "multiply-adds / image", "activations / image"),
+                           [(r["stage"], r["input_size"], f"{r['weights'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.1f} M",
+                             f"{r['activations'] / 1e6:.3f} M") for r in records]) + [""]
+        if summary["width"] != 1.0:
+            lines += [f"(Width {summary['width']:g}: the paper's full-width counts are in `retina-scale complexity`.)", ""]
+    lines += ["## 6. Kappa against stage (Fig. 5)", "", "See section 1's figure: marker area is proportional to the "
+              "stage's weights, bars are the 95 % intervals, black ticks the paper's Table III.", ""]
+
+    lines += ["## 7. Stepwise against from scratch", ""]
+    if comparison:
+        c = comparison
+        fmt = lambda v: "never" if v is None else f"{v:.0f} s"  # noqa: E731
+        lines += _md_table(
+            ("run", "training time", "best val kappa", "test kappa [95 % CI]", "time to reach scratch's best val kappa"),
+            [("stepwise ladder", f"{c['ladder_seconds']:.0f} s", f"{c['ladder_best_val_kappa']:.3f}",
+              _cell(c["ladder_test_kappa"]), fmt(c["ladder_time_to_scratch_best"])),
+             (f"{c['stage']} from scratch ({c['scratch_epochs']} epochs)", f"{c['scratch_seconds']:.0f} s",
+              f"{c['scratch_best_val_kappa']:.3f}", _cell(c["scratch_test_kappa"]), fmt(c["scratch_time_to_scratch_best"]))])
+        lines += ["", f"![stepwise against scratch]({figs['stepwise_vs_scratch']})", "",
+                  "Training time is the sum of the epochs' seconds (training and validation); transfers, test "
+                  "evaluation and exports are not counted in either run.", ""]
+    else:
+        lines += ["Not run: `python scripts/resolution_study.py` trains the top stage from scratch for the ladder's "
+                  "time and reports it here.", ""]
+
+    lines += ["## 8. Throughput per stage", ""]
+    if throughput:
+        peak = throughput["peak"]
+        rows = [(s["stage"], s["size"], f"{s['train']['images_per_s']:.1f}", f"{s['train']['forward_macs'] / 1e6:.1f} M",
+                 f"{s['achieved_flops'] / 1e9:.2f}", f"{s['fraction_of_peak']:.1%}", f"{s['input']['images_per_s']:.0f}",
+                 f"{s['predict']['images_per_s']:.1f}" if s.get("predict") else "-",
+                 f"{s['epoch_images_per_s']:.1f}" if s.get("epoch_images_per_s") else "-")
+                for s in throughput["stages"]]
+        lines += _md_table(("stage", "px", "train img/s", "fwd mult-adds", "achieved GFLOP/s", "of fp32 peak",
+                            "input img/s", "export predict img/s", "run's epochs img/s"), rows)
+        lines += ["", f"fp32 matmul peak measured in the same process: {peak['flops'] / 1e9:.1f} GFLOP/s "
+                  f"({peak['n']}x{peak['n']} matmul, best of 5). Achieved = 3 x forward multiply-adds x 2 x train img/s; "
+                  "train img/s is the training step alone on in-memory images (global batch "
+                  f"{throughput['stages'][0]['train']['batch']}); input img/s is the cached, augmented, resampled "
+                  "training input alone; predict is the exported SavedModel's serving_default; the run's epochs include "
+                  "input, training and validation.", ""]
+    else:
+        lines += ["Not measured: `python scripts/resolution_study.py` (or `retina-scale report --measure`) measures it.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The resolution study: does grading improve with input resolution, and does stepwise training pay?
+
+One study folder holds everything the report needs::
+
+    <out>/data/synthetic/     the embedded synthetic data set (when no data.data is given)
+    <out>/data/cache/         the per-size cache, shared by both runs
+    <out>/runs/stepwise/      the ladder (a normal stepwise run)
+    <out>/runs/scratch/       the top stage alone from orthogonal initialisation, for the ladder's time
+    <out>/throughput.json     per-stage speeds and this machine's fp32 matmul peak
+    <out>/REPORT.md, report.json, figures/*.png
+
+Every step is skipped when its result is already there, so an interrupted study resumes where it
+stopped (the runs themselves resume mid-stage).
+
+Example:
+>>> from retina_scale.training.config import load_train_config
+>>> summary = run_study("runs/resolution-study", load_train_config("study"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from retina_scale.config import ConfigError
+from retina_scale.fileio import atomic_path
+from retina_scale.training.config import StageConfig, TrainConfig
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path, data) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def study_configs(config: TrainConfig, out) -> TrainConfig:
+    """The ladder's config placed in the study folder: runs under ``<out>/runs``, exports under
+    ``<out>/saved_models``, the shared cache under ``<out>/data/cache`` (unless the config names one)."""
+    out = Path(out)
+    data = config.data
+    if data.cache is None:
+        data = dataclasses.replace(data, cache=str(out / "data" / "cache"))
+    return dataclasses.replace(config, name="stepwise", runs_dir=str(out / "runs"),
+                               export_dir=str(out / "saved_models"), data=data)
+
+
+def ladder_seconds(run_dir) -> tuple[float, list[dict]]:
+    """Training time of a finished run: the sum of its epochs' seconds (training and validation of
+    every stage; transfers, test evaluation and exports are not counted) and the per-stage states."""
+    run_dir = Path(run_dir)
+    report = _read_json(run_dir / "report.json")
+    states = []
+    for stage in report["stages"]:
+        state_file = run_dir / "stages" / f"{stage['index']}-{stage['stage']}" / "state.json"
+        states.append(_read_json(state_file))
+    total = sum(row["seconds"] for s in states for row in s["history"])
+    return float(total), states
+
+
+def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
+    """The from-scratch control: the ladder's top stage alone, from orthogonal initialisation, with
+    the first stage's learning rate (a net that starts from nothing), for the ladder's training time.
+
+    Its epoch count is the ladder's time over the top stage's mean epoch time (so the learning-rate
+    drop falls where it would), and ``max_seconds`` stops it once the ladder's time is spent.
+    """
+    budget, states = ladder_seconds(run_dir)
+    top = states[-1]["history"]
+    per_epoch = sum(r["seconds"] for r in top) / len(top)
+    epochs = max(1, round(budget / per_epoch))
+    first = ladder.stages[0]
+    lr = first.lr if first.lr is not None else ladder.optim.lr
+    stage = StageConfig(ladder.stages[-1].stage, epochs, lr=lr,
+                        augment_strength=ladder.stages[-1].augment_strength, max_seconds=round(budget, 1))
+    tune = dataclasses.replace(ladder.tune, enabled=False)
+    return dataclasses.replace(ladder, name="scratch", stages=[stage], tune=tune, export=False)
+
+
+def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: bool = True,
+              throughput_steps: int = 20, peak_sizes=(1024, 2048, 4096), verbose: int = 1,
+              log: Callable[[str], None] = print) -> dict:
+    """Runs (or resumes) the ladder, the from-scratch control and the throughput measurement in
+    ``out``, then writes the report there.
+
+    Args:
+        out: the study folder.
+        config: the ladder's ``TrainConfig`` (``load_train_config("study")``, ``"study-full"``, ...).
+        scratch: also train the top stage from scratch for the ladder's time (the report's part 7).
+        throughput: also measure speeds and the machine's fp32 peak (part 8).
+        throughput_steps: timed training steps per stage.
+        peak_sizes: matrix sizes of the fp32 matmul peak measurement (the best counts).
+        verbose: 1 shows progress; 0 is silent.
+
+    Returns:
+        The report's summary (also in ``<out>/report.json``).
+    """
+    from retina_scale.training.config import check_config
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ladder = study_configs(config, out)
+    check_config(ladder)
+    timings = _read_json(out / "study.json") if (out / "study.json").exists() else {}
+
+    def step(name, fn):
+        if name in timings:
+            return
+        t0 = time.time()
+        fn()
+        timings[name] = round(time.time() - t0, 1)
+        _write_json(out / "study.json", timings)
+
+    if ladder.data.data is None:  # both runs must see the same photos: make them once, here
+        def make_data():
+            _synthetic(out, ladder, verbose)
+        step("synthetic_seconds", make_data)
+        ladder = dataclasses.replace(ladder, data=dataclasses.replace(ladder.data, data=str(out / "data" / "synthetic")))
+    ladder_dir = Path(ladder.runs_dir) / ladder.name
+    step("ladder_seconds", lambda: StepwiseScaler(ladder, verbose=verbose, log=log).run())
+    scratch_dir = None
+    if scratch:
+        scratch_cfg = scratch_config(ladder, ladder_dir)
+        scratch_dir = Path(scratch_cfg.runs_dir) / scratch_cfg.name
+        if verbose:
+            log(f"From scratch: stage {scratch_cfg.stages[0].stage} for {scratch_cfg.stages[0].max_seconds:.0f} s "
+                f"(the ladder's training time), up to {scratch_cfg.stages[0].epochs} epochs")
+        step("scratch_seconds", lambda: StepwiseScaler(scratch_cfg, verbose=verbose, log=log).run())
+    throughput_file = None
+    if throughput:
+        from retina_scale.throughput import measure_run_throughput
+
+        throughput_file = out / "throughput.json"
+
+        def measure():
+            result = measure_run_throughput(ladder_dir, steps=throughput_steps, log=log if verbose else None,
+                                            peak_sizes=peak_sizes)
+            _write_json(throughput_file, result)
+        step("throughput_seconds", measure)
+    from retina_scale.report import write_report
+
+    return write_report(ladder_dir, out, scratch_dir=scratch_dir, throughput_file=throughput_file, study=timings)
+
+
+def _synthetic(out: Path, config: TrainConfig, verbose: int) -> Path:
+    import os
+
+    from retina_scale.data.synthetic import generate_dataset
+
+    cfg = config.data
+    target = out / "data" / "synthetic"
+    args = {"count": cfg.synth_count, "size": cfg.synth_size, "seed": cfg.synth_seed, "prior": cfg.synth_prior}
+    stamp = out / "data" / "synthetic.json"
+    if (target / "trainLabels.csv").exists() and stamp.exists() and _read_json(stamp) == args:
+        return target
+    if cfg.synth_size < max(_sizes(config)):
+        raise ConfigError(f"data.synth_size ({cfg.synth_size}) must be at least the largest stage size "
+                          f"({max(_sizes(config))})")
+    generate_dataset(str(target), workers=cfg.workers or os.cpu_count() or 1, overwrite=True,
+                     progress=bool(verbose), **args)
+    _write_json(stamp, args)
+    return target
+
+
+def _sizes(config: TrainConfig) -> list[int]:
+    from retina_scale.models.convnet import get_stage
+
+    return [get_stage(s.stage).input_size for s in config.stages]
+
+
+def time_to_reach(history: list[dict], target: float, offset: float = 0.0) -> float | None:
+    """Seconds of training (cumulative epoch seconds, plus ``offset``) until a validation kappa first
+    reaches ``target``; None if it never does."""
+    elapsed = offset
+    for row in history:
+        elapsed += row["seconds"]
+        if row["val_kappa"] is not None and math.isfinite(row["val_kappa"]) and row["val_kappa"] >= target - 1e-12:
+            return elapsed
+    return None

@@ -1,0 +1,220 @@
+"""The resolution study end to end on a thin two-stage ladder: the ladder, the from-scratch control
+with the ladder's time, throughput, and the report (tables, figures, findings, CLI)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina_scale.cli import main
+from retina_scale.config import ConfigError
+from retina_scale.training.config import load_train_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _config(small_cache, stages="[{stage: tiny, epochs: 2, lr: 0.003}, {stage: small, epochs: 1, lr: 0.001}]",
+            extra=()):
+    data, cache = small_cache
+    return load_train_config("study", [
+        "model.width=0.125", "model.dropout=0.0", f"data.data={json.dumps(str(data))}",
+        f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
+        "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", f"stages={stages}", *extra])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, small_cache):
+    from retina_scale.study import run_study
+
+    out = tmp_path_factory.mktemp("study")
+    summary = run_study(out, _config(small_cache), throughput_steps=2, peak_sizes=(256,), verbose=0)
+    return out, summary
+
+
+def _states(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    return [json.loads((run_dir / "stages" / f"{s['index']}-{s['stage']}" / "state.json").read_text())
+            for s in report["stages"]]
+
+
+def test_study_writes_report_figures_and_json(study):
+    out, summary = study
+    assert summary["report_md"] == str(out / "REPORT.md")
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == ["complexity.png", "confusion.png", "kappa_vs_stage.png", "stepwise_vs_scratch.png",
+                       "val_loss.png"]
+    for name in figures:
+        data = (out / "figures" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["findings"] == summary["findings"] and len(on_disk["findings"]) >= 4
+    assert set(json.loads((out / "study.json").read_text())) == {"ladder_seconds", "scratch_seconds",
+                                                                 "throughput_seconds"}
+
+
+def test_report_numbers_are_the_stage_evaluations(study):
+    out, summary = study
+    text = (out / "REPORT.md").read_text()
+    run_dir = out / "runs" / "stepwise"
+    for stage, name in zip(summary["stages"], ("1-tiny", "2-small")):
+        evaluation = json.loads((run_dir / "stages" / name / "evaluation.json").read_text())
+        assert stage["test_kappa"] == evaluation["kappa"]
+        k = evaluation["kappa"]
+        assert f"{k['value']:.3f} [{k['ci_low']:.3f}, {k['ci_high']:.3f}]" in text
+        mild = evaluation["table_iv"]["mild_dr"]["recall"]
+        assert stage["table_iv"]["mild_dr"]["recall"] == mild
+        state = json.loads((run_dir / "stages" / name / "state.json").read_text())
+        assert stage["val_loss"] == [r["val_loss"] for r in state["history"]]
+    matrix = json.loads((run_dir / "stages" / "2-small" / "evaluation.json").read_text())["confusion_matrix"]
+    assert "| 0 | " + " | ".join(map(str, matrix[0])) + " |" in text
+
+
+def test_scratch_trains_the_top_stage_from_initialisation_for_the_ladders_time(study):
+    out, summary = study
+    ladder_seconds = sum(r["seconds"] for s in _states(out / "runs" / "stepwise") for r in s["history"])
+    scratch_dir = out / "runs" / "scratch"
+    report = json.loads((scratch_dir / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["small"]
+    stage_dir = scratch_dir / "stages" / "1-small"
+    assert not (stage_dir / "transfer.json").exists()  # nothing carried over: orthogonal initialisation
+    state = json.loads((stage_dir / "state.json").read_text())
+    assert state["lr"] == pytest.approx(0.003)  # the ladder's first-stage rate, not the fine-tuning rate
+    from retina_scale.config import load_config
+    from retina_scale.training.config import TrainConfig
+
+    config = load_config(TrainConfig, scratch_dir / "config.yaml")
+    assert config.stages[0].max_seconds == pytest.approx(ladder_seconds, abs=0.1)
+    assert summary["scratch"]["ladder_seconds"] == pytest.approx(ladder_seconds)
+    assert summary["scratch"]["scratch_best_val_kappa"] == max(r["val_kappa"] for r in state["history"])
+
+
+def test_throughput_figures_follow_their_definitions(study):
+    from retina_scale.models.complexity import family_complexity
+
+    out, summary = study
+    result = json.loads((out / "throughput.json").read_text())
+    counts = {r["stage"]: r for r in family_complexity(["tiny", "small"], width=0.125)}
+    peak = result["peak"]
+    assert peak["flops"] == pytest.approx(2 * peak["n"] ** 3 / peak["seconds"])
+    for stage in result["stages"]:
+        train = stage["train"]
+        assert train["forward_macs"] == counts[stage["stage"]]["macs"]
+        assert train["images_per_s"] == pytest.approx(train["steps"] * train["batch"] / train["seconds"])
+        assert stage["achieved_flops"] == pytest.approx(3 * train["forward_macs"] * 2 * train["images_per_s"])
+        assert stage["fraction_of_peak"] == pytest.approx(stage["achieved_flops"] / peak["flops"])
+        assert stage["input"]["images_per_s"] > 0 and stage["predict"]["images_per_s"] > 0
+    assert summary["throughput"] == result
+
+
+def test_rerunning_the_study_repeats_no_step(study, small_cache):
+    from retina_scale.study import run_study
+
+    out, summary = study
+    before = (out / "study.json").read_text()
+    states = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/stages/*/state.json")}
+    again = run_study(out, _config(small_cache), throughput_steps=2, peak_sizes=(256,), verbose=0)
+    assert (out / "study.json").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in states} == states
+    assert again["stages"] == summary["stages"]
+
+
+def test_report_cli_on_a_run_and_on_a_study(study, capsys):
+    out, summary = study
+    run_dir = out / "runs" / "stepwise"
+    run_md = (run_dir / "report.md").read_text()
+    assert main(["report", "--run", str(run_dir), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["report_md"] == str(run_dir / "report" / "REPORT.md")
+    assert printed["scratch"] is None and printed["throughput"] is None
+    assert (run_dir / "report.md").read_text() == run_md  # the trainer's own report is left alone
+    assert "Not run" in (run_dir / "report" / "REPORT.md").read_text()
+
+    assert main(["report", "--run", str(out), "--out", str(out / "again"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["scratch"]["stage"] == "small" and printed["throughput"] == summary["throughput"]
+
+
+def test_report_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
+    assert main(["report", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished stepwise run" in err[0]
+    assert main(["report", "--run", str(tmp_path / "missing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_max_seconds_stops_a_stage_between_epochs(tmp_path, small_cache):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    config = _config(small_cache, stages="[{stage: tiny, epochs: 4, lr: 0.003, max_seconds: 0.001}]",
+                     extra=[f"runs_dir={json.dumps(str(tmp_path))}", "export=false", "name=budget"])
+    report = StepwiseScaler(config, verbose=0).run()
+    stage = report["stages"][0]
+    assert (stage["epochs"], stage["planned_epochs"], stage["stopped_by_time"]) == (1, 4, True)
+    assert len(_states(tmp_path / "budget")[0]["history"]) == 1
+
+
+def test_max_seconds_must_be_positive(small_cache):
+    with pytest.raises(ConfigError, match=r"stages.0.max_seconds must be > 0"):
+        _config(small_cache, stages="[{stage: tiny, epochs: 2, max_seconds: 0}]")
+
+
+def test_study_script_refuses_bad_arguments_in_one_line(tmp_path, subprocess_env):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "resolution_study.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "stages.0.epochs=0"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("resolution_study: error: stages.0.epochs must be >= 1")
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------ the analysis alone
+def _stage(name, size, kappa, low, high, mild_f1, weights, history):
+    stat = lambda v, lo=None, hi=None: {"value": v, "ci_low": lo, "ci_high": hi, "n_valid": 10}  # noqa: E731
+    table = {k: {"precision": stat(0.5), "recall": stat(0.4), "f1": stat(f)} for k, f in
+             (("no_dr", 0.9), ("any_dr", 0.7), ("mild_dr", mild_f1))}
+    return {"stage": name, "size": size, "epochs": len(history), "weights": weights, "seconds": 1.0,
+            "val_kappa": max(r["val_kappa"] for r in history), "history": history,
+            "evaluation": {"kappa": stat(kappa, low, high), "table_iv": table, "confusion_matrix": [[1]]}}
+
+
+def _history(kappas, seconds):
+    return [{"epoch": i + 1, "val_kappa": k, "val_loss": 1 - k, "seconds": s}
+            for i, (k, s) in enumerate(zip(kappas, seconds))]
+
+
+def test_time_to_reach_counts_earlier_stages():
+    from retina_scale.report import compare_scratch
+
+    ladder = {"stages": [_stage("tiny", 112, 0.5, 0.4, 0.6, 0.1, 1e6, _history([0.3, 0.5], [10, 10])),
+                         _stage("small", 224, 0.7, 0.6, 0.8, 0.2, 3e6, _history([0.62, 0.7], [30, 30]))]}
+    scratch = {"stages": [_stage("small", 224, 0.6, 0.5, 0.7, 0.15, 3e6, _history([0.2, 0.6, 0.55], [25, 25, 25]))]}
+    c = compare_scratch(ladder, scratch)
+    assert c["scratch_best_val_kappa"] == 0.6
+    assert c["scratch_time_to_scratch_best"] == 50  # second epoch
+    assert c["ladder_time_to_scratch_best"] == 50  # 10 + 10 + the first small epoch's 30
+    assert (c["ladder_seconds"], c["scratch_seconds"]) == (80, 75)
+
+    never = {"stages": [_stage("small", 224, 0.9, 0.8, 0.95, 0.2, 3e6, _history([0.95], [40]))]}
+    assert compare_scratch(ladder, never)["ladder_time_to_scratch_best"] is None
+
+
+def test_findings_state_the_trend_and_the_overlap():
+    from retina_scale.report import findings
+
+    rising = [_stage("tiny", 112, 0.50, 0.45, 0.55, 0.10, 1e6, _history([0.5], [1])),
+              _stage("small", 224, 0.65, 0.60, 0.70, 0.20, 3e6, _history([0.6], [1])),
+              _stage("median", 448, 0.70, 0.66, 0.74, 0.30, 8e6, _history([0.7], [1]))]
+    text = findings(rising, None, None)
+    assert text[0].startswith("Test kappa rises at every step") and "do not overlap" in text[0]
+    assert "+0.150, +0.050: smaller gains per doubling" in text[1]
+    assert "Mild DR F1 0.100 -> 0.300 (+0.200)" in text[2]
+
+    dip = [rising[0], _stage("small", 224, 0.48, 0.40, 0.56, 0.05, 3e6, _history([0.5], [1]))]
+    text = findings(dip, None, None)
+    assert text[0].startswith("Test kappa does not change monotonically") or \
+        text[0].startswith("Test kappa falls at every step")
+    assert "overlap" in text[0] and "do not overlap" not in text[0]
+    assert np.isclose(float(text[0].split("change ")[1].split(" ")[0]), -0.02)
