@@ -7,6 +7,7 @@ write leaves the previous version intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -42,3 +43,20 @@ def atomic_path(path, suffix: str | None = None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_json(path, data) -> None:
+    """Writes ``data`` as indented JSON to ``path`` atomically; NaN and infinity are refused (not JSON)."""
+    write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path):
+    """The JSON document in ``path`` (UTF-8)."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

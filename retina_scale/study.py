@@ -20,26 +20,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
 from typing import Callable
 
 from retina_scale.config import ConfigError
-from retina_scale.fileio import atomic_path
+from retina_scale.fileio import read_json as _read_json, write_json as _write_json
 from retina_scale.training.config import StageConfig, TrainConfig
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(path, data) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
 
 
 def study_configs(config: TrainConfig, out) -> TrainConfig:

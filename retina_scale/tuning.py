@@ -57,7 +57,7 @@ from typing import Callable
 import numpy as np
 
 from retina_scale.config import ConfigError, to_dict
-from retina_scale.fileio import atomic_path
+from retina_scale.fileio import write_json, write_text as _write_text
 
 OBJECTIVE = "val_kappa"
 DIVERGED_KAPPA = -1.0
@@ -403,14 +403,7 @@ def _f(x):
 
 
 def _write_json(path, data):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(data), f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-def _write_text(path, text):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_json(path, _json_safe(data))
 
 
 def _settings(config) -> dict:

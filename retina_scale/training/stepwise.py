@@ -24,7 +24,6 @@ epoch number).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -34,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from retina_scale.config import ConfigError, dump_config, to_dict
-from retina_scale.fileio import atomic_path
+from retina_scale.fileio import read_json as _read_json, write_json as _write_json, write_text as _write_text
 from retina_scale.training.config import TrainConfig
 
 
@@ -60,22 +59,6 @@ class StageContext:
     strategy: object
     cache_dir: Path
     splits_file: Path
-
-
-def _write_json(path, data) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-def _write_text(path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _finite(x):
