@@ -218,3 +218,15 @@ def test_findings_state_the_trend_and_the_overlap():
         text[0].startswith("Test kappa falls at every step")
     assert "overlap" in text[0] and "do not overlap" not in text[0]
     assert np.isclose(float(text[0].split("change ")[1].split(" ")[0]), -0.02)
+
+
+@pytest.mark.parametrize("preset, sizes, width", [("study", [112, 224, 448], 0.25),
+                                                  ("study-full", [112, 224, 448, 896], 1.0)])
+def test_study_presets_describe_the_documented_ladders(preset, sizes, width):
+    from retina_scale.models.convnet import get_stage
+
+    config = load_train_config(preset)
+    assert [get_stage(s.stage).input_size for s in config.stages] == sizes
+    assert config.model.width == width and not config.tune.enabled
+    assert config.data.synth_size >= sizes[-1]
+    assert all(s.max_seconds is None for s in config.stages)

@@ -16,7 +16,7 @@ import argparse
 
 def add_arguments(parser):
     parser.add_argument("--config", default="quick",
-                        help="a preset (quick, paper) or a YAML/JSON config file (default: quick)")
+                        help="a preset (quick, paper, study, study-full) or a YAML/JSON config file (default: quick)")
     parser.add_argument("--data", help="a data folder (EyePACS, APTOS, one folder per grade, or CSV); "
                                        "default: the embedded synthetic data set")
     parser.add_argument("--labels", help="the labels CSV, if not where the format expects it")
