@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -41,28 +40,20 @@ def study_configs(config: TrainConfig, out) -> TrainConfig:
                                export_dir=str(out / "saved_models"), data=data)
 
 
-def ladder_seconds(run_dir) -> tuple[float, list[dict]]:
-    """Training time of a finished run: the sum of its epochs' seconds (training and validation of
-    every stage; transfers, test evaluation and exports are not counted) and the per-stage states."""
-    run_dir = Path(run_dir)
-    report = _read_json(run_dir / "report.json")
-    states = []
-    for stage in report["stages"]:
-        state_file = run_dir / "stages" / f"{stage['index']}-{stage['stage']}" / "state.json"
-        states.append(_read_json(state_file))
-    total = sum(row["seconds"] for s in states for row in s["history"])
-    return float(total), states
-
-
 def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
     """The from-scratch control: the ladder's top stage alone, from orthogonal initialisation, with
     the first stage's learning rate (a net that starts from nothing), for the ladder's training time.
 
-    Its epoch count is the ladder's time over the top stage's mean epoch time (so the learning-rate
-    drop falls where it would), and ``max_seconds`` stops it once the ladder's time is spent.
+    The ladder's time is the sum of its epochs' seconds (training and validation of every stage;
+    transfers, test evaluation and exports are not counted). The control's epoch count is that time
+    over the top stage's mean epoch time (so the learning-rate drop falls where it would), and
+    ``max_seconds`` stops it once the ladder's time is spent.
     """
-    budget, states = ladder_seconds(run_dir)
-    top = states[-1]["history"]
+    from retina_scale.report import cumulative_curve, load_run
+
+    stages = load_run(run_dir)["stages"]
+    budget = cumulative_curve(stages)[-1]["elapsed"]  # the sum of every epoch's seconds, all stages
+    top = stages[-1]["history"]
     per_epoch = sum(r["seconds"] for r in top) / len(top)
     epochs = max(1, round(budget / per_epoch))
     first = ladder.stages[0]
@@ -163,14 +154,3 @@ def _sizes(config: TrainConfig) -> list[int]:
     from retina_scale.models.convnet import get_stage
 
     return [get_stage(s.stage).input_size for s in config.stages]
-
-
-def time_to_reach(history: list[dict], target: float, offset: float = 0.0) -> float | None:
-    """Seconds of training (cumulative epoch seconds, plus ``offset``) until a validation kappa first
-    reaches ``target``; None if it never does."""
-    elapsed = offset
-    for row in history:
-        elapsed += row["seconds"]
-        if row["val_kappa"] is not None and math.isfinite(row["val_kappa"]) and row["val_kappa"] >= target - 1e-12:
-            return elapsed
-    return None
