@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from retina_scale.config import ConfigError
 from retina_scale.fileio import read_json as _read_json, write_json as _write_json
 from retina_scale.training.config import StageConfig, TrainConfig
 
@@ -100,9 +99,13 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
         _write_json(out / "study.json", timings)
 
     if ladder.data.data is None:  # both runs must see the same photos: make them once, here
-        def make_data():
-            _synthetic(out, ladder, verbose)
-        step("synthetic_seconds", make_data)
+        import os
+
+        from retina_scale.training.stepwise import ensure_synthetic_data
+
+        workers = ladder.data.workers or os.cpu_count() or 1
+        step("synthetic_seconds", lambda: ensure_synthetic_data(
+            out / "data", ladder.data, workers, progress=bool(verbose), log=log if verbose else None))
         ladder = dataclasses.replace(ladder, data=dataclasses.replace(ladder.data, data=str(out / "data" / "synthetic")))
     ladder_dir = Path(ladder.runs_dir) / ladder.name
     step("ladder_seconds", lambda: StepwiseScaler(ladder, verbose=verbose, log=log).run())
@@ -128,29 +131,3 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
     from retina_scale.report import write_report
 
     return write_report(ladder_dir, out, scratch_dir=scratch_dir, throughput_file=throughput_file, study=timings)
-
-
-def _synthetic(out: Path, config: TrainConfig, verbose: int) -> Path:
-    import os
-
-    from retina_scale.data.synthetic import generate_dataset
-
-    cfg = config.data
-    target = out / "data" / "synthetic"
-    args = {"count": cfg.synth_count, "size": cfg.synth_size, "seed": cfg.synth_seed, "prior": cfg.synth_prior}
-    stamp = out / "data" / "synthetic.json"
-    if (target / "trainLabels.csv").exists() and stamp.exists() and _read_json(stamp) == args:
-        return target
-    if cfg.synth_size < max(_sizes(config)):
-        raise ConfigError(f"data.synth_size ({cfg.synth_size}) must be at least the largest stage size "
-                          f"({max(_sizes(config))})")
-    generate_dataset(str(target), workers=cfg.workers or os.cpu_count() or 1, overwrite=True,
-                     progress=bool(verbose), **args)
-    _write_json(stamp, args)
-    return target
-
-
-def _sizes(config: TrainConfig) -> list[int]:
-    from retina_scale.models.convnet import get_stage
-
-    return [get_stage(s.stage).input_size for s in config.stages]

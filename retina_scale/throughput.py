@@ -93,8 +93,7 @@ def input_images_per_second(config, spec, stage_cfg, cache_dir, splits_file, bat
         next(iterator)
     t0 = time.perf_counter()
     for _ in range(batches):
-        images = next(iterator)[0]
-        _ = images.shape  # the batch is materialised by next(); nothing else to do
+        next(iterator)  # the batch is decoded, augmented and materialised here
     seconds = time.perf_counter() - t0
     return {"images_per_s": batches * batch / seconds, "batches": batches, "batch": batch,
             "train_images": len(inp), "steps_per_epoch": per_epoch}
@@ -125,8 +124,6 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
         ``train``, ``input``, ``predict``, ``achieved_flops``, ``fraction_of_peak``, and
         ``epoch_images_per_s``: the run's own epochs, training and validation included).
     """
-    import json
-
     import keras
     import tensorflow as tf
 
@@ -134,11 +131,11 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
     from retina_scale.models.convnet import get_stage
     from retina_scale.training.config import TrainConfig
 
+    from retina_scale.report import load_run
+
     run_dir = Path(run_dir)
-    if not (run_dir / "report.json").exists():
-        raise FileNotFoundError(f"no finished run in {run_dir} (no report.json); train it first")
+    run = load_run(run_dir)  # refuses a folder without a finished run
     config = load_config(TrainConfig, run_dir / "config.yaml")
-    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
     cache_dir = Path(config.data.cache) if config.data.cache else run_dir / "data" / "cache"
     splits_file = run_dir / "splits.csv"
     say = log or (lambda text: None)
@@ -147,7 +144,7 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
     peak = matmul_peak(peak_sizes)
     say(f"  {peak['flops'] / 1e9:.1f} GFLOP/s (n={peak['n']})")
     stages = []
-    for stage_cfg, result in zip(config.stages, report["stages"]):
+    for stage_cfg, result in zip(config.stages, run["stages"]):
         spec = get_stage(stage_cfg.stage)
         say(f"Stage {spec.name} ({spec.input_size} px): training step, input pipeline, export ...")
         train = train_images_per_second(config, spec, steps=steps)
@@ -157,8 +154,7 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
         if result.get("export_path") and Path(result["export_path"]).exists():
             predict = predict_images_per_second(result["export_path"], spec.input_size, config.global_batch_size)
             keras.backend.clear_session()
-        state = json.loads((run_dir / "stages" / f"{result['index']}-{spec.name}" / "state.json").read_text())
-        epoch_seconds = [r["seconds"] for r in state["history"]]
+        epoch_seconds = [r["seconds"] for r in result["history"]]
         images_per_epoch = inp["steps_per_epoch"] * inp["batch"]
         epoch_rate = images_per_epoch * len(epoch_seconds) / sum(epoch_seconds) if epoch_seconds else None
         record = {

@@ -65,14 +65,13 @@ def run(args) -> int:
     paths = resolve(args)
     throughput = paths["throughput"]
     if args.measure:
-        from retina_scale.fileio import atomic_path
+        from retina_scale.fileio import write_json
         from retina_scale.throughput import format_throughput, measure_run_throughput
 
         result = measure_run_throughput(paths["run"], steps=args.steps, log=None if args.json else print)
         throughput = Path(paths["out"]) / "throughput.json"
         throughput.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(throughput) as tmp:
-            Path(tmp).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(throughput, result)
         if not args.json:
             print(format_throughput(result))
     summary = write_report(paths["run"], paths["out"], scratch_dir=paths["scratch"], throughput_file=throughput,

@@ -186,19 +186,8 @@ class StepwiseScaler:
         return cache_dir, splits_file
 
     def _synthetic_data(self, workers: int) -> Path:
-        from retina_scale.data.synthetic import generate_dataset
-
-        cfg = self.config.data
-        out = self.run_dir / "data" / "synthetic"
-        args = {"count": cfg.synth_count, "size": cfg.synth_size, "seed": cfg.synth_seed, "prior": cfg.synth_prior}
-        stamp = self.run_dir / "data" / "synthetic.json"
-        if (out / "trainLabels.csv").exists() and stamp.exists() and _read_json(stamp) == args:
-            return out
-        self.log(f"Making the synthetic data set: {cfg.synth_count} photos, fundus {cfg.synth_size} px, "
-                 f"prior {cfg.synth_prior} -> {out}")
-        generate_dataset(str(out), workers=workers, overwrite=True, progress=bool(self.verbose), **args)
-        _write_json(stamp, args)
-        return out
+        return ensure_synthetic_data(self.run_dir / "data", self.config.data, workers,
+                                     progress=bool(self.verbose), log=self.log)
 
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -504,6 +493,27 @@ class StepwiseScaler:
 
 
 # ------------------------------------------------------------------- helpers shared with the search
+def ensure_synthetic_data(folder, data, workers: int, progress: bool = True, log=None) -> Path:
+    """The embedded synthetic data set described by ``data`` (a ``DataConfig``) in ``<folder>/synthetic``,
+    made once: a stamp ``<folder>/synthetic.json`` of its settings lets a rerun (or a second run of a
+    study) reuse it, and any other settings remake it.
+    """
+    from retina_scale.data.synthetic import generate_dataset
+
+    folder = Path(folder)
+    out = folder / "synthetic"
+    args = {"count": data.synth_count, "size": data.synth_size, "seed": data.synth_seed, "prior": data.synth_prior}
+    stamp = folder / "synthetic.json"
+    if (out / "trainLabels.csv").exists() and stamp.exists() and _read_json(stamp) == args:
+        return out
+    if log is not None:
+        log(f"Making the synthetic data set: {data.synth_count} photos, fundus {data.synth_size} px, "
+            f"prior {data.synth_prior} -> {out}")
+    generate_dataset(str(out), workers=workers, overwrite=True, progress=progress, **args)
+    _write_json(stamp, args)
+    return out
+
+
 def build_stage_model(config: TrainConfig, spec):
     """The stage's model as the config describes it (call inside the strategy's scope)."""
     from retina_scale.models.convnet import build_model
