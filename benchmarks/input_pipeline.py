@@ -63,7 +63,7 @@ def make_eyepacs_like(folder: Path, n: int, seed: int = 0) -> None:
 
 def bench_prepare(data: Path, work: Path, size_sets, repeats: int = 1) -> list[dict]:
     from retina_scale.data.cache import prepare_cache
-    from retina_scale.data.fundus import PreprocessConfig
+    from retina_scale.config import PreprocessConfig
     from retina_scale.data.sources import read_dataset
 
     ds = read_dataset(data)

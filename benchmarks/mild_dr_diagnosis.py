@@ -38,7 +38,7 @@ def diagnose_stage(stage_dir: Path, cache: Path, splits: Path, split: str, ma_co
 
     from retina_scale.commands.evaluate import load_predictor
     from retina_scale.data.pipeline import CacheInput
-    from retina_scale.training.metrics import apply_thresholds
+    from retina_scale.grading.thresholds import apply_thresholds
 
     predict, thresholds, size, _ = load_predictor(str(stage_dir))
     inp = CacheInput(cache, size, split=split, split_file=splits, augment=None, resample=None)
@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from retina_scale.config import load_config
-    from retina_scale.training.config import TrainConfig
+    from retina_scale.utils.typed_config import load_config
+    from retina_scale.config import TrainConfig
 
     run = Path(args.run)
     config = load_config(TrainConfig, run / "config.yaml")

@@ -42,13 +42,15 @@ def main(argv=None) -> int:
     import tensorflow as tf
     from sklearn.metrics import roc_auc_score
 
-    from retina_scale.config import load_config
-    from retina_scale.data.pipeline import AugmentConfig, CacheInput, ResampleConfig
+    from retina_scale.utils.typed_config import load_config
+    from retina_scale.config import AugmentConfig, ResampleConfig
+    from retina_scale.data.pipeline import CacheInput
     from retina_scale.models.convnet import get_stage
     from retina_scale.training.checkpoint import restore_checkpoint
-    from retina_scale.training.config import TrainConfig
+    from retina_scale.config import TrainConfig
     from retina_scale.training.distribute import DistributedTrainer
-    from retina_scale.training.stepwise import build_stage_model, make_optimizer
+    from retina_scale.training.optim import make_optimizer
+    from retina_scale.training.stage import build_stage_model
 
     stage_dir = Path(args.stage_dir)
     run = stage_dir.parent.parent

@@ -56,7 +56,8 @@ def main(argv=None):
     import tensorflow as tf
 
     from retina_scale.cli import main as cli
-    from retina_scale.data.fundus import PreprocessConfig, preprocess_file
+    from retina_scale.config import PreprocessConfig
+    from retina_scale.data.fundus import preprocess_file
 
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs", "python": platform.python_version(),
                "tensorflow": tf.__version__, "batch_size": args.batch_size, "images_per_kind": args.images}

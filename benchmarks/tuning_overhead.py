@@ -27,7 +27,7 @@ def main():
     import keras_tuner
     import tensorflow as tf
 
-    from retina_scale.training.config import load_train_config
+    from retina_scale.config import load_train_config
     from retina_scale.training.stepwise import StepwiseScaler
 
     out = Path(args.out)

@@ -29,10 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     from retina_scale import __version__
 
@@ -60,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
+    from retina_scale.utils.errors import UserError
+
     try:
         return int(args._module.run(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError) as exc:
-        # One clear line for a user error; a traceback only for a bug.
+    except (UserError, FileNotFoundError, FileExistsError) as exc:
+        # One clear line for a user error; any other exception is a bug and keeps its traceback.
         print(f"retina-scale {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,445 +1,510 @@
-"""Typed dataclass configs: load from YAML, JSON or a dict, override from the command line, dump.
+"""The configuration of a stepwise run: dataclasses, two presets, YAML/JSON files, CLI overrides.
 
-A config is a tree of dataclasses whose fields are annotated with ``int``, ``float``, ``str``,
-``bool``, ``Optional[...]`` (or ``X | None``), ``Literal[...]``, ``list[...]``, ``tuple[...]``,
-``dict[str, ...]`` of those, or another dataclass (a nested section). Loading checks every value:
-
-- an unknown key is an error naming the key and the accepted keys (with a "did you mean");
-- a value of the wrong type is an error naming the field, the expected type and the value;
-  an int is accepted for a float field (and becomes a float); a bool is never an int;
-- a missing key takes the field's default; a field without a default must be given.
-
-Errors are :class:`ConfigError` (a ``ValueError``), with a one-line message, so the CLI prints
-them as user errors.
-
-Command-line overrides are ``key.sub=value`` strings (``stages.1.epochs=3`` indexes a list); the value is parsed as YAML, so ``lr=3e-4``
-is a float, ``sizes=[112,224]`` a list, ``name=null`` (or ``name=``) is None, ``note='42'`` a string.
-YAML here follows YAML 1.2 for numbers and booleans: ``1e-3`` is a float (PyYAML's YAML 1.1 would
-read a string) and only ``true``/``false`` are booleans (``on``, ``no``, ``yes`` stay strings).
-Duplicate keys in a file are an error, not a silent last-one-wins.
+``quick`` (the default) is a ladder that finishes on a 2-core CPU in minutes, synthetic data
+included: thin nets at 112 -> 224 -> 448, with Adam. ``paper`` is Li et al.'s ladder, 112 -> 224 -> 448 -> 896
+at full width with the paper's optimiser (Nesterov momentum 0.9, L2 5e-4, MSE on the grade).
 
 Example:
-    >>> from dataclasses import dataclass, field
-    >>> @dataclass
-    ... class Optim:
-    ...     lr: float = 0.003
-    ...     momentum: float = 0.9
-    >>> @dataclass
-    ... class Run:
-    ...     name: str = "quick"
-    ...     sizes: tuple[int, ...] = (112, 224)
-    ...     optim: Optim = field(default_factory=Optim)
-    >>> cfg = load_config(Run, {"sizes": [112, 224, 448]}, overrides=["optim.lr=1e-4"])
-    >>> cfg.sizes, cfg.optim.lr
-    ((112, 224, 448), 0.0001)
-    >>> load_config(Run, {"optim": {"rate": 1}})
-    Traceback (most recent call last):
-    ...
-    retina_scale.config.ConfigError: unknown config key 'optim.rate' (accepted keys: lr, momentum)
+>>> cfg = load_train_config("quick", overrides=["stages.1.epochs=3", "optim.lr=1e-3"])
 """
 
+from __future__ import annotations
+
 import dataclasses
-import difflib
-import json
+import math
 import os
-import re
-import types
-import typing
-from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from dataclasses import field
+from typing import Literal, Optional, Union, get_args
 
-import yaml
-from retina_scale.fileio import atomic_path
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.typed_config import ConfigError, load_config
 
-__all__ = [
-    "ConfigError",
-    "apply_overrides",
-    "dump_config",
-    "from_dict",
-    "load_config",
-    "load_mapping",
-    "parse_override",
-    "to_dict",
-    "to_yaml",
-]
+# ----------------------------------------------------------------------------- names used everywhere
+GRADES = (0, 1, 2, 3, 4)
+"""The International Clinical DR scale: 0 none, 1 mild (microaneurysms only), 2 moderate, 3 severe,
+4 proliferative."""
+NUM_GRADES = len(GRADES)
+MIN_SIDE = 64
+"""An image smaller than this on a side cannot hold a gradable fundus (cache and serving graph)."""
 
-T = TypeVar("T")
+StrategyName = Literal["auto", "default", "one_device", "mirrored", "multi_worker"]
+TunerName = Literal["random", "bayesian", "hyperband"]
+DataFormat = Literal["eyepacs", "aptos", "folders", "csv"]
+Normalization = Literal["none", "graham"]
+SplitName = Literal["train", "val", "test"]
+STRATEGIES = get_args(StrategyName)
+TUNERS = get_args(TunerName)
+FORMATS = get_args(DataFormat)
+NORMALIZATIONS = get_args(Normalization)
+SPLIT_NAMES = get_args(SplitName)
 
+# ------------------------------------------------------------------------------- the ladder's rungs
+BASE_SIZE = 112
+"""Input size of the first stage; each later stage doubles it."""
 
-class ConfigError(ValueError):
-    """A config that cannot be loaded: unknown key, wrong type, unreadable file, bad override."""
-
-
-# ------------------------------------------------------------------------------------------ YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 numbers and booleans, and errors on duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+STAGE_NAMES = ("tiny", "small", "median", "large", "xlarge")
+"""Names of stages 1-5; the paper has the first four. Later stages are called ``stage6``, ..."""
 
 
-# Booleans: YAML 1.2 (true/false only), not YAML 1.1's yes/no/on/off/y/n.
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-# Floats with an exponent but no dot (1e-3, 2E5), which YAML 1.1 reads as strings.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _parse_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
-
-
-def load_mapping(path: str | os.PathLike) -> dict:
-    """Reads a ``.yaml``/``.yml`` or ``.json`` file whose top level is a mapping (empty -> ``{}``).
+def stage_index(stage) -> int:
+    """The 1-based stage of a name (``"tiny"``, ``"stage6"``) or an input size (``448``, ``"448"``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ConfigError: another suffix, a parse error, a duplicate key, or a top level that is not a
-            mapping.
+        ValueError: naming the accepted names and sizes.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-
-        def no_duplicates(pairs):
-            keys = [k for k, _ in pairs]
-            for key in keys:
-                if keys.count(key) > 1:
-                    raise ConfigError(f"{path}: duplicate key {key!r}")
-            return dict(pairs)
-
-        try:
-            data = json.loads(text, object_pairs_hook=no_duplicates) if text.strip() else None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    else:
-        data = _parse_yaml(text, str(path))
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return data
+    accepted = (
+        f"accepted: {', '.join(STAGE_NAMES)} (or stage6, stage7, ...), or an input size "
+        f"{BASE_SIZE} * 2**k ({', '.join(str(BASE_SIZE * 2**k) for k in range(len(STAGE_NAMES)))}, ...)"
+    )
+    if isinstance(stage, str):
+        key = stage.strip().lower()
+        if key in STAGE_NAMES:
+            return STAGE_NAMES.index(key) + 1
+        if key.startswith("stage") and key[5:].isdigit() and int(key[5:]) >= 1:
+            return int(key[5:])
+        if not key.isdigit():
+            raise UserError(f"unknown stage {stage!r}; {accepted}")
+        stage = int(key)
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        ratio = stage / BASE_SIZE
+        if stage >= BASE_SIZE and ratio == int(ratio) and (int(ratio) & (int(ratio) - 1)) == 0:
+            return int(math.log2(ratio)) + 1
+        raise UserError(f"no stage is designed for input size {stage}; {accepted}")
+    raise UserError(f"unknown stage {stage!r}; {accepted}")
 
 
-# ------------------------------------------------------------------------------------ conversion
+def stage_name(index: int) -> str:
+    return STAGE_NAMES[index - 1] if index <= len(STAGE_NAMES) else f"stage{index}"
 
 
-def _type_name(tp: Any) -> str:
-    """A readable name for an annotation: ``int``, ``list of float``, ``int or None``..."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is type(None):
-        return "None"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (list, tuple):
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-        return f"list of {_type_name(args[0]) if args else 'values'}"
-    if origin is dict:
-        return f"mapping of {_type_name(args[1]) if args else 'values'}"
-    if dataclasses.is_dataclass(tp):
-        return f"mapping (section {tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
+def stage_size(index: int) -> int:
+    return BASE_SIZE * 2 ** (index - 1)
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Checks ``value`` against annotation ``tp`` and returns it converted; ``key`` is for errors."""
-
-    def wrong() -> ConfigError:
-        error = ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_describe(value)}")
-        error.key = key
-        return error
-
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, Mapping):
-            return from_dict(tp, value, _prefix=key)
-        raise wrong()
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise wrong()
-        options = [a for a in args if a is not type(None)]
-        for option in options:
-            try:
-                return _convert(value, option, key)
-            except ConfigError as exc:
-                if getattr(exc, "key", None) != key:
-                    raise  # the error is deeper inside (e.g. a key of an Optional section)
-        raise wrong()
-    if origin is typing.Literal:
-        for allowed in args:
-            if value == allowed and type(value) is type(allowed):
-                return value
-        raise wrong()
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise wrong()
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise wrong()
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise wrong()
-        key_tp, value_tp = args if args else (Any, Any)
-        return {
-            _convert(k, key_tp, f"{key}.{k}"): _convert(v, value_tp, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise wrong()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise wrong()
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise wrong()
-    raise TypeError(f"config key '{key}': unsupported annotation {tp!r} (see retina_scale.config)")
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
-    """Builds dataclass ``cls`` from a (nested) mapping, checking keys and types.
+# --------------------------------------------------------------------------- data-side sections
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """How to turn a photo into the cached squares.
 
     Args:
-        cls: a dataclass type.
-        data: mapping of field names to values; nested dataclass fields take mappings.
+        normalize: ``"none"`` (colours as photographed) or ``"graham"`` (local average colour subtracted).
+        mask: set everything outside the disc's circle to black (``"none"``) - Graham's own mask (grey
+            outside 90 % of the radius) is always applied with ``"graham"``.
+        reduced_decode: allow ``IMREAD_REDUCED_COLOR_*`` decoding when the sizes allow it.
+        min_side: smallest accepted image side in pixels.
+    """
+
+    normalize: str = "none"
+    mask: bool = True
+    reduced_decode: bool = True
+    min_side: int = MIN_SIDE
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise UserError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.min_side < 8:
+            raise UserError(f"min_side must be >= 8, got {self.min_side}")
+
+    def as_dict(self) -> dict:
+        return {"normalize": self.normalize, "mask": self.mask}
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """o_O's augmentation (o_O: the team whose Kaggle 2015 solution this project follows; see
+    ``docs/RESULTS.md`` and the README); ``strength`` (0 = none, 1 = o_O) scales zoom, translation and
+    colour noise.
+
+    Args:
+        strength: multiplier of the zoom's log-range, the translation and the colour noise.
+        rotation: random rotation over the full 0-360 degrees.
+        flip: random horizontal and vertical flips.
+        zoom: largest zoom factor per axis (each axis draws log-uniformly from 1/zoom to zoom).
+        translation: largest shift as a fraction of the side (o_O: 40 px at 512).
+        color_sigma: standard deviation of the PCA colour coefficients, in units of each axis's standard
+            deviation.
+    """
+
+    strength: float = 1.0
+    rotation: bool = True
+    flip: bool = True
+    zoom: float = 1.15
+    translation: float = 40 / 512
+    color_sigma: float = 0.2
+
+    def __post_init__(self):
+        if self.strength < 0:
+            raise UserError(f"augmentation strength must be >= 0, got {self.strength}")
+        if self.zoom < 1:
+            raise UserError(f"zoom must be >= 1 (a factor such as 1.15), got {self.zoom}")
+        if not 0 <= self.translation < 0.5:
+            raise UserError(f"translation must be a fraction of the side in [0, 0.5), got {self.translation}")
+        if self.color_sigma < 0:
+            raise UserError(f"color_sigma must be >= 0, got {self.color_sigma}")
+
+
+# o_O's schedule of class weights.
+O_O_R = 0.975
+O_O_W0 = (1.36, 14.4, 6.6, 40.2, 49.6)
+O_O_WF = (1.0, 2.0, 2.0, 2.0, 2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResampleConfig:
+    """o_O's class rebalancing: per-image draw probability proportional to
+    ``w_t = r^t w0 + (1 - r^t) wf`` for the image's grade; ``enabled: false`` for a plain shuffle.
+
+    ``w0`` ~ the inverse class frequencies of EyePACS (so epoch 0 is balanced), drifting at rate ``r`` per epoch
+    to ``wf``. ``w0="balanced"`` uses the inverse frequencies of the data at hand instead.
+    """
+
+    enabled: bool = True
+    r: float = O_O_R
+    w0: Union[tuple[float, ...], str] = O_O_W0
+    wf: tuple[float, ...] = O_O_WF
+
+    def __post_init__(self):
+        if not 0 <= self.r <= 1:
+            raise UserError(f"r must be in [0, 1], got {self.r}")
+        if isinstance(self.w0, str):
+            if self.w0 != "balanced":
+                raise UserError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
+        elif len(self.w0) != 5 or min(self.w0) < 0:
+            raise UserError(f"w0 must be 5 non-negative weights, got {self.w0}")
+        if len(self.wf) != 5 or min(self.wf) < 0:
+            raise UserError(f"wf must be 5 non-negative weights, got {self.wf}")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One rung of the ladder.
+
+    Args:
+        stage: a stage name (tiny, small, median, large, xlarge, stageN) or input size (112, 224, ...).
+        epochs: epochs of (fine-)tuning at this stage.
+        lr: base learning rate of this stage (None: ``optim.lr``); scaled by the global batch size if
+            ``optim.reference_batch_size`` is set.
+        augment_strength: augmentation strength at this stage (None: ``augment.strength``).
+        max_seconds: a time budget: no new epoch starts once the stage's epochs (training and
+            validation) have taken this many seconds (None: run all ``epochs``). The learning-rate
+            schedule still follows ``epochs``. The resolution study's from-scratch run uses it to get
+            the same wall-clock time as the whole ladder.
+    """
+
+    stage: str = "tiny"
+    epochs: int = 5
+    lr: Optional[float] = None
+    augment_strength: Optional[float] = None
+    max_seconds: Optional[float] = None
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    width: float = 1.0
+    dropout: float = 0.5
+    leaky_slope: float = 0.01
+    l2: float = 5e-4
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """Optimiser: SGD with Nesterov momentum (the paper's), or Adam / AdamW.
+
+    ``lr_drop_at`` (fraction of a stage's epochs) and ``lr_drop_factor`` give o_O's step schedule
+    (0.003, then 0.0003); ``reference_batch_size`` turns on linear learning-rate scaling.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 3e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    lr_drop_at: float = 0.8
+    lr_drop_factor: float = 0.1
+    reference_batch_size: Optional[int] = None
+    clipnorm: Optional[float] = None
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the images come from.
+
+    Without ``data``, the embedded synthetic data set is made (or reused) under the run folder:
+    ``synth_count`` photos with a fundus ``synth_size`` px across, EyePACS's class prior.
+    """
+
+    data: Optional[str] = None
+    format: Optional[str] = None
+    labels: Optional[str] = None
+    image_col: Optional[str] = None
+    label_col: Optional[str] = None
+    cache: Optional[str] = None
+    normalize: Normalization = "none"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    synth_count: int = 600
+    synth_size: int = 512
+    synth_prior: str = "eyepacs"
+    synth_seed: int = 0
+    workers: int = 0
+
+
+@dataclasses.dataclass
+class NanPolicy:
+    """What a non-finite loss does: reload the last good epoch, multiply the lr by ``lr_factor``."""
+
+    max_events: int = 3
+    lr_factor: float = 0.5
+
+
+@dataclasses.dataclass
+class SearchDimension:
+    """One extra dimension of the learning-rate search (beside the learning rate itself).
+
+    Either a list of ``values`` (a choice) or a range ``min``..``max`` sampled ``linear`` or ``log``.
+    ``batch_size`` takes whole numbers (a range then steps by ``step``, default 1).
+    """
+
+    values: Optional[list[float]] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+    sampling: Literal["linear", "log"] = "linear"
+    step: Optional[float] = None
+
+
+SEARCH_EXTRAS = ("weight_decay", "batch_size", "momentum")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """Keras Tuner's learning-rate search, once per stage, before the stage's fine-tuning.
+
+    Every trial builds the stage's model, loads the stage's transferred initial weights (the same
+    for every trial), trains ``epochs`` epochs on ``data_fraction`` of each epoch's training draw
+    with the trial's learning rate (log-uniform in ``lr_min``..``lr_max``) and is scored by
+    validation kappa (ties: lower validation loss). The best learning rate then drives the stage.
+
+    Args:
+        enabled: search every stage's learning rate (``--tune`` turns it on).
+        tuner: ``random``, ``bayesian`` or ``hyperband`` (Keras Tuner's oracles).
+        max_trials: trials per stage (random, bayesian); hyperband's count follows from ``epochs``.
+        lr_min: lowest learning rate tried (> 0: sampled on a log scale).
+        lr_max: highest learning rate tried.
+        epochs: epochs per trial (hyperband: the most epochs of a trial).
+        data_fraction: fraction of each training epoch's steps a trial runs, in (0, 1].
+        extra: further dimensions by name (``weight_decay``, ``batch_size``, ``momentum``), e.g.
+            ``{weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, batch_size: {values: [16, 32]}}``.
+            They are searched and reported; the stage trains with the best learning rate and the
+            config's own weight decay, batch size and momentum.
+        seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
+            uses ``seed + 10007 * (i - 1)``, so stages draw different rates and every worker of a multi-worker
+            run draws the same trials.
+    """
+
+    enabled: bool = False
+    tuner: str = "random"
+    max_trials: int = 10
+    lr_min: float = 1e-5
+    lr_max: float = 1e-1
+    epochs: int = 1
+    data_fraction: float = 0.25
+    extra: dict[str, SearchDimension] = field(default_factory=dict)
+    seed: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A whole stepwise run."""
+
+    name: str = "quick"
+    runs_dir: str = "runs"
+    export_dir: str = "saved_models"
+    model_name: str = "retina"
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig("tiny", 5)])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    nan: NanPolicy = field(default_factory=NanPolicy)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    global_batch_size: int = 32
+    strategy: StrategyName = "auto"
+    seed: int = 0
+    export: bool = True
+    eval_bootstrap: int = 1000
+
+
+def quick_preset() -> TrainConfig:
+    """Thin nets at 112 -> 224 -> 448 on 600 synthetic photos: minutes on a 2-core CPU.
+
+    It uses Adam rather than the paper's SGD: on this preset's 420 training photos, Nesterov SGD at
+    the paper's lr (3e-3, also 1e-2) left the validation kappa at 0 for 8 epochs of the tiny stage
+    (constant predictions), while Adam at 1e-3 reached 0.44 (README, "Training"). The paper's SGD
+    needs the paper's 200 epochs per stage; a demo has minutes.
+    """
+    return TrainConfig(
+        name="quick",
+        stages=[StageConfig("tiny", 8, lr=1e-3), StageConfig("small", 4, lr=5e-4), StageConfig("median", 3, lr=3e-4)],
+        model=ModelConfig(width=0.25),
+        optim=OptimConfig(name="adam", lr=1e-3),
+        data=DataConfig(synth_count=600, synth_size=512),
+        # The search is on in the quick preset so that the main job shows every part of the method:
+        # 3 trials per stage of one epoch on a quarter of the training draw, around Adam's usual rates.
+        tune=TuneConfig(enabled=True, tuner="random", max_trials=3, lr_min=1e-4, lr_max=1e-2, epochs=1,
+                        data_fraction=0.25),
+        global_batch_size=32,
+        eval_bootstrap=200,
+    )
+
+
+def paper_preset() -> TrainConfig:
+    """Li et al.'s ladder: 112 -> 224 -> 448 -> 896 at full width, Nesterov SGD, L2 5e-4, MSE."""
+    return TrainConfig(
+        name="paper",
+        stages=[StageConfig("tiny", 200, lr=3e-3), StageConfig("small", 200, lr=1e-3),
+                StageConfig("median", 200, lr=5e-4), StageConfig("large", 200, lr=3e-4)],
+        model=ModelConfig(width=1.0, l2=5e-4),
+        optim=OptimConfig(name="sgd", lr=3e-3, momentum=0.9, nesterov=True),
+        data=DataConfig(synth_count=6000, synth_size=1024),
+        global_batch_size=32,
+    )
+
+
+def study_preset() -> TrainConfig:
+    """The resolution study's CPU ladder (``scripts/resolution_study.py``): about an hour on 2 cores.
+
+    112 -> 224 -> 448 at width 0.25 on 4000 synthetic photos (EyePACS's prior, fundus 512 px), Adam
+    with the quick preset's per-stage learning rates and no search (the search would double the
+    time; the study compares resolutions, not learning rates).
+    """
+    return TrainConfig(
+        name="stepwise",
+        stages=[StageConfig("tiny", 12, lr=1e-3), StageConfig("small", 8, lr=5e-4), StageConfig("median", 6, lr=3e-4)],
+        model=ModelConfig(width=0.25),
+        optim=OptimConfig(name="adam", lr=1e-3),
+        data=DataConfig(synth_count=4000, synth_size=512),
+        global_batch_size=32,
+        eval_bootstrap=1000,
+    )
+
+
+def study_full_preset() -> TrainConfig:
+    """The resolution study for a GPU machine (``--full``): the paper's four stages at full width.
+
+    112 -> 224 -> 448 -> 896, width 1, on 10000 synthetic photos with a 1024 px fundus; Adam with
+    decreasing per-stage learning rates (the paper's SGD needs its 200 epochs per stage).
+    """
+    return TrainConfig(
+        name="stepwise",
+        stages=[StageConfig("tiny", 30, lr=1e-3), StageConfig("small", 20, lr=5e-4),
+                StageConfig("median", 15, lr=3e-4), StageConfig("large", 10, lr=2e-4)],
+        model=ModelConfig(width=1.0),
+        optim=OptimConfig(name="adam", lr=1e-3),
+        data=DataConfig(synth_count=10000, synth_size=1024),
+        global_batch_size=32,
+        eval_bootstrap=1000,
+    )
+
+
+PRESETS = {"quick": quick_preset, "paper": paper_preset, "study": study_preset, "study-full": study_full_preset}
+
+
+def load_train_config(source=None, overrides=()) -> TrainConfig:
+    """A preset name, a YAML/JSON file or a mapping, then ``key=value`` overrides; checked.
 
     Raises:
-        ConfigError: an unknown key, a value of the wrong type, a missing required key.
+        ConfigError: an unknown key, a wrong type, or a ladder that cannot run (see ``check_config``).
     """
-    where = f"config section '{_prefix}'" if _prefix else "config"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    try:
-        hints = typing.get_type_hints(cls)
-    except NameError as exc:  # string annotations naming a class the module cannot see
-        raise TypeError(
-            f"cannot resolve the annotations of config class {cls.__name__}: {exc} (define config "
-            f"dataclasses at module level)"
-        ) from None
-    for key in data:
-        if key not in fields:
-            full = f"{_prefix}.{key}" if _prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{full}' (accepted keys: {', '.join(fields)}){hint}"
-            )
-    values = {}
-    for name, f in fields.items():
-        full = f"{_prefix}.{name}" if _prefix else name
-        if name in data:
-            values[name] = _convert(data[name], hints[name], full)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing config key '{full}' ({_type_name(hints[name])}, required)")
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # a __post_init__ check of the concrete config
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def to_dict(config: Any) -> Any:
-    """The plain-data form of a config: dicts, lists (tuples become lists) and scalars.
-
-    ``from_dict(type(c), to_dict(c)) == c`` for every config ``c``.
-    """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config) if f.init}
-    if isinstance(config, (list, tuple)):
-        return [to_dict(v) for v in config]
-    if isinstance(config, Mapping):
-        return {k: to_dict(v) for k, v in config.items()}
+    if source is None:
+        source = "quick"
+    if isinstance(source, str) and source in PRESETS:
+        source = PRESETS[source]()
+    elif isinstance(source, str) and not os.path.splitext(source)[1]:
+        raise ConfigError(f"unknown preset {source!r}; accepted: {', '.join(PRESETS)} or a .yaml/.json file")
+    config = load_config(TrainConfig, source, overrides)
+    check_config(config)
     return config
 
 
-# ------------------------------------------------------------------------------------- overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Splits ``"optim.lr=3e-4"`` into ``(["optim", "lr"], 0.0003)``; the value is parsed as YAML.
-
-    Raises:
-        ConfigError: no ``=``, an empty key part, or a value that is not valid YAML.
-    """
-    key, sep, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts):
-        raise ConfigError(f"override {text!r} must look like key=value or section.key=value")
-    return [p.strip() for p in parts], _parse_yaml(raw, f"override {text!r}")
-
-
-def apply_overrides(config: T, overrides: Iterable[str]) -> T:
-    """Returns a copy of ``config`` with ``key.sub=value`` overrides applied, in order, and checked.
-
-    A section that is ``None`` (an ``Optional`` nested dataclass) is created with its defaults when
-    one of its keys is overridden. Unknown keys and wrong types raise :class:`ConfigError`.
-
-    Example:
-        >>> from dataclasses import dataclass
-        >>> @dataclass
-        ... class C:
-        ...     epochs: int = 10
-        >>> apply_overrides(C(), ["epochs=3"])
-        C(epochs=3)
-    """
-    overrides = list(overrides)
-    if not overrides:
-        return config
-    data = to_dict(config)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for depth, key in enumerate(keys[:-1]):
-            if isinstance(node, list):  # an index into a list of sections: stages.1.epochs=3
-                node = _list_item(node, key, text, keys[:depth])
-                continue
-            child = node.get(key)
-            if child is None:  # a section that is None or absent: start from its defaults
-                child = node[key] = {}
-            if not isinstance(child, (dict, list)):
-                section = ".".join(keys[: depth + 1])
-                raise ConfigError(
-                    f"override {text!r}: '{section}' is a {type(child).__name__} value, not a section"
-                )
-            node = child
-        if isinstance(node, list):
-            node[_list_index(node, keys[-1], text, keys[:-1])] = value
-        else:
-            node[keys[-1]] = value
-    return from_dict(type(config), data)
-
-
-def _list_index(items: list, key: str, text: str, path: list[str]) -> int:
-    where = ".".join(path)
-    if not key.isdigit() or int(key) >= len(items):
-        raise ConfigError(
-            f"override {text!r}: '{where}' is a list of {len(items)} item(s); "
-            f"index it with 0..{len(items) - 1}, got {key!r}"
-        )
-    return int(key)
-
-
-def _list_item(items: list, key: str, text: str, path: list[str]):
-    item = items[_list_index(items, key, text, path)]
-    if not isinstance(item, dict):
-        raise ConfigError(f"override {text!r}: '{'.'.join(path)}.{key}' is not a section")
-    return item
-
-
-def load_config(
-    cls: type[T],
-    source: str | os.PathLike | Mapping[str, Any] | Any | None = None,
-    overrides: Iterable[str] = (),
-) -> T:
-    """Loads a config of type ``cls``, then applies command-line overrides.
-
-    Args:
-        cls: the dataclass type of the config.
-        source: a ``.yaml``/``.yml``/``.json`` path, a mapping, an instance of ``cls`` (e.g. a
-            preset), or ``None`` for the defaults of ``cls``.
-        overrides: ``key.sub=value`` strings, applied in order after ``source``.
-
-    Raises:
-        ConfigError, FileNotFoundError: see :func:`load_mapping`, :func:`from_dict`,
-            :func:`apply_overrides`.
-    """
-    if source is None:
-        config = from_dict(cls, {})
-    elif isinstance(source, cls):
-        config = source
-    elif isinstance(source, Mapping):
-        config = from_dict(cls, source)
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+def check_config(config: TrainConfig) -> None:
+    """Refuses, before any work, a ladder the architecture cannot run."""
+    if not config.stages:
+        raise ConfigError("stages is empty; give at least one stage, e.g. stages=[{stage: tiny, epochs: 5}]")
+    sizes = []
+    for i, stage in enumerate(config.stages):
         try:
-            config = from_dict(cls, load_mapping(path))
-        except ConfigError as exc:
-            message = str(exc)
-            raise ConfigError(message if str(path) in message else f"{path}: {message}") from None
-    else:
-        raise ConfigError(
-            f"config source must be a file path, a mapping or a {cls.__name__}, got {_describe(source)}"
-        )
-    return apply_overrides(config, overrides)
+            sizes.append(stage_size(stage_index(stage.stage)))
+        except ValueError as exc:
+            raise ConfigError(f"stages.{i}.stage: {exc}") from None
+        if stage.epochs < 1:
+            raise ConfigError(f"stages.{i}.epochs must be >= 1; got {stage.epochs}")
+        if stage.lr is not None and not stage.lr > 0:
+            raise ConfigError(f"stages.{i}.lr must be > 0; got {stage.lr}")
+        if stage.max_seconds is not None and not stage.max_seconds > 0:
+            raise ConfigError(f"stages.{i}.max_seconds must be > 0 (or null for no limit); got {stage.max_seconds}")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"the ladder's sizes must increase stage by stage; got {sizes}")
+    if not config.model.width > 0:
+        raise ConfigError(f"model.width must be > 0; got {config.model.width}")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0; got {config.optim.lr}")
+    if config.global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be >= 1; got {config.global_batch_size}")
+    if not config.name or "/" in config.name or config.name in (".", ".."):
+        raise ConfigError(f"name must be a plain folder name; got {config.name!r}")
+    if config.data.synth_size < max(sizes):
+        if config.data.data is None:
+            raise ConfigError(
+                f"data.synth_size ({config.data.synth_size}) must be at least the largest stage size "
+                f"({max(sizes)}) so the top stage sees real detail"
+            )
+    if not 0 < config.nan.lr_factor < 1:
+        raise ConfigError(f"nan.lr_factor must be in (0, 1); got {config.nan.lr_factor}")
+    check_tune_config(config.tune, config.global_batch_size)
 
 
-# ------------------------------------------------------------------------------------------ dump
-
-
-def to_yaml(config: Any) -> str:
-    """The config as YAML text, fields in declaration order; :func:`load_config` reads it back."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
-
-
-def dump_config(config: Any, path: str | os.PathLike) -> Path:
-    """Writes the config to ``path`` (YAML, or JSON for ``.json``) atomically; returns the path.
-
-    The text goes to a temporary file in the same folder, which is then renamed over ``path``, so
-    a reader never sees a half-written config.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".yaml", ".yml", ".json"):
-        raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
-    if suffix == ".json":
-        text = json.dumps(to_dict(config), indent=2, allow_nan=False) + "\n"
-    else:
-        text = to_yaml(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    return path
+def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) -> None:
+    """Refuses, before any trial, a search space or budget that cannot run (one-line ConfigError)."""
+    if tune.tuner not in TUNERS:
+        raise ConfigError(f"tune.tuner: unknown tuner {tune.tuner!r}; accepted: {', '.join(TUNERS)}")
+    if not tune.lr_min > 0 or not tune.lr_max > 0:
+        raise ConfigError(f"tune.lr_min and tune.lr_max must be > 0 for log sampling; got "
+                          f"lr_min={tune.lr_min}, lr_max={tune.lr_max}")
+    if tune.lr_min >= tune.lr_max:
+        raise ConfigError(f"tune.lr_min must be < tune.lr_max; got lr_min={tune.lr_min} >= lr_max={tune.lr_max}")
+    if tune.max_trials < 1:
+        raise ConfigError(f"tune.max_trials must be >= 1; got {tune.max_trials}")
+    if tune.epochs < 1:
+        raise ConfigError(f"tune.epochs must be >= 1; got {tune.epochs}")
+    if not 0 < tune.data_fraction <= 1:
+        raise ConfigError(f"tune.data_fraction must be in (0, 1]; got {tune.data_fraction}")
+    if tune.seed < 1:
+        raise ConfigError(f"tune.seed must be >= 1 (Keras Tuner reads 0 as 'random'); got {tune.seed}")
+    for name, dim in tune.extra.items():
+        where = f"tune.extra.{name}"
+        if name not in SEARCH_EXTRAS:
+            raise ConfigError(f"{where}: unknown search dimension {name!r}; accepted: {', '.join(SEARCH_EXTRAS)}")
+        if dim.values is not None:
+            if dim.min is not None or dim.max is not None:
+                raise ConfigError(f"{where}: give either values or min/max, not both")
+            if not dim.values:
+                raise ConfigError(f"{where}.values is empty; give at least one value")
+            values = dim.values
+        else:
+            if dim.min is None or dim.max is None:
+                raise ConfigError(f"{where}: give values: [...] or both min and max")
+            if dim.min >= dim.max:
+                raise ConfigError(f"{where}: min must be < max; got min={dim.min} >= max={dim.max}")
+            if dim.sampling == "log" and not dim.min > 0:
+                raise ConfigError(f"{where}: min must be > 0 for log sampling; got min={dim.min}")
+            if dim.step is not None and not dim.step > 0:
+                raise ConfigError(f"{where}.step must be > 0; got {dim.step}")
+            values = [dim.min, dim.max]
+        if name == "batch_size":
+            if any(v != int(v) or v < 1 for v in values) or (dim.step is not None and dim.step != int(dim.step)):
+                raise ConfigError(f"{where}: batch sizes must be whole numbers >= 1; got {values}")
+        elif any(v < 0 for v in values):
+            raise ConfigError(f"{where}: values must be >= 0; got {values}")

@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. stages.0.epochs=3")
     args = parser.parse_args(argv)
 
-    from retina_scale.config import ConfigError
-    from retina_scale.study import run_study
-    from retina_scale.training.config import load_train_config
+    from retina_scale.utils.typed_config import ConfigError
+    from retina_scale.evidence.study import run_study
+    from retina_scale.config import load_train_config
 
     preset = args.config or ("study-full" if args.full else "study")
     out = args.out or ("runs/resolution-study-full" if args.full else "runs/resolution-study")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser):
     parser.add_argument(
@@ -18,15 +20,19 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from retina_scale.models.complexity import family_complexity, format_table, plot_complexity
+    from retina_scale.models.complexity import (
+        family_complexity,
+        format_table,
+        plot_complexity,
+    )
     from retina_scale.models.convnet import get_stage
 
     stages = [s for s in (part.strip() for part in args.stages.split(",")) if s]
     if not stages:
-        raise ValueError("--stages is empty; give e.g. tiny,small,median,large")
+        raise UserError("--stages is empty; give e.g. tiny,small,median,large")
     specs = [get_stage(s) for s in stages]
     if not args.width > 0:
-        raise ValueError(f"--width must be a positive number; got {args.width}")
+        raise UserError(f"--width must be a positive number; got {args.width}")
     records = family_complexity(specs, width=args.width)
     if args.plot:
         plot_complexity(records, args.plot)

@@ -13,14 +13,17 @@ import json
 import tempfile
 from pathlib import Path
 
+from retina_scale.config import FORMATS, SPLIT_NAMES
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="export folder, stage folder or .keras file")
     parser.add_argument("--data", help="a data folder (EyePACS, APTOS, one folder per grade, CSV)")
     parser.add_argument("--labels", help="the labels CSV, if not where the format expects it")
-    parser.add_argument("--format", choices=["eyepacs", "aptos", "folders", "csv"])
+    parser.add_argument("--format", choices=FORMATS)
     parser.add_argument("--cache", help="cache folder to use or fill (default: a temporary folder)")
-    parser.add_argument("--split", choices=["train", "val", "test"],
+    parser.add_argument("--split", choices=SPLIT_NAMES,
                         help="evaluate only this split of --splits (a run's splits.csv)")
     parser.add_argument("--splits", help="a run's splits.csv (with --split)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -54,7 +57,7 @@ def load_predictor(path):
         return predict, tuple(meta["thresholds"]), int(meta["input_size"]), f"export {path}"
     keras_file = path / "best.keras" if path.is_dir() else path
     if keras_file.suffix != ".keras" or not keras_file.exists():
-        raise ValueError(f"{path} is not a model: expected an export folder (saved_model.pb), a stage folder "
+        raise UserError(f"{path} is not a model: expected an export folder (saved_model.pb), a stage folder "
                          "(best.keras) or a .keras file")
     import keras
 
@@ -80,15 +83,15 @@ def run(args) -> int:
     from retina_scale.data.cache import prepare_cache
     from retina_scale.data.pipeline import CacheInput
     from retina_scale.data.sources import parse_patient_eye, read_dataset
-    from retina_scale.evaluation import evaluate_predictions, format_evaluation
-    from retina_scale.fileio import atomic_path
+    from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
+    from retina_scale.utils.fileio import atomic_path
 
     if args.split and not args.splits:
-        raise ValueError("--split needs --splits (the splits.csv of the run)")
+        raise UserError("--split needs --splits (the splits.csv of the run)")
     if not args.data and not args.cache:
-        raise ValueError("give --data (images to preprocess) or --cache (an existing cache)")
+        raise UserError("give --data (images to preprocess) or --cache (an existing cache)")
     if args.bootstrap < 0 or args.batch_size < 1:
-        raise ValueError("--bootstrap must be >= 0 and --batch-size >= 1")
+        raise UserError("--bootstrap must be >= 0 and --batch-size >= 1")
     predict, thresholds, size, description = load_predictor(args.model)
     with tempfile.TemporaryDirectory(prefix="retina-eval-") as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
@@ -101,7 +104,7 @@ def run(args) -> int:
         inp = CacheInput(cache, size, split=args.split, split_file=args.splits, augment=None, resample=None)
         labelled = ~np.isnan(inp.labels)
         if not labelled.any():
-            raise ValueError(f"no graded image to evaluate in {cache}")
+            raise UserError(f"no graded image to evaluate in {cache}")
         scores, ids, labels = [], [], []
         batches = inp.dataset(args.batch_size, training=False, include_ids=True)
         for images, y, image_ids in tqdm(batches, total=-(-len(inp) // args.batch_size), unit="batch",

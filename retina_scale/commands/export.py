@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser):
     parser.add_argument("--run", required=True, help="the run folder (runs/NAME)")
@@ -37,7 +39,7 @@ def finished_stages(run_dir: Path) -> list[tuple[int, str, Path, dict]]:
         try:
             state = json.loads(state_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{state_file} is not JSON ({err})") from None
+            raise UserError(f"{state_file} is not JSON ({err})") from None
         if state.get("status") == "done":
             out.append((int(index), name, folder, state))
     return sorted(out, key=lambda item: item[0])
@@ -48,11 +50,11 @@ def choose_stage(run_dir: Path, stage: str | None):
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such run folder: {run_dir}")
     if not (run_dir / "stages").is_dir():
-        raise ValueError(f"{run_dir} is not a training run (no stages/ folder); pass runs/NAME")
+        raise UserError(f"{run_dir} is not a training run (no stages/ folder); pass runs/NAME")
     done = finished_stages(run_dir)
     if stage is None:
         if not done:
-            raise ValueError(f"run {run_dir} has no finished stage yet; train it first (retina-scale train)")
+            raise UserError(f"run {run_dir} has no finished stage yet; train it first (retina-scale train)")
         return done[-1]
     for item in done:
         if item[1] == stage:
@@ -60,19 +62,19 @@ def choose_stage(run_dir: Path, stage: str | None):
     present = sorted(p.name.partition("-")[2] for p in (run_dir / "stages").glob("*-*"))
     finished = [item[1] for item in done]
     if stage in present:
-        raise ValueError(f"stage {stage!r} of {run_dir} has not finished; finished stages: {finished or 'none'}")
-    raise ValueError(f"run {run_dir} has no stage {stage!r}; accepted: {', '.join(finished) or 'none finished'}")
+        raise UserError(f"stage {stage!r} of {run_dir} has not finished; finished stages: {finished or 'none'}")
+    raise UserError(f"run {run_dir} has no stage {stage!r}; accepted: {', '.join(finished) or 'none finished'}")
 
 
 def run(args) -> int:
     if args.keep is not None and args.keep < 1:
-        raise ValueError(f"--keep must be a positive integer; got {args.keep}")
+        raise UserError(f"--keep must be a positive integer; got {args.keep}")
     run_dir = Path(args.run)
     index, name, folder, state = choose_stage(run_dir, args.stage)
     result = state.get("result") or {}
     thresholds = result.get("thresholds")
     if not thresholds:
-        raise ValueError(f"{folder / 'state.json'} has no result.thresholds; the stage did not finish cleanly")
+        raise UserError(f"{folder / 'state.json'} has no result.thresholds; the stage did not finish cleanly")
     keras_file = folder / "best.keras"
     if not keras_file.is_file():
         raise FileNotFoundError(f"{keras_file} is missing; the stage's best model is needed to export it")

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from retina_scale.utils.errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 COLUMNS = ["image", "grade", "grade_continuous", "referable", "error"]
 
@@ -71,7 +73,7 @@ def _from_csv(csv_file: Path):
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:
-            raise ValueError(f"{csv_file} is empty; expected a CSV with an 'image' column of photo paths")
+            raise UserError(f"{csv_file} is empty; expected a CSV with an 'image' column of photo paths")
         column = header.index("image") if "image" in header else 0
         for row in reader:
             if len(row) > column and row[column].strip():
@@ -89,7 +91,7 @@ def list_images(images):
     elif images.suffix.lower() == ".csv":
         source = lambda: _from_csv(images)  # noqa: E731
     else:
-        raise ValueError(f"--images must be a folder of photos or a .csv file listing them; got {images}")
+        raise UserError(f"--images must be a folder of photos or a .csv file listing them; got {images}")
     total = sum(1 for _ in source())
     return source(), total
 
@@ -148,15 +150,15 @@ def predict_rows(predict, batch):
 
 def run(args) -> int:
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer; got {args.batch_size}")
+        raise UserError(f"--batch-size must be a positive integer; got {args.batch_size}")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {out} does not exist")
     items, total = list_images(args.images)
     from tqdm import tqdm
 
-    from retina_scale.fileio import atomic_path
     from retina_scale.serving.export import load_export
+    from retina_scale.utils.fileio import atomic_path
 
     export = resolve_export(args.model)
     predict, meta = load_export(export, signature="predict_images")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 
+from retina_scale.config import FORMATS, NORMALIZATIONS
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="folder holding the images")
     parser.add_argument("--labels", help="labels CSV (default: trainLabels.csv / train.csv in or beside --data)")
-    parser.add_argument("--format", choices=("eyepacs", "aptos", "folders", "csv"),
+    parser.add_argument("--format", choices=FORMATS,
                         help="data-set layout (default: detected)")
     parser.add_argument("--image-col", help="image column of a generic CSV (--format csv)")
     parser.add_argument("--label-col", help="label column of a generic CSV (--format csv)")
@@ -21,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="cache folder to write (created if needed)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if any image failed")
-    parser.add_argument("--normalize", choices=("none", "graham"), default="none",
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none",
                         help="colour normalisation: none, or B. Graham's local-average subtraction (default: none)")
     parser.add_argument("--no-mask", dest="mask", action="store_false",
                         help="keep the pixels outside the disc's circle (default: black them out)")
@@ -35,15 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import json
 
+    from retina_scale.config import PreprocessConfig
     from retina_scale.data.cache import parse_sizes, prepare_cache
-    from retina_scale.data.fundus import PreprocessConfig
     from retina_scale.data.sources import read_dataset
 
     sizes = parse_sizes(args.sizes)
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.format == "csv" and not (args.image_col and args.label_col and args.labels):
-        raise ValueError("--format csv needs --labels, --image-col and --label-col")
+        raise UserError("--format csv needs --labels, --image-col and --label-col")
     dataset = read_dataset(args.data, labels=args.labels, format=args.format,
                            image_col=args.image_col, label_col=args.label_col)
     config = PreprocessConfig(normalize=args.normalize, mask=args.mask)

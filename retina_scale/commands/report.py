@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser):
     parser.add_argument("--run", required=True,
@@ -58,15 +60,18 @@ def resolve(args) -> dict:
 
 
 def run(args) -> int:
-    from retina_scale.report import write_report
+    from retina_scale.evidence.report import write_report
 
     if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1; got {args.steps}")
+        raise UserError(f"--steps must be >= 1; got {args.steps}")
     paths = resolve(args)
     throughput = paths["throughput"]
     if args.measure:
-        from retina_scale.fileio import write_json
-        from retina_scale.throughput import format_throughput, measure_run_throughput
+        from retina_scale.evidence.throughput import (
+            format_throughput,
+            measure_run_throughput,
+        )
+        from retina_scale.utils.fileio import write_json
 
         result = measure_run_throughput(paths["run"], steps=args.steps, log=None if args.json else print)
         throughput = Path(paths["out"]) / "throughput.json"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from retina_scale.fileio import atomic_path
+
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +46,16 @@ def run(args: argparse.Namespace) -> int:
     from retina_scale.data import synthetic
 
     if args.gallery is None and args.out is None:
-        raise ValueError("nothing to do: give --out DIR --count N to write a data set, or --gallery FILE.png")
+        raise UserError("nothing to do: give --out DIR --count N to write a data set, or --gallery FILE.png")
     if args.gallery is not None:
         if not args.gallery.lower().endswith(".png"):
-            raise ValueError(f"gallery file {args.gallery!r} must end in .png")
+            raise UserError(f"gallery file {args.gallery!r} must end in .png")
         make_gallery(args.gallery, size=args.size, seed=args.seed)
         print(f"gallery written to {args.gallery}")
     if args.out is None:
         return 0
     if args.count is None:
-        raise ValueError("--count is required with --out (a whole number >= 0)")
+        raise UserError("--count is required with --out (a whole number >= 0)")
     framing = None if args.framing == "none" else args.framing
     summary = synthetic.generate_dataset(
         args.out, args.count, size=args.size, seed=args.seed, prior=args.prior,

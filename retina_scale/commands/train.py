@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+from retina_scale.config import FORMATS, STRATEGIES
+from retina_scale.utils.errors import UserError
+
 
 def add_arguments(parser):
     parser.add_argument("--config", default="quick",
@@ -20,9 +23,9 @@ def add_arguments(parser):
     parser.add_argument("--data", help="a data folder (EyePACS, APTOS, one folder per grade, or CSV); "
                                        "default: the embedded synthetic data set")
     parser.add_argument("--labels", help="the labels CSV, if not where the format expects it")
-    parser.add_argument("--format", choices=["eyepacs", "aptos", "folders", "csv"], help="the data layout")
+    parser.add_argument("--format", choices=FORMATS, help="the data layout")
     parser.add_argument("--name", help="run name: the run folder is <runs_dir>/<name>")
-    parser.add_argument("--strategy", choices=["auto", "default", "one_device", "mirrored", "multi_worker"],
+    parser.add_argument("--strategy", choices=STRATEGIES,
                         help="tf.distribute strategy (default: chosen from the machine and TF_CONFIG)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
@@ -36,7 +39,7 @@ def add_arguments(parser):
 
 
 def build_config(args):
-    from retina_scale.training.config import load_train_config
+    from retina_scale.config import load_train_config
 
     overrides = list(args.overrides)
     for flag, key in (("data", "data.data"), ("labels", "data.labels"), ("format", "data.format"),
@@ -59,7 +62,7 @@ def _yaml_string(value: str) -> str:
 def run(args) -> int:
     import json
 
-    from retina_scale.config import to_yaml
+    from retina_scale.utils.typed_config import to_yaml
 
     config = build_config(args)
     if args.print_config:
@@ -70,7 +73,7 @@ def run(args) -> int:
     try:
         report = StepwiseScaler(config, verbose=0 if args.quiet else 1).run()
     except TrainingError as exc:
-        raise ValueError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if args.quiet:
         print(json.dumps({"run_dir": report["run_dir"], "stages": [
             {k: s[k] for k in ("stage", "size", "val_kappa", "test_kappa", "seconds", "export_path")}

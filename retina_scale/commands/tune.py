@@ -40,7 +40,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from retina_scale.commands.train import build_config
-    from retina_scale.config import to_yaml
+    from retina_scale.utils.typed_config import to_yaml
 
     if args.run:
         run_dir = Path(args.run)
@@ -53,7 +53,11 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    from retina_scale.tuning import LearningRateSearch, build_search_space, stage_context
+    from retina_scale.training.tuning import (
+        LearningRateSearch,
+        build_search_space,
+        stage_context,
+    )
 
     build_search_space(config.tune)  # a bad space is refused before any work
     log = (lambda text: None) if args.quiet else print

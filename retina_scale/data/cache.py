@@ -43,9 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retina_scale.data.fundus import BadImage, PreprocessConfig
+from retina_scale.config import PreprocessConfig
+from retina_scale.data.fundus import BadImage
 from retina_scale.data.sources import Dataset, Failure, Record
-from retina_scale.fileio import atomic_path
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.csv"
@@ -65,12 +67,12 @@ def parse_sizes(text) -> tuple[int, ...]:
         try:
             s = int(str(item).strip())
         except ValueError:
-            raise ValueError(f"--sizes must be comma-separated integers such as 112,224,448,896; got {text!r}") from None
+            raise UserError(f"--sizes must be comma-separated integers such as 112,224,448,896; got {text!r}") from None
         if not 16 <= s <= 4096:
-            raise ValueError(f"each size must be between 16 and 4096 px; got {s}")
+            raise UserError(f"each size must be between 16 and 4096 px; got {s}")
         sizes.append(s)
     if not sizes:
-        raise ValueError("--sizes is empty; give e.g. 112,224,448,896")
+        raise UserError("--sizes is empty; give e.g. 112,224,448,896")
     return tuple(sorted(set(sizes)))
 
 
@@ -126,9 +128,9 @@ def _init_worker():
 
 def _process(task: dict) -> dict:
     """Make the needed sizes of one image; runs in a worker process. Never raises for a bad image."""
-    from retina_scale.data.fundus import preprocess_file
-
     import cv2
+
+    from retina_scale.data.fundus import preprocess_file
 
     out = {"image": task["image"]}
     try:
@@ -257,7 +259,7 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+        raise UserError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     ext = IMAGE_FORMATS[image_format]
     cfg = _check_config(out, sizes, config, image_format)
     for s in sizes:
@@ -388,7 +390,7 @@ def read_manifest(cache_dir, size: int | None = None):
         col = f"bytes_{int(size)}"
         if col not in df.columns:
             have = sorted(int(c[6:]) for c in df.columns if c.startswith("bytes_"))
-            raise ValueError(f"size {size} is not in cache {cache_dir}; it has: {', '.join(map(str, have))}")
+            raise UserError(f"size {size} is not in cache {cache_dir}; it has: {', '.join(map(str, have))}")
         df = df[df[col].astype(str) != ""].copy()
         ext = IMAGE_FORMATS[read_config(cache_dir).get("image_format", "png")]
         df["path"] = [str(cache_dir / str(int(size)) / f"{k}{ext}") for k in df["key"]]

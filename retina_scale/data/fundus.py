@@ -19,7 +19,8 @@ One call, :func:`preprocess_file`, turns a photo into one uint8 RGB square per r
 Example:
 
 ```python
-from retina_scale.data.fundus import PreprocessConfig, preprocess_file
+from retina_scale.config import PreprocessConfig
+from retina_scale.data.fundus import preprocess_file
 out = preprocess_file("10_left.jpeg", sizes=(112, 224), config=PreprocessConfig())
 out.images[224].shape   # (224, 224, 3), uint8 RGB
 ```
@@ -34,39 +35,12 @@ import struct
 import cv2
 import numpy as np
 
-NORMALIZATIONS = ("none", "graham")
-MIN_SIDE = 64  # an image smaller than this on a side cannot hold a gradable fundus
+from retina_scale.config import PreprocessConfig
+from retina_scale.utils.errors import UserError
 
 
-class BadImage(ValueError):
+class BadImage(UserError):
     """The file cannot be used; ``str(exc)`` is the one-line reason written to ``failures.csv``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessConfig:
-    """How to turn a photo into the cached squares.
-
-    Args:
-        normalize: ``"none"`` (colours as photographed) or ``"graham"`` (local average colour subtracted).
-        mask: set everything outside the disc's circle to black (``"none"``) - Graham's own mask (grey
-            outside 90 % of the radius) is always applied with ``"graham"``.
-        reduced_decode: allow ``IMREAD_REDUCED_COLOR_*`` decoding when the sizes allow it.
-        min_side: smallest accepted image side in pixels.
-    """
-
-    normalize: str = "none"
-    mask: bool = True
-    reduced_decode: bool = True
-    min_side: int = MIN_SIDE
-
-    def __post_init__(self):
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
-        if self.min_side < 8:
-            raise ValueError(f"min_side must be >= 8, got {self.min_side}")
-
-    def as_dict(self) -> dict:
-        return {"normalize": self.normalize, "mask": self.mask}
 
 
 @dataclasses.dataclass(frozen=True)

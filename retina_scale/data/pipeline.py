@@ -31,79 +31,19 @@ model.fit(ds, epochs=10, steps_per_epoch=train.steps_per_epoch(64))
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 
+from retina_scale.config import AugmentConfig, ResampleConfig
 from retina_scale.data.cache import read_config, read_manifest
-
-# o_O's schedule (PAPER.md, "Prior art").
-O_O_R = 0.975
-O_O_W0 = (1.36, 14.4, 6.6, 40.2, 49.6)
-O_O_WF = (1.0, 2.0, 2.0, 2.0, 2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """o_O's augmentation; ``strength`` (0 = none, 1 = o_O) scales zoom, translation and colour noise.
-
-    Args:
-        strength: multiplier of the zoom's log-range, the translation and the colour noise.
-        rotation: random rotation over the full 0-360 degrees.
-        flip: random horizontal and vertical flips.
-        zoom: largest zoom factor per axis (each axis draws log-uniformly from 1/zoom to zoom).
-        translation: largest shift as a fraction of the side (o_O: 40 px at 512).
-        color_sigma: standard deviation of the PCA colour coefficients, in units of each axis's standard
-            deviation.
-    """
-
-    strength: float = 1.0
-    rotation: bool = True
-    flip: bool = True
-    zoom: float = 1.15
-    translation: float = 40 / 512
-    color_sigma: float = 0.2
-
-    def __post_init__(self):
-        if self.strength < 0:
-            raise ValueError(f"augmentation strength must be >= 0, got {self.strength}")
-        if self.zoom < 1:
-            raise ValueError(f"zoom must be >= 1 (a factor such as 1.15), got {self.zoom}")
-        if not 0 <= self.translation < 0.5:
-            raise ValueError(f"translation must be a fraction of the side in [0, 0.5), got {self.translation}")
-        if self.color_sigma < 0:
-            raise ValueError(f"color_sigma must be >= 0, got {self.color_sigma}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ResampleConfig:
-    """o_O's class rebalancing: per-image draw probability proportional to ``w_t[grade]``.
-
-    ``w0`` ~ the inverse class frequencies of EyePACS (so epoch 0 is balanced), drifting at rate ``r`` per epoch
-    to ``wf``. ``w0="balanced"`` uses the inverse frequencies of the data at hand instead.
-    """
-
-    r: float = O_O_R
-    w0: tuple | str = O_O_W0
-    wf: tuple = O_O_WF
-
-    def __post_init__(self):
-        if not 0 <= self.r <= 1:
-            raise ValueError(f"r must be in [0, 1], got {self.r}")
-        if isinstance(self.w0, str):
-            if self.w0 != "balanced":
-                raise ValueError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
-        elif len(self.w0) != 5 or min(self.w0) < 0:
-            raise ValueError(f"w0 must be 5 non-negative weights, got {self.w0}")
-        if len(self.wf) != 5 or min(self.wf) < 0:
-            raise ValueError(f"wf must be 5 non-negative weights, got {self.wf}")
+from retina_scale.utils.errors import UserError
 
 
 def class_weights(epoch: int, config: ResampleConfig = ResampleConfig(), labels=None) -> np.ndarray:
     """``w_t = r**t * w0 + (1 - r**t) * wf`` for epoch ``t`` (``labels`` needed when ``w0="balanced"``)."""
     if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
+        raise UserError(f"epoch must be >= 0, got {epoch}")
     if isinstance(config.w0, str):
         counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=5).astype(np.float64)
         w0 = np.where(counts > 0, counts.sum() / np.maximum(counts, 1), 0.0)
@@ -117,11 +57,11 @@ def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConf
     """Indices of the images one epoch visits, in order: a pure function of (labels, epoch, seed, resample)."""
     n = len(labels)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)])
-    if resample is None:
+    if resample is None or not resample.enabled:
         return rng.permutation(n)
     w = class_weights(epoch, resample, labels)[np.asarray(labels, np.int64)]
     if w.sum() <= 0:
-        raise ValueError("every image has class weight 0; check ResampleConfig.w0/wf")
+        raise UserError("every image has class weight 0; check ResampleConfig.w0/wf")
     return rng.choice(n, size=n, replace=True, p=w / w.sum())
 
 
@@ -266,13 +206,13 @@ class CacheInput:
         df = read_manifest(cache_dir, self.size)
         if split is not None:
             if split_file is None:
-                raise ValueError("split needs split_file (the splits.csv of the run)")
+                raise UserError("split needs split_file (the splits.csv of the run)")
             from retina_scale.data.sources import read_splits
 
             splits = read_splits(split_file)
             df = df[[splits.get(i) == split for i in df["image"]]].reset_index(drop=True)
         if len(df) == 0:
-            raise ValueError(f"no images of size {size}{' in split ' + split if split else ''} in cache {cache_dir}")
+            raise UserError(f"no images of size {size}{' in split ' + split if split else ''} in cache {cache_dir}")
         self.image_ids = df["image"].astype(str).to_numpy()
         self.paths = df["path"].to_numpy()
         raw = df["label"].astype(str).to_numpy()
@@ -287,9 +227,9 @@ class CacheInput:
         self.resample = resample
         self.seed = int(seed)
         if resample is not None and np.isnan(self.labels).any():
-            raise ValueError("class resampling needs labels, but some images of the cache are unlabelled")
+            raise UserError("class resampling needs labels, but some images of the cache are unlabelled")
         if in_memory not in (True, False, "auto"):
-            raise ValueError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
+            raise UserError(f"in_memory must be True, False or 'auto', got {in_memory!r}")
         self.in_memory = bool(in_memory is True or (in_memory == "auto" and len(self) * self.size**2 * 3 <= memory_budget))
         self._memory = None
         self.jit = jit
@@ -321,7 +261,7 @@ class CacheInput:
         """Training batches per epoch (the draw is cut to a whole number of global batches)."""
         steps = len(self) // int(global_batch_size)
         if steps == 0:
-            raise ValueError(f"global batch size {global_batch_size} exceeds the {len(self)} images of the split")
+            raise UserError(f"global batch size {global_batch_size} exceeds the {len(self)} images of the split")
         return steps
 
     # ------------------------------------------------------------------------------------------- tf.data
@@ -358,7 +298,7 @@ class CacheInput:
 
         gb = int(global_batch_size)
         if gb < 1:
-            raise ValueError(f"global batch size must be >= 1, got {global_batch_size}")
+            raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
         if training:
             steps = self.steps_per_epoch(gb)
             index = np.concatenate([self.epoch_indices(e)[: steps * gb] for e in range(start_epoch, start_epoch + epochs)])
@@ -372,7 +312,7 @@ class CacheInput:
         if input_context is not None:
             k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
             if training and (steps * gb) % k:
-                raise ValueError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
+                raise UserError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
             keep = (position % k) == i
             index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
             batch = input_context.get_per_replica_batch_size(gb)

@@ -35,12 +35,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from retina_scale.fileio import atomic_path
 
-FORMATS = ("eyepacs", "aptos", "folders", "csv")
-GRADES = (0, 1, 2, 3, 4)
+from retina_scale.config import FORMATS, GRADES, SPLIT_NAMES
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
-SPLIT_NAMES = ("train", "val", "test")
 
 _EYE_RE = re.compile(r"^(?P<patient>.+?)[_\-.](?P<eye>left|right|l|r|od|os)$", re.IGNORECASE)
 _EYE_NAMES = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
@@ -122,14 +122,14 @@ def read_csv_rows(path: str | os.PathLike, required: tuple[str, ...]) -> list[di
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ValueError(
+        raise UserError(
             f"labels file {path} is not UTF-8 text (byte {exc.start} is invalid); save it as UTF-8 CSV"
         ) from None
     reader = csv.DictReader(text.splitlines())
     columns = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in required if c not in columns]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"labels file {path} lacks column(s) {', '.join(missing)}; it has: "
             f"{', '.join(columns) or '(none)'}; expected: {', '.join(required)}"
         )
@@ -246,7 +246,7 @@ def read_folders(data_dir) -> Dataset:
     records, failures, seen = [], [], {}
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not subdirs:
-        raise ValueError(f"data folder {root} has no sub-folders; expected one per grade: 0, 1, 2, 3, 4")
+        raise UserError(f"data folder {root} has no sub-folders; expected one per grade: 0, 1, 2, 3, 4")
     for sub in subdirs:
         grade, reason = parse_label(sub.name)
         for f in sorted(sub.iterdir()):
@@ -269,9 +269,9 @@ def read_folders(data_dir) -> Dataset:
 def read_generic_csv(data_dir, labels, image_col: str, label_col: str) -> Dataset:
     """A CSV naming the image column and the label column; image cells are paths relative to the folder."""
     if not labels:
-        raise ValueError("--format csv needs --labels CSV")
+        raise UserError("--format csv needs --labels CSV")
     if not image_col or not label_col:
-        raise ValueError("--format csv needs --image-col and --label-col")
+        raise UserError("--format csv needs --image-col and --label-col")
     root = Path(data_dir)
     rows = read_csv_rows(labels, (image_col, label_col))
     records, failures = _records_from_rows(rows, root, image_col, label_col, IMAGE_EXTENSIONS)
@@ -307,7 +307,7 @@ def detect_format(data_dir, labels=None, image_col=None) -> str:
             return "aptos"
     if root.is_dir() and any(p.is_dir() and p.name in {"0", "1", "2", "3", "4"} for p in root.iterdir()):
         return "folders"
-    raise ValueError(
+    raise UserError(
         f"cannot tell the layout of {root}; pass --format with one of: {', '.join(FORMATS)}"
     )
 
@@ -326,7 +326,7 @@ def read_dataset(data_dir, labels=None, format: str | None = None, image_col=Non
         return read_folders(root)
     if fmt == "csv":
         return read_generic_csv(root, labels, image_col, label_col)
-    raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    raise UserError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
 
 
 # --------------------------------------------------------------------------------------------- splits
@@ -346,9 +346,9 @@ def split_by_patient(
     """
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= f < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {f}")
+            raise UserError(f"{name} must be in [0, 1), got {f}")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
+        raise UserError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
     by_patient: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_patient[r.patient].append(r)
@@ -391,7 +391,7 @@ def read_splits(path) -> dict[str, str]:
     for row in rows:
         split = row["split"].strip()
         if split not in SPLIT_NAMES:
-            raise ValueError(f"split file {path}: split {split!r} for {row['image']!r}; accepted: {', '.join(SPLIT_NAMES)}")
+            raise UserError(f"split file {path}: split {split!r} for {row['image']!r}; accepted: {', '.join(SPLIT_NAMES)}")
         out[row["image"].strip()] = split
     return out
 
@@ -409,14 +409,14 @@ def ensure_splits(run_dir, records: list[Record], val_fraction: float = 0.1, tes
         splits = read_splits(path)
         missing = [r.image_id for r in records if r.image_id not in splits]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"split file {path} has no split for {len(missing)} image(s) (first: {missing[0]}); "
                 "remove it to make a new split, or pass the records it was made for"
             )
         seen: dict[str, str] = {}
         for r in records:
             if seen.setdefault(r.patient, splits[r.image_id]) != splits[r.image_id]:
-                raise ValueError(f"split file {path} puts patient {r.patient!r} in two splits")
+                raise UserError(f"split file {path} puts patient {r.patient!r} in two splits")
         return {r.image_id: splits[r.image_id] for r in records}
     splits = split_by_patient(records, val_fraction, test_fraction, seed)
     write_splits(splits, records, path)

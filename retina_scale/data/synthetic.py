@@ -49,12 +49,14 @@ from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
-from retina_scale.fileio import atomic_path
+
+from retina_scale.config import GRADES
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
 
 FIELD_MM = 12.0
 """Diameter of the 45-degree fundus field, in millimetres."""
 
-GRADES = (0, 1, 2, 3, 4)
 
 PRIORS: dict[str, tuple[float, ...]] = {
     # The paper's Table II: EyePACS (Kaggle 2015) training-set class frequencies.
@@ -126,26 +128,26 @@ def parse_prior(prior: str | Sequence[float]) -> np.ndarray:
         if text in PRIORS:
             return np.asarray(PRIORS[text], float) / sum(PRIORS[text])
         if "," not in text:
-            raise ValueError(
+            raise UserError(
                 f"unknown prior {prior!r}; accepted: {', '.join(PRIORS)} or five comma-separated "
                 "fractions a,b,c,d,e summing to 1"
             )
         try:
             values = [float(v) for v in text.split(",")]
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"prior {prior!r} is not five comma-separated numbers; accepted: {', '.join(PRIORS)} "
                 "or a,b,c,d,e summing to 1"
             ) from None
     else:
         values = [float(v) for v in prior]
     if len(values) != 5:
-        raise ValueError(f"prior has {len(values)} values; it needs exactly 5 (grades 0-4) summing to 1")
+        raise UserError(f"prior has {len(values)} values; it needs exactly 5 (grades 0-4) summing to 1")
     arr = np.asarray(values, float)
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError(f"prior {values} has negative or non-finite values; each must be in [0, 1]")
+        raise UserError(f"prior {values} has negative or non-finite values; each must be in [0, 1]")
     if abs(arr.sum() - 1.0) > 1e-3:
-        raise ValueError(f"prior {values} sums to {arr.sum():.4f}; the five fractions must sum to 1")
+        raise UserError(f"prior {values} sums to {arr.sum():.4f}; the five fractions must sum to 1")
     return arr / arr.sum()
 
 
@@ -210,7 +212,7 @@ def plan_dataset(
     validate_count(count)
     probs = parse_prior(prior)
     if not (0.0 <= float(label_noise) <= 1.0):
-        raise ValueError(f"label noise {label_noise} is outside [0, 1]")
+        raise UserError(f"label noise {label_noise} is outside [0, 1]")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     kernel = fellow_eye_kernel(probs)
     specs: list[ImageSpec] = []
@@ -266,13 +268,13 @@ def grade_from_lesions(records: Iterable[dict]) -> int:
 
 def validate_count(count) -> int:
     if isinstance(count, bool) or int(count) != count or count < 0:
-        raise ValueError(f"count {count} is invalid; it must be a whole number >= 0")
+        raise UserError(f"count {count} is invalid; it must be a whole number >= 0")
     return int(count)
 
 
 def validate_size(size) -> int:
     if isinstance(size, bool) or int(size) != size or not 64 <= size <= 4096:
-        raise ValueError(f"size {size} px is invalid; the fundus diameter must be 64 to 4096 px")
+        raise UserError(f"size {size} px is invalid; the fundus diameter must be 64 to 4096 px")
     return int(size)
 
 
@@ -1166,13 +1168,13 @@ def render_fundus(
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(int(rng_or_seed))
     size = validate_size(size)
     if grade not in GRADES:
-        raise ValueError(f"grade {grade!r} is invalid; accepted: 0, 1, 2, 3, 4")
+        raise UserError(f"grade {grade!r} is invalid; accepted: 0, 1, 2, 3, 4")
     if eye not in ("left", "right"):
-        raise ValueError(f"eye {eye!r} is invalid; accepted: left, right")
+        raise UserError(f"eye {eye!r} is invalid; accepted: left, right")
     if background not in ("procedural", "real"):
-        raise ValueError(f"background {background!r} is invalid; accepted: procedural, real")
+        raise UserError(f"background {background!r} is invalid; accepted: procedural, real")
     if framing not in (None, "none", "eyepacs"):
-        raise ValueError(f"framing {framing!r} is invalid; accepted: none, eyepacs")
+        raise UserError(f"framing {framing!r} is invalid; accepted: none, eyepacs")
     if background == "real":
         img, anat = _real_background(rng, size)
     else:
@@ -1349,11 +1351,11 @@ def generate_dataset(
     size = validate_size(size)
     probs = parse_prior(prior)
     if isinstance(workers, bool) or int(workers) != workers or workers < 1:
-        raise ValueError(f"workers {workers} is invalid; it must be a whole number >= 1")
+        raise UserError(f"workers {workers} is invalid; it must be a whole number >= 1")
     if framing not in (None, "none", "eyepacs"):
-        raise ValueError(f"framing {framing!r} is invalid; accepted: none, eyepacs")
+        raise UserError(f"framing {framing!r} is invalid; accepted: none, eyepacs")
     if not 0.0 <= float(real_fraction) <= 1.0:
-        raise ValueError(f"real fraction {real_fraction} is outside [0, 1]")
+        raise UserError(f"real fraction {real_fraction} is outside [0, 1]")
     out_dir = str(out_dir)
     _check_out_dir(out_dir, overwrite)
     specs = plan_dataset(count, seed=seed, prior=probs, label_noise=label_noise, real_fraction=real_fraction)

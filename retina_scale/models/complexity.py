@@ -17,8 +17,10 @@ import math
 
 import keras
 
-from retina_scale.fileio import atomic_path
 from retina_scale.models.layers import GridRMSPool2D, Maxout, RMSPool2D
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
+from retina_scale.utils.tables import number, text_table
 
 # Paper's Fig. 4, read off the figure: weights, forward multiply-adds, activations ("output memory").
 PAPER_FIG4 = {
@@ -76,7 +78,7 @@ def _chain(model: keras.Model) -> list[keras.layers.Layer]:
     previous = model.inputs[0]
     for layer in layers:
         if layer.input is not previous:
-            raise ValueError(
+            raise UserError(
                 f"count_complexity handles chains of layers only; layer {layer.name!r} does not "
                 "take the previous layer's output"
             )
@@ -149,14 +151,14 @@ def family_complexity(stages=("tiny", "small", "median", "large"), width: float 
 
 
 def _millions(value) -> str:
-    return "-" if value is None else f"{value / 1e6:,.3f} M"
+    return number(None if value is None else value / 1e6, ",.3f") + ("" if value is None else " M")
 
 
 def format_table(records: list[dict]) -> str:
     """A fixed-width table of ``family_complexity`` records for people."""
     header = ("stage", "input", "weights", "paper", "ratio", "mult-adds", "paper", "ratio",
               "activations", "paper", "ratio")
-    rows = [header]
+    rows = []
     for r in records:
         rows.append((
             r["stage"], str(r["input_size"]),
@@ -164,15 +166,11 @@ def format_table(records: list[dict]) -> str:
             _millions(r["macs"]), _millions(r["paper_macs"]), _ratio(r["macs_ratio"]),
             _millions(r["activations"]), _millions(r["paper_activations"]), _ratio(r["activations_ratio"]),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows, right=range(1, len(header)))
 
 
 def _ratio(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return number(value, ".3f")
 
 
 def plot_complexity(records: list[dict], path) -> None:

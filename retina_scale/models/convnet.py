@@ -28,16 +28,19 @@ import zlib
 
 import keras
 
+from retina_scale.config import (  # noqa: F401
+    BASE_SIZE,
+    STAGE_NAMES,
+    stage_index,
+    stage_name,
+    stage_size,
+)
 from retina_scale.models.layers import GridRMSPool2D, Maxout, RGBRescale
-
-BASE_SIZE = 112
-"""Input size of the first stage; each later stage doubles it."""
+from retina_scale.utils.errors import UserError
 
 FEATURE_MAP_SIZE = 7
 """Height and width of the last feature map at every stage's own input size."""
 
-STAGE_NAMES = ("tiny", "small", "median", "large", "xlarge")
-"""Names of stages 1-5; the paper has the first four. Later stages are called ``stage6``, ..."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,7 @@ def block_spec(index: int) -> BlockSpec:
     3x3 convolutions, as blocks 5 and 6 do.
     """
     if index < 1:
-        raise ValueError(f"block index must be >= 1; got {index}")
+        raise UserError(f"block index must be >= 1; got {index}")
     if index <= len(_TABLE_I_BLOCKS):
         filters, convs = _TABLE_I_BLOCKS[index - 1]
     else:
@@ -97,11 +100,11 @@ class StageSpec:
 
     @property
     def name(self) -> str:
-        return STAGE_NAMES[self.index - 1] if self.index <= len(STAGE_NAMES) else f"stage{self.index}"
+        return stage_name(self.index)
 
     @property
     def input_size(self) -> int:
-        return BASE_SIZE * 2 ** (self.index - 1)
+        return stage_size(self.index)
 
     @property
     def num_blocks(self) -> int:
@@ -120,26 +123,7 @@ def get_stage(stage) -> StageSpec:
     """
     if isinstance(stage, StageSpec):
         return stage
-    accepted = (
-        f"accepted: {', '.join(STAGE_NAMES)} (or stage6, stage7, ...), or an input size "
-        f"{BASE_SIZE} * 2**k ({', '.join(str(BASE_SIZE * 2**k) for k in range(len(STAGE_NAMES)))}, ...)"
-    )
-    if isinstance(stage, str):
-        key = stage.strip().lower()
-        if key in STAGE_NAMES:
-            return StageSpec(STAGE_NAMES.index(key) + 1)
-        if key.startswith("stage") and key[5:].isdigit() and int(key[5:]) >= 1:
-            return StageSpec(int(key[5:]))
-        if key.isdigit():
-            stage = int(key)
-        else:
-            raise ValueError(f"unknown stage {stage!r}; {accepted}")
-    if isinstance(stage, int) and not isinstance(stage, bool):
-        ratio = stage / BASE_SIZE
-        if stage >= BASE_SIZE and ratio == int(ratio) and (int(ratio) & (int(ratio) - 1)) == 0:
-            return StageSpec(int(math.log2(ratio)) + 1)
-        raise ValueError(f"no stage is designed for input size {stage}; {accepted}")
-    raise ValueError(f"unknown stage {stage!r}; {accepted}")
+    return StageSpec(stage_index(stage))
 
 
 def scaled(units: int, width: float) -> int:
@@ -216,13 +200,13 @@ class RetinaConvNet(keras.Model):
     ):
         spec = get_stage(stage)
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-            raise ValueError(f"width must be a positive number (1.0 = the paper's widths); got {width!r}")
+            raise UserError(f"width must be a positive number (1.0 = the paper's widths); got {width!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+            raise UserError(f"dropout must be in [0, 1); got {dropout!r}")
         if leaky_slope < 0:
-            raise ValueError(f"leaky_slope must be >= 0; got {leaky_slope!r}")
+            raise UserError(f"leaky_slope must be >= 0; got {leaky_slope!r}")
         if l2 < 0:
-            raise ValueError(f"l2 must be >= 0; got {l2!r}")
+            raise UserError(f"l2 must be >= 0; got {l2!r}")
         inputs, outputs = _build_graph(spec, width, dropout, leaky_slope, l2, head_units,
                                        kernel_initializer, seed)
         super().__init__(inputs, outputs, name=name or f"retina_{spec.name}", **kwargs)

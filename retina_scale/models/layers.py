@@ -9,6 +9,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from retina_scale.utils.errors import UserError
+
 _PACKAGE = "retina_scale"
 
 
@@ -17,7 +19,7 @@ def _pair(value, name):
         value = (value, value)
     value = tuple(int(v) for v in value)
     if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints; got {value!r}")
+        raise UserError(f"{name} must be a positive int or a pair of positive ints; got {value!r}")
     return value
 
 
@@ -44,7 +46,7 @@ class RMSPool2D(keras.layers.Layer):
         self.pool_size = _pair(pool_size, "pool_size")
         self.strides = _pair(strides if strides is not None else pool_size, "strides")
         if padding not in ("valid", "same"):
-            raise ValueError(f"padding must be 'valid' or 'same'; got {padding!r}")
+            raise UserError(f"padding must be 'valid' or 'same'; got {padding!r}")
         self.padding = padding
         self.epsilon = float(epsilon)
         self.input_spec = keras.layers.InputSpec(ndim=4)
@@ -101,7 +103,7 @@ class GridRMSPool2D(keras.layers.Layer):
     def __init__(self, grid=2, epsilon=1e-12, **kwargs):
         super().__init__(**kwargs)
         if int(grid) < 1:
-            raise ValueError(f"grid must be a positive int; got {grid!r}")
+            raise UserError(f"grid must be a positive int; got {grid!r}")
         self.grid = int(grid)
         self.epsilon = float(epsilon)
         self.input_spec = keras.layers.InputSpec(ndim=4)
@@ -119,7 +121,7 @@ class GridRMSPool2D(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         for n in input_shape[1:3]:
             if n is not None and n < self.grid:
-                raise ValueError(
+                raise UserError(
                     f"GridRMSPool2D(grid={self.grid}) needs a feature map of at least "
                     f"{self.grid}x{self.grid}; got {input_shape[1]}x{input_shape[2]} "
                     "(the input image is too small for this stage)"
@@ -150,13 +152,13 @@ class Maxout(keras.layers.Layer):
     def __init__(self, units, **kwargs):
         super().__init__(**kwargs)
         if int(units) < 1:
-            raise ValueError(f"units must be a positive int; got {units!r}")
+            raise UserError(f"units must be a positive int; got {units!r}")
         self.units = int(units)
 
     def build(self, input_shape):
         features = input_shape[-1]
         if features is None or features % self.units:
-            raise ValueError(
+            raise UserError(
                 f"Maxout({self.units}) needs a last dimension that is a known multiple of "
                 f"{self.units}; got {features}"
             )
@@ -201,12 +203,12 @@ class RGBRescale(keras.layers.Layer):
             return
         shape = tuple(shape)
         if len(shape) != 4:
-            raise ValueError(
+            raise UserError(
                 "retina_scale models take a batch of images of shape (batch, height, width, 3); "
                 f"got a tensor of rank {len(shape)} with shape {tuple(shape)}"
             )
         if shape[-1] is not None and shape[-1] != RGBRescale.channels:
-            raise ValueError(
+            raise UserError(
                 f"retina_scale models take RGB images with 3 channels; got {shape[-1]} channel(s) "
                 "(convert grey images to RGB and drop the alpha channel of RGBA images)"
             )

@@ -29,7 +29,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from retina_scale.fileio import atomic_path
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
+from retina_scale.utils.tables import text_table
 
 CARRIED = "carried"
 NEW = "new"
@@ -113,15 +115,10 @@ class TransferReport:
         def shapes(value):
             return "-" if value is None else ", ".join("x".join(map(str, s)) for s in value)
 
-        rows = [("layer", "status", "from", "to", "params")]
-        rows += [(e.layer, e.status, shapes(e.src_shapes), shapes(e.dst_shapes), f"{e.params:,}")
-                 for e in self.layers]
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = [f"Weight transfer {self.src_name} -> {self.dst_name}"]
-        for k, row in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if i == 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        rows = [(e.layer, e.status, shapes(e.src_shapes), shapes(e.dst_shapes), f"{e.params:,}")
+                for e in self.layers]
+        lines = [text_table(("layer", "status", "from", "to", "params"), rows, right=(4,),
+                            title=f"Weight transfer {self.src_name} -> {self.dst_name}")]
         s = self.summary()
         lines.append(
             f"{s['carried_layers']} carried, {s['new_layers']} new, {s['mismatched_layers']} re-initialised "
@@ -194,6 +191,6 @@ def load_named_weights(path) -> dict[str, list[np.ndarray]]:
         for key in data.files:
             name, _, index = key.rpartition("/")
             if not name or not index.isdigit():
-                raise ValueError(f"{path} is not a file written by save_named_weights (key {key!r})")
+                raise UserError(f"{path} is not a file written by save_named_weights (key {key!r})")
             result.setdefault(name, []).append((int(index), data[key]))
     return {name: [a for _, a in sorted(items, key=lambda t: t[0])] for name, items in result.items()}

@@ -34,6 +34,8 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterable, Sequence
 
+from retina_scale.utils.errors import UserError
+
 __all__ = ["ServingClient", "ServingError", "read_images"]
 
 OUTPUTS = ("grade", "grade_continuous", "referable", "valid", "error")
@@ -60,7 +62,7 @@ def read_images(images: Iterable) -> list[bytes]:
         else:
             raise TypeError(f"images must be file paths or bytes; got {type(item).__name__}")
     if not out:
-        raise ValueError("images is empty; give at least one photo")
+        raise UserError("images is empty; give at least one photo")
     return out
 
 
@@ -93,11 +95,11 @@ class ServingClient:
                  timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, grpc_target: str | None = None,
                  sleep: Callable[[float], None] = time.sleep):
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"url must start with http:// or https://; got {url!r}")
+            raise UserError(f"url must start with http:// or https://; got {url!r}")
         if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0; got {retries!r}")
+            raise UserError(f"retries must be an integer >= 0; got {retries!r}")
         if not timeout or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds; got {timeout!r}")
+            raise UserError(f"timeout must be a positive number of seconds; got {timeout!r}")
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.version = version

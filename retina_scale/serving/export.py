@@ -23,7 +23,7 @@ Signatures (no Keras needed to serve or load them):
 
     outputs ``grade_continuous`` (float32 ``(batch,)``, the regression output), ``grade`` (int32
     ``(batch,)``: the number of thresholds ``<=`` the score, the rule of
-    :func:`retina_scale.training.metrics.apply_thresholds`; the thresholds are constants in the
+    :func:`retina_scale.grading.thresholds.apply_thresholds`; the thresholds are constants in the
     graph), ``referable`` (bool ``(batch,)``: ``grade >= 2``, moderate non-proliferative DR or
     worse). A NaN or infinite score fails the request instead of grading it 0.
 
@@ -74,7 +74,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from retina_scale.training.metrics import DEFAULT_THRESHOLDS, NUM_GRADES, validate_thresholds
+from retina_scale.config import NUM_GRADES
+from retina_scale.grading.thresholds import DEFAULT_THRESHOLDS, validate_thresholds
+from retina_scale.utils.errors import UserError
 
 __all__ = [
     "FORMAT",
@@ -146,26 +148,26 @@ def _remove_dir(path: Path) -> None:
 
 def _check_arguments(model, model_name, version, keep, metadata):
     if not (hasattr(model, "stage") and hasattr(model, "input_size") and callable(model)):
-        raise ValueError(
+        raise UserError(
             "export_saved_model takes a retina_scale model (RetinaConvNet from "
             f"retina_scale.models.build_model, with .stage and .input_size); got {type(model).__name__}"
         )
     if not isinstance(model_name, str) or not _MODEL_NAME.match(model_name):
-        raise ValueError(
+        raise UserError(
             f"model_name must be one folder name of letters, digits, '.', '_' or '-' not starting "
             f"with '.', '_' or '-'; got {model_name!r}"
         )
     for name, value in (("version", version), ("keep", keep)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+            raise UserError(f"{name} must be a positive integer or None; got {value!r}")
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
-        raise ValueError(f"metadata must be a dict with string keys; got {type(metadata).__name__}")
+        raise UserError(f"metadata must be a dict with string keys; got {type(metadata).__name__}")
     try:
         json.dumps(dict(metadata), allow_nan=False)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"metadata must be JSON-serialisable (str, number, list, dict): {err}") from None
+        raise UserError(f"metadata must be JSON-serialisable (str, number, list, dict): {err}") from None
     return dict(metadata)
 
 
@@ -464,7 +466,7 @@ def run_preprocessing(run_dir) -> dict:
     Without the sizes the served images drift from the cached ones (README, "Serving with TensorFlow
     Serving"). The cache is ``data.cache`` of the config, else ``<run>/data/cache``.
     """
-    from retina_scale.config import load_mapping
+    from retina_scale.utils.typed_config import load_mapping
 
     run_dir = Path(run_dir)
     record = {"normalize": "none", "mask": True, "crop": "fundus bounding square", "resize": "area"}
@@ -507,30 +509,30 @@ def load_export(path, signature: str = "serving_default"):
             or its parts disagree.
     """
     if signature not in ("serving_default", "predict_images"):
-        raise ValueError(f"signature must be 'serving_default' or 'predict_images'; got {signature!r}")
+        raise UserError(f"signature must be 'serving_default' or 'predict_images'; got {signature!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such export folder: {path}")
     if not path.is_dir():
-        raise ValueError(f"not a retina_scale SavedModel: {path} is a file, expected a version folder")
+        raise UserError(f"not a retina_scale SavedModel: {path} is a file, expected a version folder")
     if not (path / "saved_model.pb").is_file():
         hint = ""
         versions = list_versions(path)
         if versions:
             hint = f" (it holds versions {versions}: pass one of them, e.g. {path / str(versions[-1])})"
-        raise ValueError(f"not a retina_scale SavedModel: no saved_model.pb in {path}{hint}")
+        raise UserError(f"not a retina_scale SavedModel: no saved_model.pb in {path}{hint}")
     try:
         metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"not a retina_scale SavedModel: no {METADATA_FILE} in {path}") from None
+        raise UserError(f"not a retina_scale SavedModel: no {METADATA_FILE} in {path}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"not a retina_scale SavedModel: {path / METADATA_FILE} is not JSON ({err})") from None
+        raise UserError(f"not a retina_scale SavedModel: {path / METADATA_FILE} is not JSON ({err})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(
+        raise UserError(
             f"not a retina_scale SavedModel: {path / METADATA_FILE} has no format {FORMAT!r}"
         )
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
+        raise UserError(
             f"not a retina_scale SavedModel this version reads: format_version "
             f"{metadata.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
@@ -540,11 +542,11 @@ def load_export(path, signature: str = "serving_default"):
     loaded = tf.saved_model.load(str(path))
     missing = {"serving_default", "get_metadata", signature} - set(loaded.signatures)
     if missing:
-        raise ValueError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
+        raise UserError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
     embedded = json.loads(loaded.signatures["get_metadata"]()["metadata_json"].numpy().decode("utf-8"))
     for key in ("stage", "input_size", "thresholds", "preprocessing"):
         if embedded.get(key) != metadata.get(key):
-            raise ValueError(
+            raise UserError(
                 f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "
                 f"but the graph holds {embedded.get(key)!r}"
             )

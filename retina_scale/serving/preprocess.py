@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import math
 
+from retina_scale.config import MIN_SIDE
+from retina_scale.utils.errors import UserError
+
 __all__ = ["PreprocessSpec", "preprocess_spec", "preprocess_batch"]
 
-MIN_SIDE = 64
 _ZEROS64 = b"\x00" * 64
 WORK_SIDE = 1024
 ERROR_NONE = ""
@@ -77,13 +79,13 @@ def preprocess_spec(preprocessing, input_size: int) -> PreprocessSpec:
         if preprocessing.get("sizes"):
             sizes = preprocessing["sizes"]
             if not isinstance(sizes, list) or not all(isinstance(s, int) and 16 <= s <= 4096 for s in sizes):
-                raise ValueError(f"preprocessing 'sizes' must be a list of integers from 16 to 4096; got {sizes!r}")
+                raise UserError(f"preprocessing 'sizes' must be a list of integers from 16 to 4096; got {sizes!r}")
         if not isinstance(mask, bool):
-            raise ValueError(f"preprocessing 'mask' must be true or false; got {mask!r}")
+            raise UserError(f"preprocessing 'mask' must be true or false; got {mask!r}")
     else:
-        raise ValueError(f"preprocessing must be a name or a dict; got {type(preprocessing).__name__}")
+        raise UserError(f"preprocessing must be a name or a dict; got {type(preprocessing).__name__}")
     if normalize not in ("none", "graham"):
-        raise ValueError(f"preprocessing normalize must be 'none' or 'graham'; got {normalize!r}")
+        raise UserError(f"preprocessing normalize must be 'none' or 'graham'; got {normalize!r}")
     return PreprocessSpec(input_size, sizes, normalize, mask)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retina_scale.fileio import atomic_path
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import atomic_path
 
 
 def save_checkpoint(model, optimizer, path) -> None:
@@ -37,13 +38,13 @@ def restore_checkpoint(model, optimizer, path) -> None:
         for i, weight in enumerate(layer.weights):
             key = f"model/{layer.name}/{i}"
             if key not in stored or stored[key].shape != tuple(weight.shape):
-                raise ValueError(f"checkpoint {path} does not fit the model: {key} missing or of another shape")
+                raise UserError(f"checkpoint {path} does not fit the model: {key} missing or of another shape")
             weight.assign(stored[key])
     if optimizer is not None:
         for variable in optimizer.variables:
             key = f"optimizer/{_slot_name(variable)}"
             if key not in stored or stored[key].shape != tuple(variable.shape):
-                raise ValueError(f"checkpoint {path} does not fit the optimizer: {key} missing or of another shape")
+                raise UserError(f"checkpoint {path} does not fit the optimizer: {key} missing or of another shape")
             variable.assign(stored[key])
 
 

@@ -23,7 +23,8 @@ import json
 import math
 import os
 
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
+from retina_scale.config import STRATEGIES
+from retina_scale.utils.errors import UserError
 
 
 def choose_strategy(name: str = "auto"):
@@ -39,7 +40,7 @@ def choose_strategy(name: str = "auto"):
     import tensorflow as tf
 
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")
+        raise UserError(f"unknown strategy {name!r}; accepted: {', '.join(STRATEGIES)}")
     if name == "auto":
         if _tf_config_cluster():
             name = "multi_worker"
@@ -57,7 +58,7 @@ def choose_strategy(name: str = "auto"):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     if not _tf_config_cluster():
-        raise ValueError(
+        raise UserError(
             "strategy 'multi_worker' needs TF_CONFIG with a cluster and this process's task, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
         )
@@ -71,7 +72,7 @@ def _tf_config_cluster() -> dict:
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {exc}") from None
+        raise UserError(f"TF_CONFIG is not valid JSON: {exc}") from None
     return config.get("cluster") or {}
 
 
@@ -96,13 +97,6 @@ def is_chief(strategy) -> bool:
     task_type, task_id = resolver.task_type, resolver.task_id
     return task_type == "chief" or (task_type == "worker" and task_id == 0 and
                                     "chief" not in resolver.cluster_spec().as_dict())
-
-
-def scaled_learning_rate(base_lr: float, global_batch_size: int, reference_batch_size: int | None) -> float:
-    """Linear learning-rate scaling: ``base_lr * global / reference`` (no scaling if reference is None)."""
-    if reference_batch_size in (None, 0):
-        return base_lr
-    return base_lr * global_batch_size / reference_batch_size
 
 
 class DistributedTrainer:
@@ -131,7 +125,7 @@ class DistributedTrainer:
 
         replicas = strategy.num_replicas_in_sync
         if global_batch_size < 1 or global_batch_size % replicas:
-            raise ValueError(
+            raise UserError(
                 f"global batch size {global_batch_size} must be a positive multiple of the "
                 f"{replicas} replica(s) in sync"
             )

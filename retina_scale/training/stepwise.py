@@ -23,7 +23,6 @@ epoch number).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -32,33 +31,25 @@ from typing import Callable
 
 import numpy as np
 
-from retina_scale.config import ConfigError, dump_config, to_dict
-from retina_scale.fileio import read_json as _read_json, write_json as _write_json, write_text as _write_text
-from retina_scale.training.config import TrainConfig
+from retina_scale.config import TrainConfig
+from retina_scale.run_layout import RunLayout
+from retina_scale.training.optim import lr_at, make_optimizer
+from retina_scale.training.stage import (
+    StageContext, build_stage_model, check_same_config, ensure_synthetic_data, patients_of, predict_input,
+    stage_input, validation_scores,
+)
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import read_json as _read_json
+from retina_scale.utils.fileio import write_json as _write_json
+from retina_scale.utils.fileio import write_text as _write_text
+from retina_scale.utils.tables import number, text_table
+from retina_scale.utils.typed_config import dump_config
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss kept diverging); the message says why and what to try."""
 
 
-@dataclasses.dataclass
-class StageContext:
-    """What a learning-rate search hook gets for one stage.
-
-    The hook (``StepwiseScaler(lr_search=...)``) returns the learning rate for the stage's full
-    fine-tuning. ``initial_weights`` holds the stage's transferred starting point, so every trial
-    can start from the same weights.
-    """
-
-    index: int
-    stage: object  # StageSpec
-    stage_dir: Path
-    initial_weights: Path
-    default_lr: float
-    config: TrainConfig
-    strategy: object
-    cache_dir: Path
-    splits_file: Path
 
 
 def _finite(x):
@@ -74,20 +65,20 @@ class StepwiseScaler:
             ``config.strategy`` (see ``choose_strategy``).
         lr_search: optional hook ``fn(StageContext) -> float`` (or an object with ``lr`` and
             ``to_dict()``) that picks each stage's learning rate; None runs Keras Tuner's search
-            (``retina_scale.tuning.LearningRateSearch``) when ``config.tune.enabled``, else uses the
+            (``retina_scale.training.tuning.LearningRateSearch``) when ``config.tune.enabled``, else uses the
             config's learning rates. A resumed stage keeps the learning rate it started with.
         verbose: 1 shows Keras progress bars per epoch and a line per stage; 0 is silent.
         log: where lines for people go (default ``print``).
 
     Example:
-    >>> from retina_scale.training.config import load_train_config
+    >>> from retina_scale.config import load_train_config
     >>> report = StepwiseScaler(load_train_config("quick")).run()
     >>> [(s["stage"], s["val_kappa"]) for s in report["stages"]]
     """
 
     def __init__(self, config: TrainConfig, *, strategy=None, lr_search: Callable | None = None,
                  verbose: int = 1, log: Callable[[str], None] = print):
-        from retina_scale.training.config import check_config
+        from retina_scale.config import check_config
 
         check_config(config)
         self.config = config
@@ -110,38 +101,25 @@ class StepwiseScaler:
         return self._strategy
 
     @property
-    def run_dir(self) -> Path:
+    def layout(self) -> RunLayout:
+        """This process's run folder: the chief's, or a worker's copy beside it (identical weights)."""
         from retina_scale.training.distribute import is_chief
 
-        base = Path(self.config.runs_dir) / self.config.name
+        layout = RunLayout.of(self.config)
         if is_chief(self.strategy):
-            return base
-        # Other workers keep their own copies (identical weights) beside the chief's.
+            return layout
         resolver = self.strategy.cluster_resolver
-        return base / "workers" / f"{resolver.task_type}-{resolver.task_id}"
+        return layout.worker(resolver.task_type, resolver.task_id)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
     @property
     def is_chief(self) -> bool:
         from retina_scale.training.distribute import is_chief
 
         return is_chief(self.strategy)
-
-    def _check_same_config(self) -> None:
-        """A rerun must describe the same run (so 'resume' means what it says)."""
-        path = self.run_dir / "config.yaml"
-        if not path.exists():
-            return
-        from retina_scale.config import load_config
-
-        old = to_dict(load_config(TrainConfig, path))
-        new = to_dict(self.config)
-        keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim")
-        changed = [k for k in keep if old.get(k) != new.get(k)]
-        if changed:
-            raise ConfigError(
-                f"run folder {self.run_dir} holds a run with other settings ({', '.join(changed)} differ); "
-                "use another name (name=...) or delete the folder"
-            )
 
     # ------------------------------------------------------------------------------------- data
     def prepare_data(self) -> tuple[Path, Path]:
@@ -150,8 +128,8 @@ class StepwiseScaler:
         Returns:
             ``(cache_dir, splits_file)``.
         """
+        from retina_scale.config import PreprocessConfig
         from retina_scale.data.cache import prepare_cache
-        from retina_scale.data.fundus import PreprocessConfig
         from retina_scale.data.sources import ensure_splits, read_dataset
         from retina_scale.models.convnet import get_stage
 
@@ -163,14 +141,14 @@ class StepwiseScaler:
         dataset = read_dataset(data_dir, labels=cfg.labels, format=cfg.format,
                                image_col=cfg.image_col, label_col=cfg.label_col)
         if not dataset.records:
-            raise ValueError(f"no usable image in {data_dir}: {len(dataset.failures)} failed "
+            raise UserError(f"no usable image in {data_dir}: {len(dataset.failures)} failed "
                              "(see the reasons with 'retina-scale prepare')")
         self.log(f"Preparing the cache at {', '.join(map(str, sizes))} px in {cache_dir} ...")
         result = prepare_cache(dataset, cache_dir, sizes=sizes, config=PreprocessConfig(normalize=cfg.normalize),
                                workers=workers, progress=bool(self.verbose))
         self.log(result.summary())
         if result.prepared + result.skipped == 0:
-            raise ValueError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
+            raise UserError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
 
         splits_file = self.run_dir / "splits.csv"
         splits = ensure_splits(self.run_dir, dataset.records, cfg.val_fraction, cfg.test_fraction, seed=cfg.split_seed)
@@ -178,10 +156,10 @@ class StepwiseScaler:
         for split in ("train", "val"):
             grades = {labels.get(i) for i, s in splits.items() if s == split and labels.get(i) is not None}
             if not grades:
-                raise ValueError(f"the {split} split is empty; give more images or change data.val_fraction / "
+                raise UserError(f"the {split} split is empty; give more images or change data.val_fraction / "
                                  "data.test_fraction")
             if split == "train" and len(grades) < 2:
-                raise ValueError(f"the train split holds a single grade ({grades.pop()}); a grader needs at "
+                raise UserError(f"the train split holds a single grade ({grades.pop()}); a grader needs at "
                                  "least two")
         return cache_dir, splits_file
 
@@ -198,7 +176,7 @@ class StepwiseScaler:
         t0 = time.time()
         run_dir = self.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_config()
+        check_same_config(self.layout, self.config)
         if self.is_chief or not (run_dir / "config.yaml").exists():
             dump_config(self.config, run_dir / "config.yaml")
         strategy = self.strategy
@@ -230,7 +208,7 @@ class StepwiseScaler:
         """The hook given, else Keras Tuner's search when ``tune.enabled``, else None (the config's lr)."""
         if self.lr_search is not None or not self.config.tune.enabled:
             return self.lr_search
-        from retina_scale.tuning import LearningRateSearch
+        from retina_scale.training.tuning import LearningRateSearch
 
         return LearningRateSearch(verbose=self.verbose, log=self._log)
 
@@ -253,12 +231,14 @@ class StepwiseScaler:
         cfg = self.config
         strategy = self.strategy
         from retina_scale.training.checkpoint import (
-            model_weights_from_checkpoint, restore_checkpoint, save_checkpoint,
+            model_weights_from_checkpoint,
+            restore_checkpoint,
+            save_checkpoint,
         )
         from retina_scale.training.distribute import DistributedTrainer
 
         with strategy.scope():
-            model = self._build_model(spec)
+            model = build_stage_model(self.config, spec)
         initial = stage_dir / "initial.npz"
         resumed = state is not None
 
@@ -273,7 +253,7 @@ class StepwiseScaler:
                 self.log(report.format_table())
             save_checkpoint(model, None, initial)
             default_lr = stage_cfg.lr if stage_cfg.lr is not None else cfg.optim.lr
-            from retina_scale.training.distribute import scaled_learning_rate
+            from retina_scale.training.optim import scaled_learning_rate
 
             default_lr = scaled_learning_rate(default_lr, cfg.global_batch_size, cfg.optim.reference_batch_size)
             lr, lr_source, search = default_lr, "config", None
@@ -322,7 +302,7 @@ class StepwiseScaler:
                 state["stopped_by_time"] = True
                 break
             t_epoch = time.time()
-            lr = self._lr_at(state, epoch, stage_cfg.epochs)
+            lr = lr_at(cfg.optim, state["lr"], state["lr_scale"], epoch, stage_cfg.epochs)
             optimizer.learning_rate.assign(lr)
             iterator = iter(train_input.distribute(strategy, batch_size, training=True,
                                                    start_epoch=epoch, epochs=1))
@@ -348,7 +328,7 @@ class StepwiseScaler:
                         if variable is not optimizer.iterations and "learning_rate" not in variable.path:
                             variable.assign(np.zeros(variable.shape, variable.dtype))
                 self.log(f"Stage {spec.name} epoch {epoch + 1}: loss {loss}; reloaded the last good checkpoint and "
-                         f"lowered the learning rate to {self._lr_at(state, epoch, stage_cfg.epochs):.3g} "
+                         f"lowered the learning rate to {lr_at(cfg.optim, state['lr'], state['lr_scale'], epoch, stage_cfg.epochs):.3g} "
                          f"(event {state['nan_events']} of {cfg.nan.max_events})")
                 _write_json(state_file, state)
                 continue
@@ -379,9 +359,16 @@ class StepwiseScaler:
 
     def _finish_stage(self, index, spec, stage_cfg, model, trainer, state, stage_dir, val_input,
                       cache_dir, splits_file) -> dict:
-        from retina_scale.evaluation import evaluate_predictions, format_evaluation
+        from retina_scale.grading.evaluation import (
+            evaluate_predictions,
+            format_evaluation,
+        )
+        from retina_scale.grading.kappa import quadratic_weighted_kappa
+        from retina_scale.grading.thresholds import (
+            apply_thresholds,
+            optimize_thresholds,
+        )
         from retina_scale.training.checkpoint import restore_checkpoint
-        from retina_scale.training.metrics import optimize_thresholds, quadratic_weighted_kappa, apply_thresholds
 
         restore_checkpoint(model, None, stage_dir / "best.npz")
         labels, scores = self._predict(trainer, val_input)
@@ -391,7 +378,7 @@ class StepwiseScaler:
         test_input = self._input(spec, None, cache_dir, splits_file, "test", training=False, missing_ok=True)
         if test_input is not None:
             t_labels, t_scores, keys = self._predict(trainer, test_input, with_keys=True)
-            groups = self._patients(splits_file, test_input.image_ids[keys])
+            groups = patients_of(splits_file, test_input.image_ids[keys])
             evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
                                               seed=self.config.seed, groups=groups)
             _write_json(stage_dir / "evaluation.json", evaluation)
@@ -443,14 +430,6 @@ class StepwiseScaler:
                                   thresholds=thresholds, metadata=metadata)
 
     # ---------------------------------------------------------------------------------- helpers
-    def _build_model(self, spec):
-        return build_stage_model(self.config, spec)
-
-    def _lr_at(self, state, epoch, epochs) -> float:
-        o = self.config.optim
-        drop = o.lr_drop_factor if epochs > 1 and epoch >= math.ceil(o.lr_drop_at * epochs) else 1.0
-        return float(state["lr"] * state["lr_scale"] * drop)
-
     def _input(self, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
         return stage_input(self.config, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok)
 
@@ -460,14 +439,6 @@ class StepwiseScaler:
 
     def _predict(self, trainer, inp, with_keys=False):
         return predict_input(trainer, inp, with_keys=with_keys)
-
-    @staticmethod
-    def _patients(splits_file, image_ids):
-        import pandas as pd
-
-        frame = pd.read_csv(splits_file, dtype=str, keep_default_na=False)
-        patient = dict(zip(frame["image"], frame["patient"]))
-        return np.array([patient.get(i, i) for i in image_ids])
 
     @staticmethod
     def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
@@ -493,96 +464,16 @@ class StepwiseScaler:
 
 
 # ------------------------------------------------------------------- helpers shared with the search
-def ensure_synthetic_data(folder, data, workers: int, progress: bool = True, log=None) -> Path:
-    """The embedded synthetic data set described by ``data`` (a ``DataConfig``) in ``<folder>/synthetic``,
-    made once: a stamp ``<folder>/synthetic.json`` of its settings lets a rerun (or a second run of a
-    study) reuse it, and any other settings remake it.
-    """
-    from retina_scale.data.synthetic import generate_dataset
-
-    folder = Path(folder)
-    out = folder / "synthetic"
-    args = {"count": data.synth_count, "size": data.synth_size, "seed": data.synth_seed, "prior": data.synth_prior}
-    stamp = folder / "synthetic.json"
-    if (out / "trainLabels.csv").exists() and stamp.exists() and _read_json(stamp) == args:
-        return out
-    if log is not None:
-        log(f"Making the synthetic data set: {data.synth_count} photos, fundus {data.synth_size} px, "
-            f"prior {data.synth_prior} -> {out}")
-    generate_dataset(str(out), workers=workers, overwrite=True, progress=progress, **args)
-    _write_json(stamp, args)
-    return out
 
 
-def build_stage_model(config: TrainConfig, spec):
-    """The stage's model as the config describes it (call inside the strategy's scope)."""
-    from retina_scale.models.convnet import build_model
-
-    m = config.model
-    return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2, seed=m.seed)
 
 
-def make_optimizer(optim, lr: float | None = None, weight_decay: float | None = None,
-                   momentum: float | None = None):
-    """The optimizer of ``optim`` (an ``OptimConfig``), with optional overrides (a search trial's values)."""
-    import keras
-
-    kwargs = {"learning_rate": optim.lr if lr is None else lr}
-    if optim.clipnorm:
-        kwargs["clipnorm"] = optim.clipnorm
-    wd = optim.weight_decay if weight_decay is None else weight_decay
-    if optim.name == "sgd":
-        return keras.optimizers.SGD(momentum=optim.momentum if momentum is None else momentum,
-                                    nesterov=optim.nesterov, weight_decay=wd or None, **kwargs)
-    if optim.name == "adam":
-        return keras.optimizers.Adam(weight_decay=wd or None, **kwargs)
-    return keras.optimizers.AdamW(weight_decay=wd or 0.004, **kwargs)
 
 
-def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
-    """The ``CacheInput`` of one split at the stage's size; training input is augmented and resampled."""
-    from retina_scale.data.pipeline import CacheInput, ResampleConfig
-
-    augment = resample = None
-    if training:
-        augment = config.augment
-        if stage_cfg is not None and stage_cfg.augment_strength is not None:
-            augment = dataclasses.replace(augment, strength=stage_cfg.augment_strength)
-        r = config.resample
-        resample = ResampleConfig(r=r.r, w0=tuple(r.w0), wf=tuple(r.wf)) if r.enabled else None
-    try:
-        return CacheInput(cache_dir, spec.input_size, split=split, split_file=splits_file,
-                          augment=augment, resample=resample, seed=config.seed)
-    except ValueError:
-        if missing_ok:
-            return None
-        raise
 
 
-def predict_input(trainer, inp, with_keys=False):
-    """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker."""
-    import tensorflow as tf
-
-    gb = trainer.global_batch_size
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(inp.image_ids), tf.range(len(inp), dtype=tf.int64)), -1)
-
-    def make_examples(ctx):
-        ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
-        return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
-
-    iterator, steps = trainer.distribute_evaluation(make_examples, len(inp))
-    labels, scores, keys = trainer.predict(iterator, steps, with_keys=True)
-    return (labels, scores, keys) if with_keys else (labels, scores)
 
 
-def validation_scores(labels, scores) -> tuple[float, float]:
-    """``(val_loss, val_kappa)``: mean squared error of the grade and kappa at cut-offs 0.5/1.5/2.5/3.5
-    (a non-finite kappa, e.g. from constant predictions, counts as 0)."""
-    from retina_scale.training.metrics import apply_thresholds, quadratic_weighted_kappa
-
-    kappa = quadratic_weighted_kappa(labels, apply_thresholds(scores))
-    return float(np.mean((scores - labels) ** 2)), float(kappa) if math.isfinite(kappa) else 0.0
 
 
 class _ProgbarAdapter:
@@ -601,21 +492,13 @@ class _ProgbarAdapter:
 def format_stage_table(results: list[dict]) -> str:
     """The final table of stages, for people."""
     header = ("stage", "size", "epochs", "best", "val kappa", "val kappa*", "test kappa", "seconds", "export")
-    rows = [header]
-    for r in results:
-        rows.append((r["stage"], str(r["size"]), str(r["epochs"]), str(r["best_epoch"]),
-                     _fmt(r["val_kappa"]), _fmt(r["val_kappa_optimized_thresholds"]), _fmt(r["test_kappa"]),
-                     f"{r['seconds']:.0f}", r["export_path"] or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    rows = [(r["stage"], str(r["size"]), str(r["epochs"]), str(r["best_epoch"]),
+             number(r["val_kappa"]), number(r["val_kappa_optimized_thresholds"]), number(r["test_kappa"]),
+             f"{r['seconds']:.0f}", r["export_path"] or "-") for r in results]
+    lines = [text_table(header, rows)]
     lines.append("val kappa: thresholds 0.5/1.5/2.5/3.5; val kappa*: thresholds optimised on validation "
                  "(also used for test and export)")
     return "\n".join(lines)
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
 
 
 def format_report(report: dict) -> str:
@@ -624,7 +507,7 @@ def format_report(report: dict) -> str:
              format_stage_table(report["stages"]), "```", ""]
     for stage in report["stages"]:
         if stage.get("search"):
-            from retina_scale.tuning import format_search_table
+            from retina_scale.training.tuning import format_search_table
 
             lines += [f"## Learning-rate search, stage {stage['index']} {stage['stage']}", "", "```",
                       format_search_table(stage["search"]), "```", ""]

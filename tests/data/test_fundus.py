@@ -10,10 +10,8 @@ import pytest
 import skimage.data
 
 from fundus_fixtures import draw_fundus
-from retina_scale.data.fundus import (
-    BadImage, PreprocessConfig, choose_reduction, circular_mask, crop_square, find_disc, graham_normalize,
-    preprocess_file, probe,
-)
+from retina_scale.config import PreprocessConfig
+from retina_scale.data.fundus import BadImage, choose_reduction, circular_mask, crop_square, find_disc, graham_normalize, preprocess_file, probe
 
 
 def _retina_truth():

@@ -15,9 +15,8 @@ import pytest
 
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg
 from retina_scale.data.cache import prepare_cache, read_config
-from retina_scale.data.pipeline import (
-    O_O_R, O_O_W0, O_O_WF, AugmentConfig, CacheInput, ResampleConfig, class_weights, draw_epoch,
-)
+from retina_scale.config import O_O_R, O_O_W0, O_O_WF, AugmentConfig, ResampleConfig
+from retina_scale.data.pipeline import CacheInput, class_weights, draw_epoch
 from retina_scale.data.sources import read_dataset
 
 SIZE = 32

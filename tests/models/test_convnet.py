@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from retina_scale.models.convnet import STAGE_NAMES, build_model, get_stage
+from retina_scale.config import STAGE_NAMES
+from retina_scale.models.convnet import build_model, get_stage
 from retina_scale.models.layers import GridRMSPool2D, Maxout
 
 # Weights of the exact design, counted by hand from Table I (see ../shared/PAPER.md, our bracket).

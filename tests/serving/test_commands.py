@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from retina_scale.cli import main
-from retina_scale.data.fundus import PreprocessConfig, preprocess_file
+from retina_scale.config import PreprocessConfig
+from retina_scale.data.fundus import preprocess_file
 from retina_scale.models import build_model
 from retina_scale.serving.export import list_versions, load_export
 

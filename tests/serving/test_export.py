@@ -19,7 +19,7 @@ from retina_scale.serving import export as export_module
 from retina_scale.serving.export import (
     FORMAT, METADATA_FILE, export_saved_model, list_versions, load_export,
 )
-from retina_scale.training.metrics import apply_thresholds
+from retina_scale.grading.thresholds import apply_thresholds
 
 SIZE = 112  # the tiny stage's input size
 

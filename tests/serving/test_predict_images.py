@@ -12,7 +12,8 @@ import pytest
 import skimage.data
 import tensorflow as tf
 
-from retina_scale.data.fundus import PreprocessConfig, preprocess_file
+from retina_scale.config import PreprocessConfig
+from retina_scale.data.fundus import preprocess_file
 from retina_scale.data.synthetic import render_fundus
 from retina_scale.models import build_model
 from retina_scale.serving.export import export_saved_model, load_export

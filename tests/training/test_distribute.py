@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retina_scale.training.distribute import STRATEGIES, choose_strategy, scaled_learning_rate
+from retina_scale.config import STRATEGIES
+from retina_scale.training.distribute import choose_strategy
+from retina_scale.training.optim import scaled_learning_rate
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from retina_scale.cli import main
-from retina_scale.training.config import load_train_config
+from retina_scale.config import load_train_config
 
 
 def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from retina_scale.cli import main
-from retina_scale.config import ConfigError
-from retina_scale.training.config import load_train_config
+from retina_scale.utils.typed_config import ConfigError
+from retina_scale.config import load_train_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -27,7 +27,7 @@ def _config(small_cache, stages="[{stage: tiny, epochs: 2, lr: 0.003}, {stage: s
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, small_cache):
-    from retina_scale.study import run_study
+    from retina_scale.evidence.study import run_study
 
     out = tmp_path_factory.mktemp("study")
     summary = run_study(out, _config(small_cache), throughput_steps=2, peak_sizes=(256,), verbose=0)
@@ -82,8 +82,8 @@ def test_scratch_trains_the_top_stage_from_initialisation_for_the_ladders_time(s
     assert not (stage_dir / "transfer.json").exists()  # nothing carried over: orthogonal initialisation
     state = json.loads((stage_dir / "state.json").read_text())
     assert state["lr"] == pytest.approx(0.003)  # the ladder's first-stage rate, not the fine-tuning rate
-    from retina_scale.config import load_config
-    from retina_scale.training.config import TrainConfig
+    from retina_scale.utils.typed_config import load_config
+    from retina_scale.config import TrainConfig
 
     config = load_config(TrainConfig, scratch_dir / "config.yaml")
     assert config.stages[0].max_seconds == pytest.approx(ladder_seconds, abs=0.1)
@@ -110,7 +110,7 @@ def test_throughput_figures_follow_their_definitions(study):
 
 
 def test_rerunning_the_study_repeats_no_step(study, small_cache):
-    from retina_scale.study import run_study
+    from retina_scale.evidence.study import run_study
 
     out, summary = study
     before = (out / "study.json").read_text()
@@ -186,7 +186,7 @@ def _history(kappas, seconds):
 
 
 def test_time_to_reach_counts_earlier_stages():
-    from retina_scale.report import compare_scratch
+    from retina_scale.evidence.report import compare_scratch
 
     ladder = {"stages": [_stage("tiny", 112, 0.5, 0.4, 0.6, 0.1, 1e6, _history([0.3, 0.5], [10, 10])),
                          _stage("small", 224, 0.7, 0.6, 0.8, 0.2, 3e6, _history([0.62, 0.7], [30, 30]))]}
@@ -202,7 +202,7 @@ def test_time_to_reach_counts_earlier_stages():
 
 
 def test_findings_state_the_trend_and_the_overlap():
-    from retina_scale.report import findings
+    from retina_scale.evidence.report import findings
 
     rising = [_stage("tiny", 112, 0.50, 0.45, 0.55, 0.10, 1e6, _history([0.5], [1])),
               _stage("small", 224, 0.65, 0.60, 0.70, 0.20, 3e6, _history([0.6], [1])),

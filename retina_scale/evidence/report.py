@@ -2,7 +2,7 @@
 
 ``write_report(run_dir, out)`` reads a finished run (``report.json``, each stage's ``state.json`` and
 ``evaluation.json``) and, when given, the from-scratch control and the throughput measurement of a
-resolution study (:mod:`retina_scale.study`), and writes into ``out``::
+resolution study (:mod:`retina_scale.evidence.study`), and writes into ``out``::
 
     REPORT.md            the tables and figures with a plain reading of them
     report.json          the same numbers for machines
@@ -25,7 +25,10 @@ import math
 import platform
 from pathlib import Path
 
-from retina_scale.fileio import atomic_path, read_json as _read_json, write_json, write_text as _write_text
+from retina_scale.utils.fileio import atomic_path, write_json
+from retina_scale.utils.fileio import read_json as _read_json
+from retina_scale.utils.fileio import write_text as _write_text
+from retina_scale.utils.tables import markdown_table
 
 # The paper's Table III (EyePACS test set, full width, 200 epochs per stage).
 PAPER_TABLE_III = {"tiny": 0.63978, "small": 0.77646, "median": 0.83879, "large": 0.85114}
@@ -305,11 +308,6 @@ def _cell(stat: dict | None, digits: int = 3) -> str:
     return text
 
 
-def _md_table(header, rows) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def _strip_curves(comparison: dict | None) -> dict | None:
     if comparison is None:
         return None
@@ -324,7 +322,7 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
         run_dir: a finished stepwise run folder.
         out: where to write (default ``<run_dir>/report``; the run's own report.md stays beside it).
         scratch_dir: a finished from-scratch run of the top stage (the study's control), or None.
-        throughput_file: a ``throughput.json`` written by :mod:`retina_scale.throughput`, or None.
+        throughput_file: a ``throughput.json`` written by :mod:`retina_scale.evidence.throughput`, or None.
         study: the study's step timings (``study.json``), shown in the report.
         complexity: count weights / multiply-adds / activations (builds each stage once with Keras).
 
@@ -417,7 +415,7 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
                      f"{s['val_kappa']:.3f}" if s["val_kappa"] is not None else "n/a",
                      _cell(ev.get("kappa")), ev.get("n_images", 0),
                      f"{PAPER_TABLE_III[s['stage']]:.3f}" if s["stage"] in PAPER_TABLE_III else "-"))
-    lines += _md_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]", "test images",
+    lines += markdown_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]", "test images",
                         "paper (EyePACS)"), rows) + [""]
     if "kappa_vs_stage" in figs:
         lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
@@ -431,14 +429,14 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
         for key, label in ROW_LABELS.items():
             r = ev["table_iv"][key]
             rows.append((s["stage"], label, _cell(r["precision"]), _cell(r["recall"]), _cell(r["f1"])))
-    lines += _md_table(("stage", "class", "precision", "recall", "F1"), rows) + [""]
+    lines += markdown_table(("stage", "class", "precision", "recall", "F1"), rows) + [""]
     paper_rows = [("large (paper)", ROW_LABELS[k], *(f"{v:.3f}" for v in vals)) for k, vals in PAPER_TABLE_IV.items()]
     lines += ["The paper's large model on EyePACS, for reference:", ""]
-    lines += _md_table(("stage", "class", "precision", "recall", "F1"), paper_rows) + [""]
+    lines += markdown_table(("stage", "class", "precision", "recall", "F1"), paper_rows) + [""]
     rows = [(s["stage"], _cell(s["evaluation"]["referable"]["sensitivity"]), _cell(s["evaluation"]["referable"]["specificity"]),
              _cell(s["evaluation"]["referable"]["auc"])) for s in stages if s.get("evaluation")]
     lines += ["Referable DR (grade >= 2):", ""]
-    lines += _md_table(("stage", "sensitivity", "specificity", "AUC"), rows) + [""]
+    lines += markdown_table(("stage", "sensitivity", "specificity", "AUC"), rows) + [""]
 
     lines += ["## 3. Validation loss per epoch (Fig. 2)", ""]
     if "val_loss" in figs:
@@ -447,12 +445,12 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
     if "confusion" in figs:
         matrix = stages[-1]["evaluation"]["confusion_matrix"]
         lines += [f"![confusion]({figs['confusion']})", ""]
-        lines += _md_table(("true \\ predicted", *map(str, range(len(matrix)))),
+        lines += markdown_table(("true \\ predicted", *map(str, range(len(matrix)))),
                            [(str(i), *row) for i, row in enumerate(matrix)]) + [""]
     lines += ["## 5. Complexity per stage (Fig. 4)", ""]
     if records:
         lines += [f"![complexity]({figs['complexity']})", ""]
-        lines += _md_table(("stage", "px", "weights", "multiply-adds / image", "activations / image"),
+        lines += markdown_table(("stage", "px", "weights", "multiply-adds / image", "activations / image"),
                            [(r["stage"], r["input_size"], f"{r['weights'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.1f} M",
                              f"{r['activations'] / 1e6:.3f} M") for r in records]) + [""]
         if summary["width"] != 1.0:
@@ -464,7 +462,7 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
     if comparison:
         c = comparison
         fmt = lambda v: "never" if v is None else f"{v:.0f} s"  # noqa: E731
-        lines += _md_table(
+        lines += markdown_table(
             ("run", "training time", "best val kappa", "test kappa [95 % CI]", "time to reach scratch's best val kappa"),
             [("stepwise ladder", f"{c['ladder_seconds']:.0f} s", f"{c['ladder_best_val_kappa']:.3f}",
               _cell(c["ladder_test_kappa"]), fmt(c["ladder_time_to_scratch_best"])),
@@ -485,7 +483,7 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
                  f"{s['predict']['images_per_s']:.1f}" if s.get("predict") else "-",
                  f"{s['epoch_images_per_s']:.1f}" if s.get("epoch_images_per_s") else "-")
                 for s in throughput["stages"]]
-        lines += _md_table(("stage", "px", "train img/s", "fwd mult-adds", "achieved GFLOP/s", "of fp32 peak",
+        lines += markdown_table(("stage", "px", "train img/s", "fwd mult-adds", "achieved GFLOP/s", "of fp32 peak",
                             "input img/s", "export predict img/s", "run's epochs img/s"), rows)
         lines += ["", f"fp32 matmul peak measured in the same process: {peak['flops'] / 1e9:.1f} GFLOP/s "
                   f"({peak['n']}x{peak['n']} matmul, best of 5). Achieved = 3 x forward multiply-adds x 2 x train img/s; "

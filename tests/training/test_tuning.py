@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from retina_scale.cli import main
-from retina_scale.training.config import load_train_config
+from retina_scale.config import load_train_config
 
 
 def _overrides(tmp_path, small_cache, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3, extra=()):
@@ -75,8 +75,8 @@ def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
     import keras
 
     from retina_scale.models.convnet import get_stage
-    from retina_scale.training.stepwise import build_stage_model
-    from retina_scale.tuning import checkpoint_fingerprint, model_fingerprint
+    from retina_scale.training.stage import build_stage_model
+    from retina_scale.training.tuning import checkpoint_fingerprint, model_fingerprint
 
     run_dir, report, config = searched_run
     for stage, folder in zip(report["stages"], ("1-tiny", "2-small")):
@@ -91,7 +91,7 @@ def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
 
 def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
-    from retina_scale.tuning import LearningRateSearch
+    from retina_scale.training.tuning import LearningRateSearch
 
     run_dir, report, config = searched_run
     stage_dir = run_dir / "stages" / "2-small"
@@ -111,7 +111,7 @@ def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, small_cac
 
 def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, small_cache, monkeypatch):
     from retina_scale.training import distribute
-    from retina_scale.tuning import LearningRateSearch, stage_context
+    from retina_scale.training.tuning import LearningRateSearch, stage_context
 
     config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=3))
     context = stage_context(config, "tiny", verbose=0)
@@ -193,8 +193,8 @@ def test_bad_search_space_is_refused_before_any_trial(tmp_path, small_cache, cap
 
 
 def test_extra_dimensions_come_from_the_config():
-    from retina_scale.training.config import TuneConfig, load_train_config
-    from retina_scale.tuning import build_search_space
+    from retina_scale.config import TuneConfig, load_train_config
+    from retina_scale.training.tuning import build_search_space
 
     config = load_train_config("quick", ["tune.extra={weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, "
                                          "batch_size: {values: [16, 32]}}"])
@@ -216,8 +216,8 @@ def test_the_build_sets_the_mixed_precision_policy_again_after_clear_session():
     import keras
 
     from retina_scale.models.convnet import get_stage
-    from retina_scale.training.config import load_train_config
-    from retina_scale.tuning import StageHyperModel
+    from retina_scale.config import load_train_config
+    from retina_scale.training.tuning import StageHyperModel
     import tensorflow as tf
 
     config = load_train_config("quick", ["model.width=0.125"])

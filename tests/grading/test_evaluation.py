@@ -1,4 +1,4 @@
-"""Tests of retina_scale.evaluation: point estimates against sklearn, the paper's Fig. 3, bootstrap."""
+"""Tests of retina_scale.grading.evaluation: point estimates against sklearn, the paper's Fig. 3, bootstrap."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from retina_scale.evaluation import evaluate_predictions, format_evaluation
+from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
 
 # The paper's Fig. 3: confusion matrix of its large model on the EyePACS test set (rows true grade).
 PAPER_FIG3 = np.array([

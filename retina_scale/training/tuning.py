@@ -36,7 +36,7 @@ Distributed search is Keras Tuner's chief/worker mode: start one process with
 ``KERASTUNER_ORACLE_PORT`` naming the chief (see ``retina-scale tune --help`` and the README).
 
 Example:
->>> from retina_scale.training.config import load_train_config
+>>> from retina_scale.config import load_train_config
 >>> from retina_scale.training.stepwise import StepwiseScaler
 >>> config = load_train_config("quick", ["tune.max_trials=5", "tune.tuner=bayesian"])
 >>> report = StepwiseScaler(config).run()      # searches every stage, then trains it
@@ -56,8 +56,11 @@ from typing import Callable
 
 import numpy as np
 
-from retina_scale.config import ConfigError, to_dict
-from retina_scale.fileio import write_json, write_text as _write_text
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.fileio import write_json
+from retina_scale.utils.fileio import write_text as _write_text
+from retina_scale.utils.tables import number, text_table
+from retina_scale.utils.typed_config import ConfigError, to_dict
 
 OBJECTIVE = "val_kappa"
 DIVERGED_KAPPA = -1.0
@@ -73,7 +76,7 @@ def build_search_space(tune):
     """
     import keras_tuner
 
-    from retina_scale.training.config import check_tune_config
+    from retina_scale.config import check_tune_config
 
     check_tune_config(tune)
     hp = keras_tuner.HyperParameters()
@@ -150,7 +153,7 @@ class StageHyperModel:
     def build(self, hp=None):
         import keras
 
-        from retina_scale.training.stepwise import build_stage_model
+        from retina_scale.training.stage import build_stage_model
 
         keras.config.set_dtype_policy(self.dtype_policy)
         with self.strategy.scope():
@@ -199,7 +202,7 @@ def _make_tuner_class():
 
         def _stage_inputs(self):
             if self._inputs is None:
-                from retina_scale.training.stepwise import stage_input
+                from retina_scale.training.stage import stage_input
 
                 args = (self.config, self.spec, self.stage_cfg, self.cache_dir, self.splits_file)
                 self._inputs = (stage_input(*args, "train", training=True),
@@ -213,7 +216,8 @@ def _make_tuner_class():
 
             from retina_scale.training.checkpoint import restore_checkpoint
             from retina_scale.training.distribute import DistributedTrainer
-            from retina_scale.training.stepwise import make_optimizer, predict_input, validation_scores
+            from retina_scale.training.optim import make_optimizer
+            from retina_scale.training.stage import predict_input, validation_scores
 
             t0 = time.time()
             hp = trial.hyperparameters
@@ -376,30 +380,19 @@ def format_search_table(result: dict) -> str:
     """The search's table for people (``result`` is ``SearchResult.to_dict()``)."""
     extras = sorted({k for r in result["trials"] for k in r["values"] if k != "lr"})
     header = ("trial", "lr", *extras, "val kappa", "val loss", "seconds", "status")
-    rows = [header]
+    rows = []
     for r in result["trials"]:
         mark = " *" if r["trial"] == result["best_trial"] else ""
         status = "diverged" if r["diverged"] else r["status"].lower()
-        rows.append((r["trial"] + mark, _g(r["lr"]), *(_g(r["values"].get(k)) for k in extras),
-                     _f(r["val_kappa"]), _f(r["val_loss"]), "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
-                     status))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append((r["trial"] + mark, number(r["lr"], ".3g"), *(number(r["values"].get(k), ".3g") for k in extras),
+                     number(r["val_kappa"]), number(r["val_loss"]), number(r["seconds"], ".1f"), status))
+    lines = [text_table(header, rows)]
     lines.append(f"* best: trial {result['best_trial']}, lr {result['lr']:.4g} ({result['tuner']} search, "
                  f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, "
                  f"{result.get('wall_seconds', 0):.0f} s "
                  "this time; val kappa at cut-offs "
                  "0.5/1.5/2.5/3.5, ties to the lower val loss)")
     return "\n".join(lines)
-
-
-def _g(x):
-    return "-" if x is None else f"{x:.3g}"
-
-
-def _f(x):
-    return "-" if x is None else f"{x:.4f}"
 
 
 def _write_json(path, data):
@@ -534,11 +527,15 @@ def stage_context(config, stage: str, *, strategy=None, verbose: int = 1, log: C
         ValueError: no such stage in the ladder, or a later stage whose previous stage has not
             been trained in this run folder.
     """
-    from retina_scale.config import dump_config
     from retina_scale.models.convnet import get_stage
-    from retina_scale.training.checkpoint import model_weights_from_checkpoint, save_checkpoint
-    from retina_scale.training.distribute import scaled_learning_rate
-    from retina_scale.training.stepwise import StageContext, StepwiseScaler, build_stage_model
+    from retina_scale.training.checkpoint import (
+        model_weights_from_checkpoint,
+        save_checkpoint,
+    )
+    from retina_scale.training.optim import scaled_learning_rate
+    from retina_scale.training.stage import StageContext, build_stage_model
+    from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.utils.typed_config import dump_config
 
     specs = [get_stage(s.stage) for s in config.stages]
     names = [s.name for s in specs]
@@ -547,7 +544,7 @@ def stage_context(config, stage: str, *, strategy=None, verbose: int = 1, log: C
     elif stage.isdigit() and 1 <= int(stage) <= len(specs):
         index = int(stage)
     else:
-        raise ValueError(f"no stage {stage!r} in this run's ladder; accepted: {', '.join(names)} "
+        raise UserError(f"no stage {stage!r} in this run's ladder; accepted: {', '.join(names)} "
                          f"or 1..{len(names)}")
     spec = specs[index - 1]
     scaler = StepwiseScaler(config, strategy=strategy, verbose=verbose, log=log)
@@ -562,7 +559,7 @@ def stage_context(config, stage: str, *, strategy=None, verbose: int = 1, log: C
         previous = scaler._stage_dir(index - 1, specs[index - 2]) / "best.npz"
     initial = stage_dir / "initial.npz"
     if not initial.exists() and previous is not None and not previous.exists():
-        raise ValueError(f"stage {spec.name} starts from stage {specs[index - 2].name}'s best weights, which "
+        raise UserError(f"stage {spec.name} starts from stage {specs[index - 2].name}'s best weights, which "
                          f"{run_dir} does not have yet; train the earlier stages first (retina-scale train)")
     cache_dir, splits_file = scaler.prepare_data()
     strategy = scaler.strategy

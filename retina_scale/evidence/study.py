@@ -13,7 +13,7 @@ Every step is skipped when its result is already there, so an interrupted study 
 stopped (the runs themselves resume mid-stage).
 
 Example:
->>> from retina_scale.training.config import load_train_config
+>>> from retina_scale.config import load_train_config
 >>> summary = run_study("runs/resolution-study", load_train_config("study"))
 """
 
@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from retina_scale.fileio import read_json as _read_json, write_json as _write_json
-from retina_scale.training.config import StageConfig, TrainConfig
+from retina_scale.config import StageConfig, TrainConfig
+from retina_scale.utils.fileio import read_json as _read_json
+from retina_scale.utils.fileio import write_json as _write_json
 
 
 def study_configs(config: TrainConfig, out) -> TrainConfig:
@@ -48,7 +49,7 @@ def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
     over the top stage's mean epoch time (so the learning-rate drop falls where it would), and
     ``max_seconds`` stops it once the ladder's time is spent.
     """
-    from retina_scale.report import cumulative_curve, load_run
+    from retina_scale.evidence.report import cumulative_curve, load_run
 
     stages = load_run(run_dir)["stages"]
     budget = cumulative_curve(stages)[-1]["elapsed"]  # the sum of every epoch's seconds, all stages
@@ -81,7 +82,7 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
     Returns:
         The report's summary (also in ``<out>/report.json``).
     """
-    from retina_scale.training.config import check_config
+    from retina_scale.config import check_config
     from retina_scale.training.stepwise import StepwiseScaler
 
     out = Path(out)
@@ -101,7 +102,7 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
     if ladder.data.data is None:  # both runs must see the same photos: make them once, here
         import os
 
-        from retina_scale.training.stepwise import ensure_synthetic_data
+        from retina_scale.training.stage import ensure_synthetic_data
 
         workers = ladder.data.workers or os.cpu_count() or 1
         step("synthetic_seconds", lambda: ensure_synthetic_data(
@@ -119,7 +120,7 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
         step("scratch_seconds", lambda: StepwiseScaler(scratch_cfg, verbose=verbose, log=log).run())
     throughput_file = None
     if throughput:
-        from retina_scale.throughput import measure_run_throughput
+        from retina_scale.evidence.throughput import measure_run_throughput
 
         throughput_file = out / "throughput.json"
 
@@ -128,6 +129,6 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
                                             peak_sizes=peak_sizes)
             _write_json(throughput_file, result)
         step("throughput_seconds", measure)
-    from retina_scale.report import write_report
+    from retina_scale.evidence.report import write_report
 
     return write_report(ladder_dir, out, scratch_dir=scratch_dir, throughput_file=throughput_file, study=timings)

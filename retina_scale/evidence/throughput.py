@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from retina_scale.utils.tables import text_table
+
 
 def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
     """Dense fp32 matmul FLOP/s of this machine (TensorFlow's kernels): the best over ``sizes`` of the
@@ -57,7 +59,8 @@ def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3) -> d
 
     from retina_scale.models.complexity import count_complexity
     from retina_scale.training.distribute import DistributedTrainer
-    from retina_scale.training.stepwise import build_stage_model, make_optimizer
+    from retina_scale.training.optim import make_optimizer
+    from retina_scale.training.stage import build_stage_model
 
     strategy = tf.distribute.get_strategy()
     batch = config.global_batch_size
@@ -82,7 +85,7 @@ def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3) -> d
 def input_images_per_second(config, spec, stage_cfg, cache_dir, splits_file, batches: int = 20,
                             warmup: int = 2) -> dict:
     """Images/s of the stage's training input alone: draw, decode, augment, batch (no model)."""
-    from retina_scale.training.stepwise import stage_input
+    from retina_scale.training.stage import stage_input
 
     inp = stage_input(config, spec, stage_cfg, cache_dir, splits_file, "train", training=True)
     batch = config.global_batch_size
@@ -127,11 +130,10 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
     import keras
     import tensorflow as tf
 
-    from retina_scale.config import load_config
+    from retina_scale.config import TrainConfig
+    from retina_scale.evidence.report import load_run
     from retina_scale.models.convnet import get_stage
-    from retina_scale.training.config import TrainConfig
-
-    from retina_scale.report import load_run
+    from retina_scale.utils.typed_config import load_config
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # refuses a folder without a finished run
@@ -182,16 +184,14 @@ def format_throughput(result: dict) -> str:
     """A table of ``measure_run_throughput``'s result, for people."""
     header = ("stage", "size", "train img/s", "GFLOP/s", "of peak", "input img/s", "predict img/s",
               "epoch img/s")
-    rows = [header]
+    rows = []
     for s in result["stages"]:
         rows.append((s["stage"], str(s["size"]), f"{s['train']['images_per_s']:.1f}",
                      f"{s['achieved_flops'] / 1e9:.2f}", f"{s['fraction_of_peak']:.1%}",
                      f"{s['input']['images_per_s']:.0f}",
                      f"{s['predict']['images_per_s']:.1f}" if s.get("predict") else "-",
                      f"{s['epoch_images_per_s']:.1f}" if s.get("epoch_images_per_s") else "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [text_table(header, rows, right=range(1, len(header)))]
     peak = result["peak"]
     lines.append(f"fp32 matmul peak: {peak['flops'] / 1e9:.1f} GFLOP/s (n={peak['n']}); achieved training FLOP/s = "
                  "3 x forward multiply-adds x 2 x train img/s")

@@ -37,13 +37,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from retina_scale.training.metrics import (
-    NUM_GRADES,
-    _as_grades,
-    apply_thresholds,
-    kappa_from_confusion,
-    validate_thresholds,
-)
+from retina_scale.config import NUM_GRADES
+from retina_scale.grading.kappa import as_grades, kappa_from_confusion
+from retina_scale.grading.thresholds import apply_thresholds, validate_thresholds
+from retina_scale.utils.errors import UserError
 
 __all__ = ["evaluate_predictions", "format_evaluation"]
 
@@ -126,7 +123,7 @@ def evaluate_predictions(
         y_true: 1-D whole-number true grades 0..4.
         scores: 1-D finite continuous predictions (the regression output), same length.
         thresholds: the 4 cut-offs that turn scores into grades (default 0.5, 1.5, 2.5, 3.5);
-            e.g. those from ``retina_scale.training.metrics.optimize_thresholds``.
+            e.g. those from ``retina_scale.grading.thresholds.optimize_thresholds``.
         n_boot: number of bootstrap resamples; 0 computes point estimates only (intervals ``None``).
         seed: seed of the resampling; the same seed gives the same intervals.
         groups: optional id per image (e.g. patient id, ints or strings). When given, the bootstrap
@@ -141,21 +138,21 @@ def evaluate_predictions(
             thresholds, or a bad ``n_boot``/``confidence``.
     """
     cuts = validate_thresholds(thresholds, NUM_GRADES)
-    grades = _as_grades(y_true, "y_true", NUM_GRADES)
+    grades = as_grades(y_true, "y_true", NUM_GRADES)
     values = np.asarray(scores, dtype=np.float64)
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1 or values.size != grades.size:
-        raise ValueError(
+        raise UserError(
             f"scores must be 1-D with one value per grade: got shape {values.shape} for "
             f"{grades.size} grades"
         )
     if grades.size == 0:
-        raise ValueError("nothing to evaluate: y_true and scores are empty")
+        raise UserError("nothing to evaluate: y_true and scores are empty")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise ValueError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}")
     if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
+        raise UserError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
     predicted = apply_thresholds(values, cuts)  # also rejects NaN / inf scores
 
     if groups is None:
@@ -164,7 +161,7 @@ def evaluate_predictions(
     else:
         group_array = np.asarray(groups)
         if group_array.ndim != 1 or group_array.size != grades.size:
-            raise ValueError(
+            raise UserError(
                 f"groups must hold one id per image: got shape {group_array.shape} for "
                 f"{grades.size} images"
             )

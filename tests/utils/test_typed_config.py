@@ -1,4 +1,4 @@
-"""Tests of retina_scale.config: typed dataclass configs from YAML/JSON/dicts, overrides, dumping."""
+"""Tests of retina_scale.utils.typed_config: typed dataclass configs from YAML/JSON/dicts, overrides, dumping."""
 
 import json
 from dataclasses import dataclass, field
@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from retina_scale.config import (
+from retina_scale.utils.typed_config import (
     ConfigError,
     apply_overrides,
     dump_config,

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from retina_scale.fileio import atomic_path
+from retina_scale.utils.fileio import atomic_path
 
 
 def test_atomic_path_renames_into_place_with_normal_permissions(tmp_path):
