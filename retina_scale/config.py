@@ -1,11 +1,25 @@
-"""The configuration of a stepwise run: dataclasses, two presets, YAML/JSON files, CLI overrides.
+"""The run's schema: every section of a stepwise run's config, its presets, and the names they accept.
 
-``quick`` (the default) is a ladder that finishes on a 2-core CPU in minutes, synthetic data
+A run is one ``TrainConfig`` (dataclasses, loaded from a preset, a YAML/JSON file or a mapping, then
+``key=value`` overrides, by the generic loader ``retina_scale.utils.typed_config``). Unknown keys, wrong
+types and out-of-range values are one-line ``ConfigError``s before any work starts (``check_config``).
+
+The name lists used in several places are defined once here, as ``Literal`` types whose values also
+feed the command line's choices: ``STRATEGIES``, ``TUNERS``, ``FORMATS``, ``NORMALIZATIONS``,
+``SPLIT_NAMES``; so are the DR grades, the smallest usable image side and the ladder's stage names and
+sizes (``stage_index``: ``"tiny"`` or ``112`` is stage 1, each later stage doubles the size).
+
+Presets: ``quick`` (the default) is a ladder that finishes on a 2-core CPU in minutes, synthetic data
 included: thin nets at 112 -> 224 -> 448, with Adam. ``paper`` is Li et al.'s ladder, 112 -> 224 -> 448 -> 896
-at full width with the paper's optimiser (Nesterov momentum 0.9, L2 5e-4, MSE on the grade).
+at full width with the paper's optimiser (Nesterov momentum 0.9, L2 5e-4, MSE on the grade). ``study`` and
+``study-full`` are the resolution study's ladders (CPU and GPU).
 
 Example:
->>> cfg = load_train_config("quick", overrides=["stages.1.epochs=3", "optim.lr=1e-3"])
+    >>> cfg = load_train_config("quick", overrides=["stages.1.epochs=3", "optim.lr=1e-3"])
+    >>> [(s.stage, s.epochs) for s in cfg.stages], cfg.optim.lr
+    ([('tiny', 8), ('small', 3), ('median', 3)], 0.001)
+    >>> stage_index("median"), stage_size(stage_index("median")), stage_name(4)
+    (3, 448, 'large')
 """
 
 from __future__ import annotations
@@ -337,6 +351,20 @@ class TrainConfig:
     eval_bootstrap: int = 1000
 
 
+def _adam_ladder(name: str, stages, *, width: float, synth_count: int, synth_size: int, **kwargs) -> TrainConfig:
+    """A ladder of ``(stage, epochs, lr)`` rungs trained with Adam (the first rung's lr is ``optim.lr``) on
+    the synthetic data set, global batch 32."""
+    return TrainConfig(
+        name=name,
+        stages=[StageConfig(stage, epochs, lr=lr) for stage, epochs, lr in stages],
+        model=ModelConfig(width=width),
+        optim=OptimConfig(name="adam", lr=stages[0][2]),
+        data=DataConfig(synth_count=synth_count, synth_size=synth_size),
+        global_batch_size=32,
+        **kwargs,
+    )
+
+
 def quick_preset() -> TrainConfig:
     """Thin nets at 112 -> 224 -> 448 on 600 synthetic photos: minutes on a 2-core CPU.
 
@@ -345,17 +373,13 @@ def quick_preset() -> TrainConfig:
     (constant predictions), while Adam at 1e-3 reached 0.44 (README, "Training"). The paper's SGD
     needs the paper's 200 epochs per stage; a demo has minutes.
     """
-    return TrainConfig(
-        name="quick",
-        stages=[StageConfig("tiny", 8, lr=1e-3), StageConfig("small", 4, lr=5e-4), StageConfig("median", 3, lr=3e-4)],
-        model=ModelConfig(width=0.25),
-        optim=OptimConfig(name="adam", lr=1e-3),
-        data=DataConfig(synth_count=600, synth_size=512),
+    return _adam_ladder(
+        "quick", [("tiny", 8, 1e-3), ("small", 4, 5e-4), ("median", 3, 3e-4)], width=0.25,
+        synth_count=600, synth_size=512,
         # The search is on in the quick preset so that the main job shows every part of the method:
         # 3 trials per stage of one epoch on a quarter of the training draw, around Adam's usual rates.
         tune=TuneConfig(enabled=True, tuner="random", max_trials=3, lr_min=1e-4, lr_max=1e-2, epochs=1,
                         data_fraction=0.25),
-        global_batch_size=32,
         eval_bootstrap=200,
     )
 
@@ -380,15 +404,8 @@ def study_preset() -> TrainConfig:
     with the quick preset's per-stage learning rates and no search (the search would double the
     time; the study compares resolutions, not learning rates).
     """
-    return TrainConfig(
-        name="stepwise",
-        stages=[StageConfig("tiny", 12, lr=1e-3), StageConfig("small", 8, lr=5e-4), StageConfig("median", 6, lr=3e-4)],
-        model=ModelConfig(width=0.25),
-        optim=OptimConfig(name="adam", lr=1e-3),
-        data=DataConfig(synth_count=4000, synth_size=512),
-        global_batch_size=32,
-        eval_bootstrap=1000,
-    )
+    return _adam_ladder("stepwise", [("tiny", 12, 1e-3), ("small", 8, 5e-4), ("median", 6, 3e-4)], width=0.25,
+                        synth_count=4000, synth_size=512)
 
 
 def study_full_preset() -> TrainConfig:
@@ -397,16 +414,8 @@ def study_full_preset() -> TrainConfig:
     112 -> 224 -> 448 -> 896, width 1, on 10000 synthetic photos with a 1024 px fundus; Adam with
     decreasing per-stage learning rates (the paper's SGD needs its 200 epochs per stage).
     """
-    return TrainConfig(
-        name="stepwise",
-        stages=[StageConfig("tiny", 30, lr=1e-3), StageConfig("small", 20, lr=5e-4),
-                StageConfig("median", 15, lr=3e-4), StageConfig("large", 10, lr=2e-4)],
-        model=ModelConfig(width=1.0),
-        optim=OptimConfig(name="adam", lr=1e-3),
-        data=DataConfig(synth_count=10000, synth_size=1024),
-        global_batch_size=32,
-        eval_bootstrap=1000,
-    )
+    return _adam_ladder("stepwise", [("tiny", 30, 1e-3), ("small", 20, 5e-4), ("median", 15, 3e-4), ("large", 10, 2e-4)],
+                        width=1.0, synth_count=10000, synth_size=1024)
 
 
 PRESETS = {"quick": quick_preset, "paper": paper_preset, "study": study_preset, "study-full": study_full_preset}

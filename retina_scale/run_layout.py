@@ -98,8 +98,22 @@ class StageLayout:
         return self.tuning / "search.md"
 
 
+class _WithData:
+    """The data folder of a run or a study: the synthetic data set and (by default) the cache."""
+
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def synthetic(self) -> Path:
+        return synthetic_dir(self.data_dir)
+
+
 @dataclasses.dataclass(frozen=True)
-class RunLayout:
+class RunLayout(_WithData):
     """The paths of one run folder.
 
     Args:
@@ -159,14 +173,6 @@ class RunLayout:
 
     # ----------------------------------------------------------------------------------- data
     @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def synthetic(self) -> Path:
-        return synthetic_dir(self.data_dir)
-
-    @property
     def cache(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
 
@@ -204,7 +210,7 @@ def synthetic_stamp(data_dir) -> Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyLayout:
+class StudyLayout(_WithData):
     """The paths of a resolution study's folder (``scripts/resolution_study.py``)."""
 
     root: Path
@@ -219,14 +225,6 @@ class StudyLayout:
     @property
     def throughput(self) -> Path:
         return self.root / "throughput.json"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def synthetic(self) -> Path:
-        return synthetic_dir(self.data_dir)
 
     @property
     def cache(self) -> Path:

@@ -1,0 +1,80 @@
+"""Tests of retina_scale.config: the run's schema, its presets and the name lists the CLI takes."""
+
+import argparse
+
+import pytest
+
+from retina_scale.config import (
+    FORMATS,
+    NORMALIZATIONS,
+    STRATEGIES,
+    TUNERS,
+    ResampleConfig,
+    load_train_config,
+    stage_index,
+    stage_name,
+    stage_size,
+)
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.typed_config import ConfigError, to_dict
+
+
+@pytest.mark.parametrize("given, index", [("tiny", 1), ("Median", 3), (" large ", 4), ("stage7", 7), (112, 1),
+                                          ("224", 2), (896, 4), (1792, 5)])
+def test_stage_index_reads_names_and_sizes(given, index):
+    assert stage_index(given) == index
+
+
+def test_stage_names_and_sizes_double_per_stage():
+    assert [stage_name(i) for i in (1, 2, 3, 4, 5, 6)] == ["tiny", "small", "median", "large", "xlarge", "stage6"]
+    assert [stage_size(i) for i in (1, 2, 3, 4)] == [112, 224, 448, 896]
+
+
+@pytest.mark.parametrize("bad", ["huge", 100, 336, 0, True, "stage0", 1.5])
+def test_unknown_stage_is_a_one_line_error_listing_the_accepted(bad):
+    with pytest.raises(ValueError) as info:
+        stage_index(bad)
+    message = str(info.value)
+    assert "\n" not in message and "accepted: tiny, small, median, large, xlarge" in message
+
+
+def test_resample_section_is_one_class_with_enabled_and_balanced():
+    cfg = load_train_config("quick", ["resample.enabled=false", "resample.w0=balanced"])
+    assert isinstance(cfg.resample, ResampleConfig)
+    assert cfg.resample.enabled is False and cfg.resample.w0 == "balanced"
+    assert to_dict(load_train_config("quick").resample) == {
+        "enabled": True, "r": 0.975, "w0": [1.36, 14.4, 6.6, 40.2, 49.6], "wf": [1.0, 2.0, 2.0, 2.0, 2.0]}
+    with pytest.raises(ConfigError, match="w0 must be 5 weights or 'balanced'"):
+        load_train_config("quick", ["resample.w0=uniform"])
+    with pytest.raises(ConfigError, match="wf must be 5 non-negative weights"):
+        load_train_config("quick", ["resample.wf=[1, 2]"])
+
+
+def test_config_errors_are_user_errors():
+    with pytest.raises(UserError):
+        load_train_config("quick", ["strategy=gpu"])
+    with pytest.raises(UserError, match="unknown preset 'fast'; accepted: quick, paper, study, study-full"):
+        load_train_config("fast")
+
+
+def test_a_ladder_whose_sizes_do_not_increase_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"must increase stage by stage; got \[224, 112\]"):
+        load_train_config("quick", ["stages=[{stage: small}, {stage: tiny}]"])
+    with pytest.raises(ConfigError, match=r"stages.0.stage: unknown stage 'huge'"):
+        load_train_config("quick", ["stages=[{stage: huge}]"])
+
+
+def _choices(command: str, option: str):
+    from retina_scale.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_command_line_choices_come_from_the_schema():
+    assert _choices("train", "--strategy") == STRATEGIES
+    assert _choices("train", "--format") == FORMATS == ("eyepacs", "aptos", "folders", "csv")
+    assert _choices("prepare", "--normalize") == NORMALIZATIONS == ("none", "graham")
+    assert TUNERS == ("random", "bayesian", "hyperband")
+    assert load_train_config("quick").strategy in STRATEGIES
