@@ -191,14 +191,16 @@ class StageTuner(keras_tuner.Tuner):
     """A Keras Tuner ``Tuner`` whose ``run_trial`` is the trainer's custom loop (see the module doc)."""
 
     def __init__(self, oracle, *, hypermodel, config, spec, stage_cfg, initial_weights, cache_dir,
-                 splits_file, strategy, directory, project_name="tuning", log=print):
+                 splits_file, strategy, project: Path, log=print):
+        """``project``: the Keras Tuner project folder (the stage's ``StageLayout.tuning``)."""
         self.config, self.spec, self.stage_cfg = config, spec, stage_cfg
         self.initial_weights = Path(initial_weights)
         self.cache_dir, self.splits_file = cache_dir, splits_file
         self._log = log
         self._inputs = None
         self.trials_run_here: list[str] = []
-        super().__init__(oracle, hypermodel=None, directory=str(directory), project_name=project_name,
+        project = Path(project)
+        super().__init__(oracle, hypermodel=None, directory=str(project.parent), project_name=project.name,
                          overwrite=False, distribution_strategy=strategy)
         self.stage_hypermodel = hypermodel
         if (_search_role() != "worker" and not self.oracle.trials
@@ -443,13 +445,12 @@ class LearningRateSearch:
         return result
 
     def _make_tuner(self, context: StageContext, hp, policy: str) -> StageTuner:
-        files = context.layout
         hypermodel = StageHyperModel(context.config, context.stage, context.strategy, policy)
         tuner = StageTuner(
             make_oracle(context.config.tune, hp, context.index), hypermodel=hypermodel, config=context.config,
             spec=context.stage, stage_cfg=context.config.stages[context.index - 1],
             initial_weights=context.initial_weights, cache_dir=context.cache_dir, splits_file=context.splits_file,
-            strategy=context.strategy, directory=files.tuning.parent, project_name=files.tuning.name, log=self.log)
+            strategy=context.strategy, project=context.layout.tuning, log=self.log)
         self.last_tuner = tuner
         return tuner
 
