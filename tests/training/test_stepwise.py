@@ -182,6 +182,18 @@ def test_loss_that_stays_nan_fails_after_three_events(tmp_path, small_cache, mon
     assert _state(tmp_path / "runs" / "t", "1-tiny")["nan_events"] == 4
 
 
+def test_train_command_reports_a_diverging_loss_in_one_line(tmp_path, small_cache, monkeypatch, capsys):
+    from retina_scale.training import distribute
+
+    monkeypatch.setattr(distribute.DistributedTrainer, "train_steps", lambda *a, **k: float("nan"))
+    data, cache = small_cache
+    code = main(["train", "--quiet", *_overrides(tmp_path, data, cache, extra=["export=false"])])
+    err = capsys.readouterr().err.strip()
+    # A TrainingError is a user error (lower the lr, clip, check the data): one line, exit 2, no traceback.
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "stage tiny: the training loss was nan in 4 epochs" in err and "lower stages.0.lr" in err
+
+
 @pytest.mark.slow
 def test_two_workers_complete_a_ladder_with_identical_weights(tmp_path, small_cache, subprocess_env, free_ports):
     data, cache = small_cache
