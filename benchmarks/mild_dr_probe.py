@@ -26,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _run_and_stage(stage_dir: Path):
+    """The ``RunLayout`` of the run that holds ``stage_dir`` (``stages/<i>-<name>/``) and the stage's
+    ``StageLayout`` (None if ``stage_dir`` is not one of its stages)."""
+    from retina_scale.run_layout import RunLayout
+
+    run = RunLayout.from_folder(stage_dir.parent.parent)
+    found = [s for s in run.stages() if s.dir.resolve() == stage_dir.resolve()]
+    return run, (found[0] if found else None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage-dir", required=True, help="a finished stage folder (holds best.npz)")
@@ -42,23 +52,23 @@ def main(argv=None) -> int:
     import tensorflow as tf
     from sklearn.metrics import roc_auc_score
 
-    from retina_scale.utils.typed_config import load_config
-    from retina_scale.config import AugmentConfig, ResampleConfig
+    from retina_scale.config import AugmentConfig, ResampleConfig, TrainConfig
     from retina_scale.data.pipeline import CacheInput
     from retina_scale.models.convnet import get_stage
     from retina_scale.training.checkpoint import restore_checkpoint
-    from retina_scale.config import TrainConfig
     from retina_scale.training.distribute import DistributedTrainer
     from retina_scale.training.optim import make_optimizer
     from retina_scale.training.stage import build_stage_model
+    from retina_scale.utils.typed_config import load_config
 
-    stage_dir = Path(args.stage_dir)
-    run = stage_dir.parent.parent
-    config = load_config(TrainConfig, run / "config.yaml")
-    state = json.loads((stage_dir / "state.json").read_text())
+    run, stage = _run_and_stage(Path(args.stage_dir))
+    if stage is None:
+        ap.error(f"{args.stage_dir} is not a stage folder of a run (stages/<i>-<name>/)")
+    config = load_config(TrainConfig, run.config)
+    state = json.loads(stage.state.read_text())
     spec = get_stage(state["stage"])
-    cache = Path(config.data.cache) if config.data.cache else run / "data" / "cache"
-    splits = pd.read_csv(run / "splits.csv", dtype={"image": str})
+    cache = run.cache
+    splits = pd.read_csv(run.splits, dtype={"image": str})
     splits = splits[splits["label"].isin([0, 1])]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +80,7 @@ def main(argv=None) -> int:
         val = CacheInput(cache, spec.input_size, split="val", split_file=split_file, augment=None, resample=None)
         strategy = tf.distribute.get_strategy()
         model = build_stage_model(config, spec)
-        restore_checkpoint(model, None, stage_dir / "best.npz")
+        restore_checkpoint(model, None, stage.best)
         optimizer = make_optimizer(config.optim, lr=args.lr)
         batch = args.batch or config.global_batch_size
         trainer = DistributedTrainer(model, optimizer, strategy, batch)

@@ -29,12 +29,14 @@ def main():
 
     from retina_scale.config import load_train_config
     from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.tuning import search_hook
+    from retina_scale.utils.fileio import write_json
 
     out = Path(args.out)
     config = load_train_config("quick", [f"runs_dir={json.dumps(str(out / 'runs'))}", "name=bench", "export=false",
                                          *args.overrides])
     t0 = time.time()
-    report = StepwiseScaler(config, verbose=0).run()
+    report = StepwiseScaler(config, lr_search=search_hook(config, verbose=0), verbose=0).run()
     wall = time.time() - t0
     rows = []
     for s in report["stages"]:
@@ -46,7 +48,7 @@ def main():
     result = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "tensorflow": tf.__version__, "keras_tuner": keras_tuner.__version__,
               "total_wall_seconds": round(wall, 1), "stages": rows}
-    (out / "tuning_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "tuning_overhead.json", result)
     print("stage   size  epochs  train s  trials  trial s  search wall s  search/train  lr")
     for r in rows:
         ratio = r["search_wall_seconds"] / r["train_seconds"] if r["train_seconds"] else float("nan")

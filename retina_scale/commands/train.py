@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 
 from retina_scale.config import FORMATS, STRATEGIES
-from retina_scale.utils.errors import UserError
 
 
 def add_arguments(parser):
@@ -68,12 +67,12 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    from retina_scale.training.stepwise import StepwiseScaler, TrainingError
+    from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.tuning import search_hook
 
-    try:
-        report = StepwiseScaler(config, verbose=0 if args.quiet else 1).run()
-    except TrainingError as exc:
-        raise UserError(str(exc)) from None
+    verbose = 0 if args.quiet else 1
+    # A TrainingError (the loss kept diverging) is a UserError: the CLI prints it as one line.
+    report = StepwiseScaler(config, lr_search=search_hook(config, verbose=verbose), verbose=verbose).run()
     if args.quiet:
         print(json.dumps({"run_dir": report["run_dir"], "stages": [
             {k: s[k] for k in ("stage", "size", "val_kappa", "test_kappa", "seconds", "export_path")}

@@ -37,17 +37,18 @@ def run(args) -> int:
     import json
     import os
     import sys
-    from pathlib import Path
 
     from retina_scale.commands.train import build_config
+    from retina_scale.run_layout import RunLayout
+    from retina_scale.utils.fileio import read_json
     from retina_scale.utils.typed_config import to_yaml
 
     if args.run:
-        run_dir = Path(args.run)
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"no run folder at {run_dir} (no config.yaml in it)")
-        args.config = str(run_dir / "config.yaml")
-        args.overrides = [f"runs_dir={json.dumps(str(run_dir.parent))}", f"name={json.dumps(run_dir.name)}",
+        run = RunLayout(args.run)
+        if not run.config.is_file():
+            raise FileNotFoundError(f"no run folder at {run.root} (no config.yaml in it)")
+        args.config = str(run.config)
+        args.overrides = [f"runs_dir={json.dumps(str(run.root.parent))}", f"name={json.dumps(run.root.name)}",
                           *args.overrides]
     config = build_config(args)
     if args.print_config:
@@ -62,9 +63,8 @@ def run(args) -> int:
     build_search_space(config.tune)  # a bad space is refused before any work
     log = (lambda text: None) if args.quiet else print
     context = stage_context(config, args.stage, verbose=0 if args.quiet else 1, log=log)
-    state_file = context.stage_dir / "state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text(encoding="utf-8"))
+    if context.layout.state.exists():
+        state = read_json(context.layout.state)
         print(f"note: stage {context.stage.name} has started training (lr {state.get('lr'):.3g}, "
               f"{state.get('lr_source')}); a resumed run keeps that rate, whatever this search finds", file=sys.stderr)
     search = LearningRateSearch(verbose=0 if args.quiet else 1, log=log)

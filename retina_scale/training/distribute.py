@@ -111,13 +111,27 @@ class DistributedTrainer:
         global_batch_size: examples per step over all replicas of all workers; must be a multiple
             of ``strategy.num_replicas_in_sync``.
 
-    Example:
-    >>> strategy = choose_strategy("auto")
-    >>> with strategy.scope():
-    ...     model = build_model("tiny", width=0.25)
-    ...     optimizer = keras.optimizers.SGD(3e-3, momentum=0.9, nesterov=True)
-    >>> trainer = DistributedTrainer(model, optimizer, strategy, global_batch_size=32)
-    >>> trainer.train_steps(trainer.distribute_training(make_examples), steps=10)
+    Example (ten steps on random 112 px images; ``tests/training/distributed_worker.py`` runs the same
+    under each strategy)::
+
+        import keras
+        import numpy as np
+        import tensorflow as tf
+
+        from retina_scale.models.convnet import build_model
+
+        images = np.random.default_rng(0).uniform(0, 255, (64, 112, 112, 3)).astype("float32")
+        labels = np.arange(64, dtype="float32") % 5
+
+        def make_examples():  # every (image, label) once; the trainer shards, repeats and batches
+            return tf.data.Dataset.from_tensor_slices((images, labels))
+
+        strategy = choose_strategy("auto")
+        with strategy.scope():
+            model = build_model("tiny", width=0.25)
+            optimizer = keras.optimizers.SGD(3e-3, momentum=0.9, nesterov=True)
+        trainer = DistributedTrainer(model, optimizer, strategy, global_batch_size=32)
+        loss = trainer.train_steps(trainer.distribute_training(make_examples), steps=10)
     """
 
     def __init__(self, model, optimizer, strategy, global_batch_size: int):

@@ -1,21 +1,27 @@
 """What every stage needs, shared by the trainer (``stepwise``), the search (``tuning``) and the evidence.
 
-The stage's model as the config describes it, its inputs (a ``CacheInput`` per split), one pass of
-prediction over a split, the validation scores that pick the best epoch, the embedded synthetic data
-set, and the check that a run folder holds the run a config describes.
+The run's data (images, cache and split, made or reused), this process's run folder, the stage's
+model as the config describes it and its starting weights, its inputs (a ``CacheInput`` per split),
+one pass of prediction over a split, the validation scores that pick the best epoch, the embedded
+synthetic data set, the check that a run folder holds the run a config describes, and the table of
+a stage's learning-rate search (the search writes it, the trainer's report repeats it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from retina_scale.config import TrainConfig
-from retina_scale.run_layout import RunLayout, synthetic_dir, synthetic_stamp
+from retina_scale.run_layout import RunLayout, StageLayout, synthetic_dir, synthetic_stamp
+from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json
+from retina_scale.utils.tables import number, text_table
 from retina_scale.utils.typed_config import ConfigError, load_config, to_dict
 
 
@@ -37,6 +43,76 @@ class StageContext:
     strategy: object
     cache_dir: Path
     splits_file: Path
+
+    @property
+    def layout(self) -> StageLayout:
+        """The stage folder's files (``state``, ``tuning``, ``search_json``, ...)."""
+        return StageLayout(Path(self.stage_dir), self.index, self.stage.name)
+
+
+def process_layout(config: TrainConfig, strategy) -> RunLayout:
+    """This process's run folder: the chief's, or a worker's copy beside it (identical weights)."""
+    from retina_scale.training.distribute import is_chief
+
+    layout = RunLayout.of(config)
+    if is_chief(strategy):
+        return layout
+    resolver = strategy.cluster_resolver
+    return layout.worker(resolver.task_type, resolver.task_id)
+
+
+def prepare_run_data(config: TrainConfig, layout: RunLayout, log: Callable[[str], None] | None = None,
+                     progress: bool = True) -> tuple[Path, Path]:
+    """Makes (or reuses) the run's images, the per-size cache and the patient-level split.
+
+    Without ``data.data``, the embedded synthetic data set is made in the run folder first.
+
+    Returns:
+        ``(cache_dir, splits_file)``.
+
+    Raises:
+        UserError: no usable image, an empty train or validation split, or a single grade to train on.
+    """
+    from retina_scale.config import PreprocessConfig
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.sources import ensure_splits, read_dataset
+    from retina_scale.models.convnet import get_stage
+
+    log = log or (lambda text: None)
+    cfg = config.data
+    sizes = sorted({get_stage(s.stage).input_size for s in config.stages})
+    workers = cfg.workers or os.cpu_count() or 1
+    if cfg.data:
+        data_dir = Path(cfg.data)
+    else:
+        data_dir = ensure_synthetic_data(layout.data_dir, cfg, workers, progress=progress, log=log)
+    cache_dir = layout.cache
+    dataset = read_dataset(data_dir, labels=cfg.labels, format=cfg.format,
+                           image_col=cfg.image_col, label_col=cfg.label_col)
+    if not dataset.records:
+        raise UserError(f"no usable image in {data_dir}: {len(dataset.failures)} failed "
+                        "(see the reasons with 'retina-scale prepare')")
+    log(f"Preparing the cache at {', '.join(map(str, sizes))} px in {cache_dir} ...")
+    result = prepare_cache(dataset, cache_dir, sizes=sizes, config=PreprocessConfig(normalize=cfg.normalize),
+                           workers=workers, progress=progress)
+    log(result.summary())
+    if result.prepared + result.skipped == 0:
+        raise UserError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
+    splits = ensure_splits(layout.splits.parent, dataset.records, cfg.val_fraction, cfg.test_fraction,
+                           seed=cfg.split_seed, name=layout.splits.name)
+    _check_splits(splits, {r.image_id: r.label for r in dataset.records})
+    return cache_dir, layout.splits
+
+
+def _check_splits(splits: dict, labels: dict) -> None:
+    for split in ("train", "val"):
+        grades = {labels.get(i) for i, s in splits.items() if s == split and labels.get(i) is not None}
+        if not grades:
+            raise UserError(f"the {split} split is empty; give more images or change data.val_fraction / "
+                            "data.test_fraction")
+        if split == "train" and len(grades) < 2:
+            raise UserError(f"the train split holds a single grade ({grades.pop()}); a grader needs at "
+                            "least two")
 
 
 def ensure_synthetic_data(folder, data, workers: int, progress: bool = True, log=None) -> Path:
@@ -66,6 +142,26 @@ def build_stage_model(config: TrainConfig, spec):
 
     m = config.model
     return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2, seed=m.seed)
+
+
+def save_initial_weights(model, previous: Path | None, stage: StageLayout):
+    """Gives a freshly built stage model its starting point and saves it as the stage's ``initial.npz``:
+    the previous stage's best weights carried over by layer name (``previous``, its ``best.npz``), or,
+    for the first stage (``previous`` None), the model's own orthogonal initialisation.
+
+    Returns:
+        The ``TransferReport`` of the carry-over, or None for the first stage.
+    """
+    from retina_scale.models.transfer import transfer_weights
+    from retina_scale.training.checkpoint import model_weights_from_checkpoint, save_checkpoint
+
+    report = None
+    if previous is not None:
+        report = transfer_weights(model_weights_from_checkpoint(previous), model)
+        report.src_name = Path(previous).parent.name
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, None, stage.initial)
+    return report
 
 
 def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
@@ -140,3 +236,23 @@ def patients_of(splits_file, image_ids) -> np.ndarray:
     frame = pd.read_csv(splits_file, dtype=str, keep_default_na=False)
     patient = dict(zip(frame["image"], frame["patient"]))
     return np.array([patient.get(i, i) for i in image_ids])
+
+
+def format_search_table(result: dict) -> str:
+    """A stage's learning-rate search for people (``result`` is ``tuning.SearchResult.to_dict()``,
+    as ``tuning/search.json`` and the stage's report entry hold it); the best trial is marked ``*``."""
+    extras = sorted({k for r in result["trials"] for k in r["values"] if k != "lr"})
+    header = ("trial", "lr", *extras, "val kappa", "val loss", "seconds", "status")
+    rows = []
+    for r in result["trials"]:
+        mark = " *" if r["trial"] == result["best_trial"] else ""
+        status = "diverged" if r["diverged"] else r["status"].lower()
+        rows.append((r["trial"] + mark, number(r["lr"], ".3g"), *(number(r["values"].get(k), ".3g") for k in extras),
+                     number(r["val_kappa"]), number(r["val_loss"]), number(r["seconds"], ".1f"), status))
+    lines = [text_table(header, rows)]
+    lines.append(f"* best: trial {result['best_trial']}, lr {result['lr']:.4g} ({result['tuner']} search, "
+                 f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, "
+                 f"{result.get('wall_seconds', 0):.0f} s "
+                 "this time; val kappa at cut-offs "
+                 "0.5/1.5/2.5/3.5, ties to the lower val loss)")
+    return "\n".join(lines)

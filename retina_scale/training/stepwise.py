@@ -2,18 +2,18 @@
 
 For each stage of the ladder: build the stage's model inside the strategy's scope, transfer the
 previous stage's best weights by layer name (and print the report), pick the learning rate (from the
-config, or from a search hook), fine-tune on that stage's cached images, keep the best epoch by
-validation kappa, cut the regression output into grades with thresholds optimised on validation,
-evaluate on the test split, and export a SavedModel for TF Serving. Stage 1 starts from orthogonal
-initialisation.
+config, or from a search hook the caller gives), fine-tune on that stage's cached images, keep the
+best epoch by validation kappa, cut the regression output into grades with thresholds optimised on
+validation, evaluate on the test split, and export a SavedModel for TF Serving. Stage 1 starts from
+orthogonal initialisation.
 
-A run lives in ``<runs_dir>/<name>/``::
+A run lives in ``<runs_dir>/<name>/`` (every path: ``retina_scale.run_layout``)::
 
     config.yaml  splits.csv  report.json  report.md
     data/synthetic/ data/cache/          (the embedded data set, when no --data is given)
     stages/1-tiny/  state.json  log.csv  tensorboard/  transfer.{json,txt}  initial.npz
                     last.npz  best.npz  best.keras  evaluation.{json,md}
-                    tuning/  (the Keras Tuner project of the stage's learning-rate search, when tune.enabled)
+                    tuning/  (the Keras Tuner project of the stage's learning-rate search, when searched)
 
 Run the same command again after an interruption (Ctrl-C or kill -9): finished stages are not
 retrained, the interrupted stage resumes from its last epoch checkpoint (optimizer state
@@ -23,8 +23,8 @@ epoch number).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,28 +32,41 @@ from typing import Callable
 import numpy as np
 
 from retina_scale.config import TrainConfig
-from retina_scale.run_layout import RunLayout
-from retina_scale.training.optim import lr_at, make_optimizer
+from retina_scale.run_layout import RunLayout, StageLayout
+from retina_scale.training.checkpoint import restore_checkpoint, save_checkpoint
+from retina_scale.training.optim import after_nan_loss, lr_at, make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, ensure_synthetic_data, patients_of, predict_input,
-    stage_input, validation_scores,
+    StageContext, build_stage_model, check_same_config, format_search_table, patients_of, predict_input,
+    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
 )
 from retina_scale.utils.errors import UserError
-from retina_scale.utils.fileio import read_json as _read_json
-from retina_scale.utils.fileio import write_json as _write_json
-from retina_scale.utils.fileio import write_text as _write_text
+from retina_scale.utils.fileio import read_json, write_json, write_text
 from retina_scale.utils.tables import number, text_table
 from retina_scale.utils.typed_config import dump_config
 
 
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss kept diverging); the message says why and what to try."""
-
-
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss kept diverging); the message says what to lower or check."""
 
 
 def _finite(x):
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclasses.dataclass
+class _StageRun:
+    """One stage in training: its place in the ladder, its folder, its state (``state.json``) and,
+    once set up, its model, optimizer and trainer."""
+
+    index: int
+    spec: object  # StageSpec
+    cfg: object  # StageConfig
+    files: StageLayout
+    state: dict | None = None
+    model: object = None
+    optimizer: object = None
+    trainer: object = None
+    batch_size: int = 0
 
 
 class StepwiseScaler:
@@ -64,16 +77,21 @@ class StepwiseScaler:
         strategy: a ``tf.distribute.Strategy``; by default chosen from the machine and
             ``config.strategy`` (see ``choose_strategy``).
         lr_search: optional hook ``fn(StageContext) -> float`` (or an object with ``lr`` and
-            ``to_dict()``) that picks each stage's learning rate; None runs Keras Tuner's search
-            (``retina_scale.training.tuning.LearningRateSearch``) when ``config.tune.enabled``, else uses the
-            config's learning rates. A resumed stage keeps the learning rate it started with.
+            ``to_dict()``) that picks each stage's learning rate; None uses the config's learning
+            rates. Keras Tuner's search is ``retina_scale.training.tuning.search_hook(config)`` (a
+            ``LearningRateSearch`` when ``config.tune.enabled``): the caller builds it, as
+            ``retina-scale train`` does. A resumed stage keeps the learning rate it started with.
         verbose: 1 shows Keras progress bars per epoch and a line per stage; 0 is silent.
         log: where lines for people go (default ``print``).
 
-    Example:
-    >>> from retina_scale.config import load_train_config
-    >>> report = StepwiseScaler(load_train_config("quick")).run()
-    >>> [(s["stage"], s["val_kappa"]) for s in report["stages"]]
+    Example (trains the quick ladder: minutes on a CPU)::
+
+        from retina_scale.config import load_train_config
+        from retina_scale.training.tuning import search_hook
+
+        config = load_train_config("quick")
+        report = StepwiseScaler(config, lr_search=search_hook(config)).run()
+        print([(s["stage"], s["val_kappa"]) for s in report["stages"]])
     """
 
     def __init__(self, config: TrainConfig, *, strategy=None, lr_search: Callable | None = None,
@@ -103,13 +121,7 @@ class StepwiseScaler:
     @property
     def layout(self) -> RunLayout:
         """This process's run folder: the chief's, or a worker's copy beside it (identical weights)."""
-        from retina_scale.training.distribute import is_chief
-
-        layout = RunLayout.of(self.config)
-        if is_chief(self.strategy):
-            return layout
-        resolver = self.strategy.cluster_resolver
-        return layout.worker(resolver.task_type, resolver.task_id)
+        return process_layout(self.config, self.strategy)
 
     @property
     def run_dir(self) -> Path:
@@ -121,52 +133,6 @@ class StepwiseScaler:
 
         return is_chief(self.strategy)
 
-    # ------------------------------------------------------------------------------------- data
-    def prepare_data(self) -> tuple[Path, Path]:
-        """Makes (or reuses) the images, the per-size cache and the patient-level split.
-
-        Returns:
-            ``(cache_dir, splits_file)``.
-        """
-        from retina_scale.config import PreprocessConfig
-        from retina_scale.data.cache import prepare_cache
-        from retina_scale.data.sources import ensure_splits, read_dataset
-        from retina_scale.models.convnet import get_stage
-
-        cfg = self.config.data
-        sizes = sorted({get_stage(s.stage).input_size for s in self.config.stages})
-        workers = cfg.workers or os.cpu_count() or 1
-        data_dir = Path(cfg.data) if cfg.data else self._synthetic_data(workers)
-        cache_dir = Path(cfg.cache) if cfg.cache else self.run_dir / "data" / "cache"
-        dataset = read_dataset(data_dir, labels=cfg.labels, format=cfg.format,
-                               image_col=cfg.image_col, label_col=cfg.label_col)
-        if not dataset.records:
-            raise UserError(f"no usable image in {data_dir}: {len(dataset.failures)} failed "
-                             "(see the reasons with 'retina-scale prepare')")
-        self.log(f"Preparing the cache at {', '.join(map(str, sizes))} px in {cache_dir} ...")
-        result = prepare_cache(dataset, cache_dir, sizes=sizes, config=PreprocessConfig(normalize=cfg.normalize),
-                               workers=workers, progress=bool(self.verbose))
-        self.log(result.summary())
-        if result.prepared + result.skipped == 0:
-            raise UserError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
-
-        splits_file = self.run_dir / "splits.csv"
-        splits = ensure_splits(self.run_dir, dataset.records, cfg.val_fraction, cfg.test_fraction, seed=cfg.split_seed)
-        labels = {r.image_id: r.label for r in dataset.records}
-        for split in ("train", "val"):
-            grades = {labels.get(i) for i, s in splits.items() if s == split and labels.get(i) is not None}
-            if not grades:
-                raise UserError(f"the {split} split is empty; give more images or change data.val_fraction / "
-                                 "data.test_fraction")
-            if split == "train" and len(grades) < 2:
-                raise UserError(f"the train split holds a single grade ({grades.pop()}); a grader needs at "
-                                 "least two")
-        return cache_dir, splits_file
-
-    def _synthetic_data(self, workers: int) -> Path:
-        return ensure_synthetic_data(self.run_dir / "data", self.config.data, workers,
-                                     progress=bool(self.verbose), log=self.log)
-
     # -------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         """Runs (or resumes) every stage; returns the run report (also in report.json / report.md)."""
@@ -174,227 +140,239 @@ class StepwiseScaler:
         from retina_scale.training.distribute import strategy_name
 
         t0 = time.time()
-        run_dir = self.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        check_same_config(self.layout, self.config)
-        if self.is_chief or not (run_dir / "config.yaml").exists():
-            dump_config(self.config, run_dir / "config.yaml")
+        layout = self.layout
+        layout.root.mkdir(parents=True, exist_ok=True)
+        check_same_config(layout, self.config)
+        if self.is_chief or not layout.config.exists():
+            dump_config(self.config, layout.config)
         strategy = self.strategy
-        self.log(f"Run {self.config.name} in {run_dir}: {len(self.config.stages)} stages, "
+        self.log(f"Run {self.config.name} in {layout.root}: {len(self.config.stages)} stages, "
                  f"{strategy_name(strategy)} strategy with {strategy.num_replicas_in_sync} replica(s), "
                  f"global batch {self.config.global_batch_size}")
-        cache_dir, splits_file = self.prepare_data()
+        if self.lr_search is None and self.config.tune.enabled:
+            self.log("tune.enabled, but no search hook was given (lr_search): the stages train with the "
+                     "config's learning rates")
+        cache_dir, splits_file = prepare_run_data(self.config, layout, self.log, progress=bool(self.verbose))
         results = []
         previous = None
         for index, stage_cfg in enumerate(self.config.stages, start=1):
             spec = get_stage(stage_cfg.stage)
-            result = self._run_stage(index, stage_cfg, spec, previous, cache_dir, splits_file)
+            run = _StageRun(index, spec, stage_cfg, layout.stage(index, spec.name))
+            result = self._run_stage(run, previous, cache_dir, splits_file)
             results.append(result)
             previous = Path(result["best_checkpoint"])
         report = {
             "name": self.config.name,
-            "run_dir": str(run_dir),
+            "run_dir": str(layout.root),
             "strategy": strategy_name(strategy),
             "replicas": strategy.num_replicas_in_sync,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stages": results,
         }
-        _write_json(run_dir / "report.json", report)
-        _write_text(run_dir / "report.md", format_report(report))
+        write_json(layout.report_json, report)
+        write_text(layout.report_md, format_report(report))
         self.log("\n" + format_stage_table(results))
         return report
 
-    def _lr_search(self):
-        """The hook given, else Keras Tuner's search when ``tune.enabled``, else None (the config's lr)."""
-        if self.lr_search is not None or not self.config.tune.enabled:
-            return self.lr_search
-        from retina_scale.training.tuning import LearningRateSearch
-
-        return LearningRateSearch(verbose=self.verbose, log=self._log)
-
     # ------------------------------------------------------------------------------------ stage
-    def _stage_dir(self, index, spec) -> Path:
-        return self.run_dir / "stages" / f"{index}-{spec.name}"
+    def _run_stage(self, run: _StageRun, previous: Path | None, cache_dir, splits_file) -> dict:
+        files, spec = run.files, run.spec
+        files.dir.mkdir(parents=True, exist_ok=True)
+        run.state = read_json(files.state) if files.state.exists() else None
+        if run.state and run.state.get("status") == "done":
+            self.log(f"Stage {run.index} {spec.name} ({spec.input_size} px) finished earlier: "
+                     f"val kappa {run.state['result']['val_kappa']:.4f}; not retrained")
+            return run.state["result"]
 
-    def _run_stage(self, index, stage_cfg, spec, previous, cache_dir, splits_file) -> dict:
-        import keras
+        with self.strategy.scope():
+            run.model = build_stage_model(self.config, spec)
+        resumed = run.state is not None
+        if not resumed:
+            run.state = self._start_stage(run, previous, cache_dir, splits_file)
+        self._make_trainer(run)
+        if resumed:  # this process built the model afresh: start from the stage's own weights
+            self._restore_last_good(run)
+            self.log(f"Stage {run.index} {spec.name}: resuming at epoch {run.state['epoch'] + 1} of {run.cfg.epochs}")
+        hparams = run.state.get("hparams") or {}
+        if hparams:
+            self.log(f"Stage {run.index} {spec.name}: search's choices {hparams} (with lr {run.state['lr']:.3g})")
 
-        stage_dir = self._stage_dir(index, spec)
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        state_file = stage_dir / "state.json"
-        state = _read_json(state_file) if state_file.exists() else None
-        if state and state.get("status") == "done":
-            self.log(f"Stage {index} {spec.name} ({spec.input_size} px) finished earlier: "
-                     f"val kappa {state['result']['val_kappa']:.4f}; not retrained")
-            return state["result"]
+        args = (self.config, spec, run.cfg, cache_dir, splits_file)
+        train_input = stage_input(*args, "train", training=True)
+        val_input = stage_input(*args, "val", training=False)
+        self._train_epochs(run, train_input, val_input)
 
-        cfg = self.config
-        strategy = self.strategy
-        from retina_scale.training.checkpoint import (
-            model_weights_from_checkpoint,
-            restore_checkpoint,
-            save_checkpoint,
-        )
+        result = self._finish_stage(run, val_input, cache_dir, splits_file)
+        run.state["status"] = "done"
+        run.state["result"] = result
+        write_json(files.state, run.state)
+        self.log(f"Stage {run.index} {spec.name}: {spec.input_size} px, {run.state['epoch']} epochs, best val kappa "
+                 f"{result['val_kappa']:.4f} (epoch {result['best_epoch']}), {result['seconds']:.0f} s")
+        return result
+
+    def _start_stage(self, run: _StageRun, previous: Path | None, cache_dir, splits_file) -> dict:
+        """A new stage: its initial weights (transferred, with the report), its learning rate (the
+        config's, or the search hook's) and its first ``state.json``."""
+        cfg, files = self.config, run.files
+        transfer = save_initial_weights(run.model, previous, files)
+        if transfer is not None:
+            write_json(files.transfer_json, transfer.to_dict())
+            write_text(files.transfer_txt, transfer.format_table() + "\n")
+            self.log(transfer.format_table())
+        default_lr = stage_learning_rate(cfg, run.cfg)
+        lr, lr_source, search = default_lr, "config", None
+        if self.lr_search is not None:
+            found = self.lr_search(StageContext(run.index, run.spec, files.dir, files.initial, default_lr, cfg,
+                                                self.strategy, cache_dir, splits_file))
+            # A hook returns a learning rate, or an object with ``lr`` and ``to_dict()`` (the
+            # Keras Tuner search's result, whose table goes into the stage's report).
+            lr = float(getattr(found, "lr", found))
+            search = found.to_dict() if hasattr(found, "to_dict") else None
+            lr_source = "search"
+            restore_checkpoint(run.model, None, files.initial)
+        # The search's other dimensions (tune.extra) drive the stage too, not only its lr.
+        best = (search or {}).get("best_values") or {}
+        hparams = {k: best[k] for k in ("weight_decay", "momentum", "batch_size") if k in best}
+        state = {"status": "training", "stage": run.spec.name, "size": run.spec.input_size, "epoch": 0,
+                 "lr": lr, "lr_source": lr_source, "hparams": hparams, "lr_scale": 1.0, "nan_events": 0,
+                 "best_kappa": None, "best_epoch": None, "history": [], "seconds": 0.0, "search": search}
+        write_json(files.state, state)
+        return state
+
+    def _make_trainer(self, run: _StageRun) -> None:
         from retina_scale.training.distribute import DistributedTrainer
 
-        with strategy.scope():
-            model = build_stage_model(self.config, spec)
-        initial = stage_dir / "initial.npz"
-        resumed = state is not None
+        hparams = run.state.get("hparams") or {}
+        run.batch_size = int(hparams.get("batch_size", self.config.global_batch_size))
+        with self.strategy.scope():
+            run.optimizer = make_optimizer(self.config.optim, weight_decay=hparams.get("weight_decay"),
+                                           momentum=hparams.get("momentum"))
+        run.trainer = DistributedTrainer(run.model, run.optimizer, self.strategy, run.batch_size)  # builds it
 
-        if state is None:
-            if previous is not None:
-                from retina_scale.models.transfer import transfer_weights
+    @staticmethod
+    def _restore_last_good(run: _StageRun) -> None:
+        """The last finished epoch (weights and optimizer state), else the stage's initial weights."""
+        if run.files.last.exists():
+            restore_checkpoint(run.model, run.optimizer, run.files.last)
+        else:
+            restore_checkpoint(run.model, None, run.files.initial)
 
-                report = transfer_weights(model_weights_from_checkpoint(previous), model)
-                report.src_name = previous.parent.name
-                _write_json(stage_dir / "transfer.json", report.to_dict())
-                _write_text(stage_dir / "transfer.txt", report.format_table() + "\n")
-                self.log(report.format_table())
-            save_checkpoint(model, None, initial)
-            default_lr = stage_cfg.lr if stage_cfg.lr is not None else cfg.optim.lr
-            from retina_scale.training.optim import scaled_learning_rate
+    def _train_epochs(self, run: _StageRun, train_input, val_input) -> None:
+        """The epoch loop: from ``state['epoch']`` to the stage's epochs, or until its time budget."""
+        import keras
+        import tensorflow as tf
 
-            default_lr = scaled_learning_rate(default_lr, cfg.global_batch_size, cfg.optim.reference_batch_size)
-            lr, lr_source, search = default_lr, "config", None
-            lr_search = self._lr_search()
-            if lr_search is not None:
-                found = lr_search(StageContext(index, spec, stage_dir, initial, default_lr, cfg,
-                                               strategy, cache_dir, splits_file))
-                # A hook returns a learning rate, or an object with ``lr`` and ``to_dict()`` (the
-                # Keras Tuner search's result, whose table goes into the stage's report).
-                lr = float(getattr(found, "lr", found))
-                search = found.to_dict() if hasattr(found, "to_dict") else None
-                lr_source = "search"
-                restore_checkpoint(model, None, initial)
-            # The search's other dimensions (tune.extra) drive the stage too, not only its lr.
-            best = (search or {}).get("best_values") or {}
-            hparams = {k: best[k] for k in ("weight_decay", "momentum", "batch_size") if k in best}
-            state = {"status": "training", "stage": spec.name, "size": spec.input_size, "epoch": 0,
-                     "lr": lr, "lr_source": lr_source, "hparams": hparams, "lr_scale": 1.0, "nan_events": 0,
-                     "best_kappa": None, "best_epoch": None, "history": [], "seconds": 0.0, "search": search}
-            _write_json(state_file, state)
-        hparams = state.get("hparams") or {}
-        batch_size = int(hparams.get("batch_size", cfg.global_batch_size))
-        with strategy.scope():
-            optimizer = make_optimizer(cfg.optim, weight_decay=hparams.get("weight_decay"),
-                                       momentum=hparams.get("momentum"))
-        trainer = DistributedTrainer(model, optimizer, strategy, batch_size)  # builds the optimizer
-        if resumed:  # this process built the model afresh: start from the stage's own weights
-            last = stage_dir / "last.npz"
-            restore_checkpoint(model, optimizer if last.exists() else None, last if last.exists() else initial)
-            self.log(f"Stage {index} {spec.name}: resuming at epoch {state['epoch'] + 1} of {stage_cfg.epochs}")
-        if hparams:
-            self.log(f"Stage {index} {spec.name}: search's choices {hparams} (with lr {state['lr']:.3g})")
-
-        train_input, val_input = self._inputs(spec, stage_cfg, cache_dir, splits_file)
-        steps = train_input.steps_per_epoch(batch_size)
-        writer = self._summary_writer(stage_dir)
-        self.log(f"Stage {index} {spec.name} ({spec.input_size} px): {model.count_params():,} weights, "
+        state, spec = run.state, run.spec
+        steps = train_input.steps_per_epoch(run.batch_size)
+        writer = tf.summary.create_file_writer(str(run.files.tensorboard))
+        self.log(f"Stage {run.index} {spec.name} ({spec.input_size} px): {run.model.count_params():,} weights, "
                  f"{len(train_input)} training / {len(val_input)} validation images, {steps} steps per epoch, "
                  f"lr {state['lr']:.3g} ({state['lr_source']})")
-
         epoch = state["epoch"]
-        while epoch < stage_cfg.epochs:
-            if stage_cfg.max_seconds is not None and state["seconds"] >= stage_cfg.max_seconds:
-                self.log(f"Stage {index} {spec.name}: time budget of {stage_cfg.max_seconds:.0f} s spent after "
-                         f"{epoch} of {stage_cfg.epochs} epochs ({state['seconds']:.0f} s); stopping the stage")
-                state["stopped_by_time"] = True
+        while epoch < run.cfg.epochs:
+            if self._out_of_time(run, epoch):
                 break
             t_epoch = time.time()
-            lr = lr_at(cfg.optim, state["lr"], state["lr_scale"], epoch, stage_cfg.epochs)
-            optimizer.learning_rate.assign(lr)
-            iterator = iter(train_input.distribute(strategy, batch_size, training=True,
+            lr = lr_at(self.config.optim, state["lr"], state["lr_scale"], epoch, run.cfg.epochs)
+            run.optimizer.learning_rate.assign(lr)
+            iterator = iter(train_input.distribute(self.strategy, run.batch_size, training=True,
                                                    start_epoch=epoch, epochs=1))
             progbar = keras.utils.Progbar(steps, verbose=1 if self.verbose else 0,
                                           stateful_metrics=["val_loss", "val_kappa"])
             if self.verbose:
-                self._log(f"Epoch {epoch + 1}/{stage_cfg.epochs}")
-            loss = trainer.train_steps(iterator, steps, progbar=None if not self.verbose else _ProgbarAdapter(progbar))
+                self._log(f"Epoch {epoch + 1}/{run.cfg.epochs}")
+            loss = run.trainer.train_steps(iterator, steps, progbar=_ProgbarAdapter(progbar) if self.verbose else None)
             if not math.isfinite(loss):
-                state["nan_events"] += 1
-                if state["nan_events"] > cfg.nan.max_events:
-                    _write_json(state_file, state)
-                    raise TrainingError(
-                        f"stage {spec.name}: the training loss was {loss} in {state['nan_events']} epochs even after "
-                        f"lowering the learning rate to {lr * cfg.nan.lr_factor:.3g}; lower stages.{index - 1}.lr or "
-                        "optim.clipnorm, or check the data"
-                    )
-                state["lr_scale"] *= cfg.nan.lr_factor
-                last = stage_dir / "last.npz"
-                restore_checkpoint(model, optimizer if last.exists() else None, last if last.exists() else initial)
-                if not last.exists():
-                    for variable in optimizer.variables:  # a fresh start: clear the diverged momenta
-                        if variable is not optimizer.iterations and "learning_rate" not in variable.path:
-                            variable.assign(np.zeros(variable.shape, variable.dtype))
-                self.log(f"Stage {spec.name} epoch {epoch + 1}: loss {loss}; reloaded the last good checkpoint and "
-                         f"lowered the learning rate to {lr_at(cfg.optim, state['lr'], state['lr_scale'], epoch, stage_cfg.epochs):.3g} "
-                         f"(event {state['nan_events']} of {cfg.nan.max_events})")
-                _write_json(state_file, state)
+                self._on_nan_loss(run, epoch, loss, lr)
                 continue
-            labels, scores = self._predict(trainer, val_input)
-            row = self._epoch_row(epoch, loss, labels, scores, lr, time.time() - t_epoch)
+            labels, scores = predict_input(run.trainer, val_input)
+            row = _epoch_row(epoch, loss, labels, scores, lr, time.time() - t_epoch)
             if self.verbose:
                 progbar.update(steps, values=[("val_loss", row["val_loss"]), ("val_kappa", row["val_kappa"])],
                                finalize=True)
-            state["history"].append(row)
-            state["seconds"] += row["seconds"]
-            if state["best_kappa"] is None or row["val_kappa"] > state["best_kappa"]:
-                state["best_kappa"], state["best_epoch"] = row["val_kappa"], epoch + 1
-                save_checkpoint(model, None, stage_dir / "best.npz")
             epoch += 1
-            state["epoch"] = epoch
-            save_checkpoint(model, optimizer, stage_dir / "last.npz")
-            self._write_logs(stage_dir, state["history"], writer, row)
-            _write_json(state_file, state)
+            self._record_epoch(run, row, writer)
 
-        result = self._finish_stage(index, spec, stage_cfg, model, trainer, state, stage_dir, val_input,
-                                    cache_dir, splits_file)
-        state["status"] = "done"
-        state["result"] = result
-        _write_json(state_file, state)
-        self.log(f"Stage {index} {spec.name}: {spec.input_size} px, {state['epoch']} epochs, best val kappa "
-                 f"{result['val_kappa']:.4f} (epoch {result['best_epoch']}), {result['seconds']:.0f} s")
-        return result
+    def _out_of_time(self, run: _StageRun, epoch: int) -> bool:
+        budget, state = run.cfg.max_seconds, run.state
+        if budget is None or state["seconds"] < budget:
+            return False
+        self.log(f"Stage {run.index} {run.spec.name}: time budget of {budget:.0f} s spent after "
+                 f"{epoch} of {run.cfg.epochs} epochs ({state['seconds']:.0f} s); stopping the stage")
+        state["stopped_by_time"] = True
+        return True
 
-    def _finish_stage(self, index, spec, stage_cfg, model, trainer, state, stage_dir, val_input,
-                      cache_dir, splits_file) -> dict:
-        from retina_scale.grading.evaluation import (
-            evaluate_predictions,
-            format_evaluation,
-        )
+    def _record_epoch(self, run: _StageRun, row: dict, writer) -> None:
+        """A finished epoch: its row, the best checkpoint if it is the best, the last checkpoint, the logs."""
+        state, files = run.state, run.files
+        state["history"].append(row)
+        state["seconds"] += row["seconds"]
+        if state["best_kappa"] is None or row["val_kappa"] > state["best_kappa"]:
+            state["best_kappa"], state["best_epoch"] = row["val_kappa"], row["epoch"]
+            save_checkpoint(run.model, None, files.best)
+        state["epoch"] = row["epoch"]
+        save_checkpoint(run.model, run.optimizer, files.last)
+        _write_logs(files, state["history"], writer, row)
+        write_json(files.state, state)
+
+    def _on_nan_loss(self, run: _StageRun, epoch: int, loss: float, lr: float) -> None:
+        """The NaN policy (``optim.after_nan_loss``): reload the last good epoch with a lower learning
+        rate, or stop with a ``TrainingError`` once the policy's events are spent."""
+        state, nan, optim = run.state, self.config.nan, self.config.optim
+        decision = after_nan_loss(state["nan_events"], state["lr_scale"], nan)
+        state["nan_events"] = decision.nan_events
+        if decision.action == "fail":
+            write_json(run.files.state, state)
+            raise TrainingError(
+                f"stage {run.spec.name}: the training loss was {loss} in {state['nan_events']} epochs even after "
+                f"lowering the learning rate to {lr * nan.lr_factor:.3g}; lower stages.{run.index - 1}.lr or "
+                "optim.clipnorm, or check the data"
+            )
+        state["lr_scale"] = decision.lr_scale
+        fresh = not run.files.last.exists()
+        self._restore_last_good(run)
+        if fresh:  # back to the initial weights: clear the diverged momenta too
+            for variable in run.optimizer.variables:
+                if variable is not run.optimizer.iterations and "learning_rate" not in variable.path:
+                    variable.assign(np.zeros(variable.shape, variable.dtype))
+        new_lr = lr_at(optim, state["lr"], state["lr_scale"], epoch, run.cfg.epochs)
+        self.log(f"Stage {run.spec.name} epoch {epoch + 1}: loss {loss}; reloaded the last good checkpoint and "
+                 f"lowered the learning rate to {new_lr:.3g} (event {state['nan_events']} of {nan.max_events})")
+        write_json(run.files.state, state)
+
+    def _finish_stage(self, run: _StageRun, val_input, cache_dir, splits_file) -> dict:
+        """The best epoch's thresholds on validation, its test evaluation, best.keras and the export."""
+        from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
         from retina_scale.grading.kappa import quadratic_weighted_kappa
-        from retina_scale.grading.thresholds import (
-            apply_thresholds,
-            optimize_thresholds,
-        )
-        from retina_scale.training.checkpoint import restore_checkpoint
+        from retina_scale.grading.thresholds import apply_thresholds, optimize_thresholds
 
-        restore_checkpoint(model, None, stage_dir / "best.npz")
-        labels, scores = self._predict(trainer, val_input)
+        files, spec, state, model = run.files, run.spec, run.state, run.model
+        restore_checkpoint(model, None, files.best)
+        labels, scores = predict_input(run.trainer, val_input)
         thresholds = [float(t) for t in optimize_thresholds(labels, scores)]
         val_kappa_opt = quadratic_weighted_kappa(labels, apply_thresholds(scores, thresholds))
         evaluation = None
-        test_input = self._input(spec, None, cache_dir, splits_file, "test", training=False, missing_ok=True)
+        test_input = stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
+                                 missing_ok=True)
         if test_input is not None:
-            t_labels, t_scores, keys = self._predict(trainer, test_input, with_keys=True)
+            t_labels, t_scores, keys = predict_input(run.trainer, test_input, with_keys=True)
             groups = patients_of(splits_file, test_input.image_ids[keys])
             evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
                                               seed=self.config.seed, groups=groups)
-            _write_json(stage_dir / "evaluation.json", evaluation)
-            _write_text(stage_dir / "evaluation.md", format_evaluation(evaluation) + "\n")
+            write_json(files.evaluation_json, evaluation)
+            write_text(files.evaluation_md, format_evaluation(evaluation) + "\n")
             self.log(format_evaluation(evaluation))
         if self.is_chief:
-            model.save(stage_dir / "best.keras")
+            model.save(files.best_keras)
         export_path = None
         if self.config.export and self.is_chief:
-            export_path = str(self._export(model, spec, thresholds, stage_dir))
+            export_path = str(self._export(model, spec, thresholds))
         return {
-            "index": index,
+            "index": run.index,
             "stage": spec.name,
             "size": spec.input_size,
             "epochs": state["epoch"],
-            "planned_epochs": stage_cfg.epochs,
+            "planned_epochs": run.cfg.epochs,
             "stopped_by_time": bool(state.get("stopped_by_time")),
             "lr": state["lr"],
             "lr_source": state["lr_source"],
@@ -407,17 +385,17 @@ class StepwiseScaler:
             "test_images": evaluation["n_images"] if evaluation else 0,
             "seconds": round(state["seconds"], 1),
             "weights": model.count_params(),
-            "best_checkpoint": str(stage_dir / "best.npz"),
-            "keras_model": str(stage_dir / "best.keras"),
+            "best_checkpoint": str(files.best),
+            "keras_model": str(files.best_keras),
             "export_path": export_path,
             "search": state.get("search"),
         }
 
-    def _export(self, model, spec, thresholds, stage_dir):
+    def _export(self, model, spec, thresholds):
         from retina_scale.serving.export import export_saved_model, run_preprocessing
 
         # The cache's sizes and mask too: predict_images repeats the cache's resize chain (no train/serve skew).
-        preprocessing = run_preprocessing(self.run_dir)
+        preprocessing = run_preprocessing(self.layout.root)
         preprocessing["normalize"] = self.config.data.normalize
         metadata = {
             "run": self.config.name,
@@ -429,51 +407,27 @@ class StepwiseScaler:
         return export_saved_model(model, self.config.export_dir, self.config.model_name,
                                   thresholds=thresholds, metadata=metadata)
 
-    # ---------------------------------------------------------------------------------- helpers
-    def _input(self, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok=False):
-        return stage_input(self.config, spec, stage_cfg, cache_dir, splits_file, split, training, missing_ok)
 
-    def _inputs(self, spec, stage_cfg, cache_dir, splits_file):
-        return (self._input(spec, stage_cfg, cache_dir, splits_file, "train", training=True),
-                self._input(spec, stage_cfg, cache_dir, splits_file, "val", training=False))
-
-    def _predict(self, trainer, inp, with_keys=False):
-        return predict_input(trainer, inp, with_keys=with_keys)
-
-    @staticmethod
-    def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
-        val_loss, kappa = validation_scores(labels, scores)
-        return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),
-                "seconds": round(seconds, 2)}
-
-    def _summary_writer(self, stage_dir):
-        import tensorflow as tf
-
-        return tf.summary.create_file_writer(str(stage_dir / "tensorboard"))
-
-    def _write_logs(self, stage_dir, history, writer, row) -> None:
-        import tensorflow as tf
-
-        header = ["epoch", "loss", "val_loss", "val_kappa", "lr", "seconds"]
-        lines = [",".join(header)] + [",".join(str(r[k]) for k in header) for r in history]
-        _write_text(stage_dir / "log.csv", "\n".join(lines) + "\n")
-        with writer.as_default(step=row["epoch"]):
-            for key in ("loss", "val_loss", "val_kappa", "lr"):
-                tf.summary.scalar(key, row[key])
-        writer.flush()
+# ------------------------------------------------------------------------------------- helpers
+def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
+    val_loss, kappa = validation_scores(labels, scores)
+    return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),
+            "seconds": round(seconds, 2)}
 
 
-# ------------------------------------------------------------------- helpers shared with the search
+LOG_COLUMNS = ("epoch", "loss", "val_loss", "val_kappa", "lr", "seconds")
 
 
+def _write_logs(files: StageLayout, history, writer, row) -> None:
+    """The stage's ``log.csv`` (every epoch so far) and this epoch's TensorBoard scalars."""
+    import tensorflow as tf
 
-
-
-
-
-
-
-
+    lines = [",".join(LOG_COLUMNS)] + [",".join(str(r[k]) for k in LOG_COLUMNS) for r in history]
+    write_text(files.log_csv, "\n".join(lines) + "\n")
+    with writer.as_default(step=row["epoch"]):
+        for key in ("loss", "val_loss", "val_kappa", "lr"):
+            tf.summary.scalar(key, row[key])
+    writer.flush()
 
 
 class _ProgbarAdapter:
@@ -502,13 +456,12 @@ def format_stage_table(results: list[dict]) -> str:
 
 
 def format_report(report: dict) -> str:
+    """The run's ``report.md``: the table of stages, then each stage's learning-rate search, if any."""
     lines = [f"# Stepwise run `{report['name']}`", "",
              f"Strategy {report['strategy']} with {report['replicas']} replica(s).", "", "```",
              format_stage_table(report["stages"]), "```", ""]
     for stage in report["stages"]:
         if stage.get("search"):
-            from retina_scale.training.tuning import format_search_table
-
             lines += [f"## Learning-rate search, stage {stage['index']} {stage['stage']}", "", "```",
                       format_search_table(stage["search"]), "```", ""]
     return "\n".join(lines)

@@ -13,9 +13,10 @@ net initialised from a median one a much smaller one. For one stage, the search 
    ``MultiWorkerMirroredStrategy`` in Keras 3.15),
 5. and score validation kappa (objective: max; ties go to the lower validation loss).
 
-The best learning rate then drives the stage's full fine-tuning (``StepwiseScaler`` calls
-``LearningRateSearch`` per stage when ``tune.enabled``). A trial whose loss diverges scores kappa -1
-and loss ``inf``: a result (too large a learning rate), not a failure.
+The best trial's values then drive the stage's full fine-tuning: ``search_hook(config)`` is the
+trainer's hook (``StepwiseScaler(config, lr_search=search_hook(config))``), a ``LearningRateSearch``
+when ``tune.enabled``. A trial whose loss diverges scores kappa -1 and loss ``inf``: a result (too
+large a learning rate), not a failure.
 
 Each stage has one Keras Tuner project, ``stages/<i>-<stage>/tuning/``, opened with
 ``overwrite=False``: a search interrupted and started again continues with the remaining trials (an
@@ -23,48 +24,61 @@ interrupted trial is run again from the initial weights), and a finished search 
 repeated. ``tuning/search.json`` (the settings, the initial weights' fingerprint and the table) and
 ``tuning/search.md`` (the table for people) are written when the search ends.
 
-Keras Tuner traps handled here: ``Tuner.__init__`` builds the model once at construction, outside
-the strategy's scope (``_populate_initial_space`` is overridden: the space is declared without
-building); it calls ``keras.backend.clear_session()`` between trials, which resets a mixed-precision
-policy (the policy seen at construction is set again inside every build); and ``fit`` callbacks are
-deep-copied per trial, so anything a trial keeps on disk lives in that trial's own folder
-(``trial_<id>/``), never in a shared one.
+Keras Tuner traps handled here: the hypermodel is not given to Keras Tuner (``hypermodel=None``;
+``StageTuner.run_trial`` builds it), because ``Tuner.__init__`` would build the model once at
+construction, outside the strategy's scope; Keras Tuner calls ``keras.backend.clear_session()``
+between trials, which resets a mixed-precision policy (the policy seen at construction is set again
+inside every build); and ``fit`` callbacks are deep-copied per trial, so anything a trial keeps on
+disk lives in that trial's own folder (``trial_<id>/``), never in a shared one.
 
 Distributed search is Keras Tuner's chief/worker mode: start one process with
 ``KERASTUNER_TUNER_ID=chief`` (it runs the oracle and no trial) and any number with
 ``KERASTUNER_TUNER_ID=worker0, worker1, ...``, all with ``KERASTUNER_ORACLE_IP`` and
 ``KERASTUNER_ORACLE_PORT`` naming the chief (see ``retina-scale tune --help`` and the README).
 
-Example:
->>> from retina_scale.config import load_train_config
->>> from retina_scale.training.stepwise import StepwiseScaler
->>> config = load_train_config("quick", ["tune.max_trials=5", "tune.tuner=bayesian"])
->>> report = StepwiseScaler(config).run()      # searches every stage, then trains it
->>> print(format_search_table(report["stages"][0]["search"]))
+Example (searches and trains every stage of the quick ladder: minutes on a CPU)::
+
+    from retina_scale.config import load_train_config
+    from retina_scale.training.stage import format_search_table
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    config = load_train_config("quick", ["tune.max_trials=5", "tune.tuner=bayesian"])
+    report = StepwiseScaler(config, lr_search=search_hook(config)).run()
+    print(format_search_table(report["stages"][0]["search"]))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
-import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
+import keras
+import keras_tuner
 import numpy as np
 
+from retina_scale.config import TrainConfig
+from retina_scale.run_layout import StageLayout
+from retina_scale.training.checkpoint import model_weights_from_checkpoint, restore_checkpoint
+from retina_scale.training.distribute import DistributedTrainer
+from retina_scale.training.optim import make_optimizer, stage_learning_rate
+from retina_scale.training.stage import (
+    StageContext, build_stage_model, check_same_config, format_search_table, predict_input, prepare_run_data,
+    process_layout, save_initial_weights, stage_input, validation_scores,
+)
 from retina_scale.utils.errors import UserError
-from retina_scale.utils.fileio import write_json
-from retina_scale.utils.fileio import write_text as _write_text
-from retina_scale.utils.tables import number, text_table
-from retina_scale.utils.typed_config import ConfigError, to_dict
+from retina_scale.utils.fileio import read_json, write_json, write_text
+from retina_scale.utils.typed_config import ConfigError, dump_config, to_dict
 
 OBJECTIVE = "val_kappa"
 DIVERGED_KAPPA = -1.0
 STAGE_SEED_STRIDE = 10007
+FINISHED = ("COMPLETED", "FAILED")  # the trial statuses Keras Tuner does not run again
 
 
 # ------------------------------------------------------------------------------------------- space
@@ -74,8 +88,6 @@ def build_search_space(tune):
     Raises:
         ConfigError: a bad space (see ``check_tune_config``), before any trial.
     """
-    import keras_tuner
-
     from retina_scale.config import check_tune_config
 
     check_tune_config(tune)
@@ -99,8 +111,6 @@ def make_oracle(tune, hyperparameters, stage_index: int = 1):
     The oracle's seed is ``tune.seed + 10007 * (stage_index - 1)``: each stage draws its own learning
     rates (Keras Tuner steps its seed by one per value drawn, so neighbouring seeds would repeat a
     stage's draws one trial later), and every worker of a run draws the same ones."""
-    import keras_tuner
-
     objective = keras_tuner.Objective(OBJECTIVE, direction="max")
     common = dict(objective=objective, hyperparameters=hyperparameters, allow_new_entries=False,
                   tune_new_entries=False, seed=tune.seed + STAGE_SEED_STRIDE * (stage_index - 1))
@@ -118,7 +128,7 @@ def make_oracle(tune, hyperparameters, stage_index: int = 1):
 def weights_fingerprint(arrays) -> float:
     """A checksum of a list of weight arrays, as a float (52 bits of SHA-256; a Keras Tuner metric
     must be a number). Model weights in layer order, or an ``.npz`` checkpoint's ``model/`` arrays
-    in file order, give the same value for the same weights."""
+    in the same order, give the same value for the same weights."""
     digest = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a)
@@ -132,17 +142,11 @@ def model_fingerprint(model) -> float:
 
 
 def checkpoint_fingerprint(path) -> float:
-    with np.load(path) as data:
-        return weights_fingerprint([data[k] for k in data.files if k.startswith("model/")])
+    """The ``model_fingerprint`` of the model a checkpoint (``save_checkpoint``) holds."""
+    return weights_fingerprint([a for arrays in model_weights_from_checkpoint(path).values() for a in arrays])
 
 
 # ---------------------------------------------------------------------------------- hypermodel
-def _keras_tuner_base():
-    import keras_tuner
-
-    return keras_tuner
-
-
 class StageHyperModel:
     """Builds one stage's model for a trial, inside the strategy's scope and under the dtype policy
     seen when the search was set up (``clear_session`` between trials resets the global policy)."""
@@ -151,154 +155,114 @@ class StageHyperModel:
         self.config, self.spec, self.strategy, self.dtype_policy = config, spec, strategy, dtype_policy
 
     def build(self, hp=None):
-        import keras
-
-        from retina_scale.training.stage import build_stage_model
-
         keras.config.set_dtype_policy(self.dtype_policy)
         with self.strategy.scope():
             return build_stage_model(self.config, self.spec)
 
 
-def _make_tuner_class():
-    """``StageTuner``, defined on first use so that importing this module does not import Keras Tuner."""
-    keras_tuner = _keras_tuner_base()
+@dataclasses.dataclass
+class _TrialScores:
+    """What one trial's training ended with (``diverged``: a non-finite loss or prediction)."""
 
-    class StageTuner(keras_tuner.Tuner):
-        """A Keras Tuner ``Tuner`` whose ``run_trial`` is the trainer's custom loop (see module doc)."""
-
-        def __init__(self, oracle, *, hypermodel, config, spec, stage_cfg, initial_weights, cache_dir,
-                     splits_file, strategy, directory, project_name="tuning", log=print):
-            self.config, self.spec, self.stage_cfg = config, spec, stage_cfg
-            self.initial_weights = Path(initial_weights)
-            self.cache_dir, self.splits_file = cache_dir, splits_file
-            self._log = log
-            self._inputs = None
-            self.trials_run_here: list[str] = []
-            super().__init__(oracle, hypermodel=None, directory=str(directory), project_name=project_name,
-                             overwrite=False, distribution_strategy=strategy)
-            self.stage_hypermodel = hypermodel
-            oracle_file = Path(self.project_dir) / "oracle.json"
-            if (not self._is_worker() and oracle_file.exists()
-                    and not Path(self._get_tuner_fname()).exists() and not self.oracle.trials):
-                # The project was written under another tuner id (e.g. a distributed search, whose
-                # chief saves as 'chief'): reload its oracle all the same, so no trial is repeated.
-                self.oracle.reload()
-
-        def search(self, *args, **kwargs):
-            from keras_tuner.src.distribute import utils as dist_utils
-
-            if not dist_utils.is_chief_oracle():
-                return super().search(*args, **kwargs)
-            # The chief only serves the oracle. Keras Tuner's own server loop polls for the end every
-            # 20 s once the first worker is told to stop; this one polls every 0.5 s.
-            self.save()
-            _serve_oracle(self.oracle)
-
-        def _populate_initial_space(self):
-            # Keras Tuner builds the model here, once, outside the strategy's scope; the space is
-            # already given to the oracle, so nothing is built.
-            return
-
-        def _stage_inputs(self):
-            if self._inputs is None:
-                from retina_scale.training.stage import stage_input
-
-                args = (self.config, self.spec, self.stage_cfg, self.cache_dir, self.splits_file)
-                self._inputs = (stage_input(*args, "train", training=True),
-                                stage_input(*args, "val", training=False))
-            return self._inputs
-
-        def run_trial(self, trial, *args, **kwargs):
-            import gc
-
-            import keras
-
-            from retina_scale.training.checkpoint import restore_checkpoint
-            from retina_scale.training.distribute import DistributedTrainer
-            from retina_scale.training.optim import make_optimizer
-            from retina_scale.training.stage import predict_input, validation_scores
-
-            t0 = time.time()
-            hp = trial.hyperparameters
-            values = hp.values
-            strategy = self.distribution_strategy
-            keras.backend.clear_session()
-            gc.collect()
-            model = self.stage_hypermodel.build(hp)
-            restore_checkpoint(model, None, self.initial_weights)
-            start_hash = model_fingerprint(model)
-            batch = int(values.get("batch_size", self.config.global_batch_size))
-            with strategy.scope():
-                optimizer = make_optimizer(self.config.optim, lr=float(values["lr"]),
-                                           weight_decay=values.get("weight_decay"), momentum=values.get("momentum"))
-            trainer = DistributedTrainer(model, optimizer, strategy, batch)
-            train_input, val_input = self._stage_inputs()
-            steps = max(1, round(self.config.tune.data_fraction * train_input.steps_per_epoch(batch)))
-            epochs = int(values.get("tuner/epochs", self.config.tune.epochs))
-            loss = val_loss = float("nan")
-            kappa, diverged = DIVERGED_KAPPA, False
-            for epoch in range(epochs):
-                iterator = iter(train_input.distribute(strategy, batch, training=True, start_epoch=epoch, epochs=1))
-                loss = trainer.train_steps(iterator, steps)
-                if not math.isfinite(loss):
-                    diverged = True
-                    break
-                labels, scores = predict_input(trainer, val_input)
-                if not np.all(np.isfinite(scores)):
-                    diverged = True
-                    break
-                val_loss, kappa = validation_scores(labels, scores)
-            if diverged:
-                kappa, val_loss = DIVERGED_KAPPA, float("inf")
-            seconds = time.time() - t0
-            self.trials_run_here.append(trial.trial_id)
-            self._log(f"  trial {trial.trial_id}: lr {values['lr']:.3g}"
-                      + "".join(f", {k} {v:.3g}" for k, v in values.items() if k in ("weight_decay", "batch_size",
-                                                                                     "momentum"))
-                      + (f": diverged (loss {loss})" if diverged
-                         else f": val kappa {kappa:.4f}, val loss {val_loss:.4f}")
-                      + f", {epochs} epoch(s) of {steps} step(s), {seconds:.1f} s")
-            return {OBJECTIVE: float(kappa), "val_loss": float(val_loss),
-                    "loss": float(loss) if math.isfinite(loss) else float("inf"),
-                    "seconds": float(seconds), "initial_weights_hash": start_hash,
-                    "diverged": 1.0 if diverged else 0.0, "steps": float(steps * epochs)}
-
-    return StageTuner
+    loss: float
+    val_loss: float
+    kappa: float
+    diverged: bool
 
 
-def _serve_oracle(oracle, poll: float = 0.5):
-    """Keras Tuner's ``oracle_chief.start_server`` (1.4.8) with a shorter poll: serves the oracle over
-    gRPC at KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT until every trial has ended and every worker
-    has been told to stop."""
-    from concurrent import futures
-
-    import grpc
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute.oracle_chief import OracleServicer, exit_chief
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    servicer = OracleServicer(oracle)
-    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"the search's chief cannot listen on {address} (KERASTUNER_ORACLE_IP/PORT); is the port free?")
-    server.start()
-    try:
-        while not (servicer.stop_triggered and exit_chief(oracle)):
-            time.sleep(poll)
-    finally:
-        server.stop(grace=1)
+def _train_trial(trainer, strategy, train_input, val_input, batch: int, steps: int, epochs: int) -> _TrialScores:
+    """``epochs`` epochs of ``steps`` steps each, scored on validation after each epoch; stops at the
+    first non-finite loss or prediction (the trial diverged: kappa -1, val loss inf)."""
+    loss = val_loss = float("nan")
+    kappa = DIVERGED_KAPPA
+    for epoch in range(epochs):
+        iterator = iter(train_input.distribute(strategy, batch, training=True, start_epoch=epoch, epochs=1))
+        loss = trainer.train_steps(iterator, steps)
+        if not math.isfinite(loss):
+            return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
+        labels, scores = predict_input(trainer, val_input)
+        if not np.all(np.isfinite(scores)):
+            return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
+        val_loss, kappa = validation_scores(labels, scores)
+    return _TrialScores(loss, val_loss, kappa, False)
 
 
-_TUNER_CLASS = None
+class StageTuner(keras_tuner.Tuner):
+    """A Keras Tuner ``Tuner`` whose ``run_trial`` is the trainer's custom loop (see the module doc)."""
+
+    def __init__(self, oracle, *, hypermodel, config, spec, stage_cfg, initial_weights, cache_dir,
+                 splits_file, strategy, project: Path, log=print):
+        """``project``: the Keras Tuner project folder (the stage's ``StageLayout.tuning``)."""
+        self.config, self.spec, self.stage_cfg = config, spec, stage_cfg
+        self.initial_weights = Path(initial_weights)
+        self.cache_dir, self.splits_file = cache_dir, splits_file
+        self._log = log
+        self._inputs = None
+        self.trials_run_here: list[str] = []
+        project = Path(project)
+        super().__init__(oracle, hypermodel=None, directory=str(project.parent), project_name=project.name,
+                         overwrite=False, distribution_strategy=strategy)
+        self.stage_hypermodel = hypermodel
+        if (_search_role() != "worker" and not self.oracle.trials
+                and (Path(self.project_dir) / "oracle.json").exists()):
+            # The project was written under another tuner id (e.g. a distributed search, whose
+            # chief saves as 'chief'), so Keras Tuner did not reload it: reload its oracle all the
+            # same, so no trial is repeated.
+            self.oracle.reload()
+
+    def search(self, *args, **kwargs):
+        if _search_role() != "chief":
+            return super().search(*args, **kwargs)
+        # The chief only serves the oracle (Keras Tuner's own loop would poll for the end every 20 s).
+        self.save()
+        _serve_oracle(self.oracle)
+
+    def finished(self) -> bool:
+        """True when an earlier search ran every trial (not hyperband, whose count is its own)."""
+        oracle = self.oracle
+        return (self.config.tune.tuner != "hyperband" and not oracle.ongoing_trials
+                and (self.remaining_trials or 0) <= 0
+                and all(t.status in FINISHED for t in oracle.trials.values()))
+
+    def _stage_inputs(self):
+        if self._inputs is None:
+            args = (self.config, self.spec, self.stage_cfg, self.cache_dir, self.splits_file)
+            self._inputs = (stage_input(*args, "train", training=True), stage_input(*args, "val", training=False))
+        return self._inputs
+
+    def run_trial(self, trial, *args, **kwargs):
+        t0 = time.time()
+        values = trial.hyperparameters.values
+        strategy = self.distribution_strategy
+        keras.backend.clear_session()
+        gc.collect()
+        model = self.stage_hypermodel.build(trial.hyperparameters)
+        restore_checkpoint(model, None, self.initial_weights)
+        start_hash = model_fingerprint(model)
+        batch = int(values.get("batch_size", self.config.global_batch_size))
+        with strategy.scope():
+            optimizer = make_optimizer(self.config.optim, lr=float(values["lr"]),
+                                       weight_decay=values.get("weight_decay"), momentum=values.get("momentum"))
+        trainer = DistributedTrainer(model, optimizer, strategy, batch)
+        train_input, val_input = self._stage_inputs()
+        steps = max(1, round(self.config.tune.data_fraction * train_input.steps_per_epoch(batch)))
+        epochs = int(values.get("tuner/epochs", self.config.tune.epochs))
+        scores = _train_trial(trainer, strategy, train_input, val_input, batch, steps, epochs)
+        seconds = time.time() - t0
+        self.trials_run_here.append(trial.trial_id)
+        self._log(_trial_line(trial.trial_id, values, scores, epochs, steps, seconds))
+        return {OBJECTIVE: float(scores.kappa), "val_loss": float(scores.val_loss),
+                "loss": float(scores.loss) if math.isfinite(scores.loss) else float("inf"),
+                "seconds": float(seconds), "initial_weights_hash": start_hash,
+                "diverged": 1.0 if scores.diverged else 0.0, "steps": float(steps * epochs)}
 
 
-def stage_tuner_class():
-    global _TUNER_CLASS
-    if _TUNER_CLASS is None:
-        _TUNER_CLASS = _make_tuner_class()
-    return _TUNER_CLASS
+def _trial_line(trial_id, values, scores: _TrialScores, epochs, steps, seconds) -> str:
+    extras = "".join(f", {k} {v:.3g}" for k, v in values.items() if k in ("weight_decay", "batch_size", "momentum"))
+    outcome = (f": diverged (loss {scores.loss})" if scores.diverged
+               else f": val kappa {scores.kappa:.4f}, val loss {scores.val_loss:.4f}")
+    return (f"  trial {trial_id}: lr {values['lr']:.3g}{extras}{outcome}, "
+            f"{epochs} epoch(s) of {steps} step(s), {seconds:.1f} s")
 
 
 # -------------------------------------------------------------------------------------- results
@@ -345,14 +309,13 @@ def collect_trials(oracle) -> list[dict]:
     for trial_id in sorted(oracle.trials, key=lambda t: int(t)):
         trial = oracle.trials[trial_id]
         values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
-        kappa = _last(trial, OBJECTIVE)
         rows.append({
             "trial": trial_id,
             "status": trial.status,
             "lr": float(values.get("lr")) if "lr" in values else None,
             "values": values,
             "epochs": trial.hyperparameters.values.get("tuner/epochs"),
-            "val_kappa": kappa,
+            "val_kappa": _last(trial, OBJECTIVE),
             "val_loss": _last(trial, "val_loss"),
             "loss": _last(trial, "loss"),
             "seconds": _last(trial, "seconds"),
@@ -363,8 +326,8 @@ def collect_trials(oracle) -> list[dict]:
 
 
 def best_trial(rows: list[dict]) -> dict | None:
-    """The completed trial with the highest val kappa; ties go to the lower val loss, then the
-    earlier trial. None if no trial completed."""
+    """The completed trial with the highest val kappa; ties go to the lower val loss (a missing or
+    non-finite one counts as infinite), then the earlier trial. None if no trial completed with a kappa."""
     done = [r for r in rows if r["status"] == "COMPLETED" and r["val_kappa"] is not None]
     if not done:
         return None
@@ -374,29 +337,6 @@ def best_trial(rows: list[dict]) -> dict | None:
         return (-r["val_kappa"], loss, int(r["trial"]))
 
     return min(done, key=key)
-
-
-def format_search_table(result: dict) -> str:
-    """The search's table for people (``result`` is ``SearchResult.to_dict()``)."""
-    extras = sorted({k for r in result["trials"] for k in r["values"] if k != "lr"})
-    header = ("trial", "lr", *extras, "val kappa", "val loss", "seconds", "status")
-    rows = []
-    for r in result["trials"]:
-        mark = " *" if r["trial"] == result["best_trial"] else ""
-        status = "diverged" if r["diverged"] else r["status"].lower()
-        rows.append((r["trial"] + mark, number(r["lr"], ".3g"), *(number(r["values"].get(k), ".3g") for k in extras),
-                     number(r["val_kappa"]), number(r["val_loss"]), number(r["seconds"], ".1f"), status))
-    lines = [text_table(header, rows)]
-    lines.append(f"* best: trial {result['best_trial']}, lr {result['lr']:.4g} ({result['tuner']} search, "
-                 f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, "
-                 f"{result.get('wall_seconds', 0):.0f} s "
-                 "this time; val kappa at cut-offs "
-                 "0.5/1.5/2.5/3.5, ties to the lower val loss)")
-    return "\n".join(lines)
-
-
-def _write_json(path, data):
-    write_json(path, _json_safe(data))
 
 
 def _settings(config) -> dict:
@@ -409,21 +349,52 @@ def _settings(config) -> dict:
     return keep
 
 
+def _check_or_stamp(files: StageLayout, settings: dict, initial_hash: float, stamp: bool) -> None:
+    """A project already in ``files.tuning`` must hold a search of the same settings from the same
+    initial weights; a new one gets its ``search.json`` (settings, no result yet) when ``stamp``.
+
+    Raises:
+        ConfigError: the project holds a search of other settings or other initial weights.
+    """
+    if files.search_json.exists():
+        stored = read_json(files.search_json)
+        changed = sorted(k for k in settings if stored.get("settings", {}).get(k) != settings[k])
+        if stored.get("initial_weights_hash") != initial_hash:
+            changed.append("initial weights")
+        if changed:
+            raise ConfigError(
+                f"{files.tuning} holds a search with other settings ({', '.join(changed)} differ); restore them, "
+                "or delete that folder to search again")
+    elif stamp:
+        files.tuning.mkdir(parents=True, exist_ok=True)
+        write_json(files.search_json, _json_safe({"settings": settings, "initial_weights_hash": initial_hash,
+                                                  "result": None}))
+
+
+def _search_result(context: StageContext, oracle, initial_hash: float, wall_seconds: float) -> SearchResult:
+    """The finished search's table and best trial.
+
+    Raises:
+        RuntimeError: no trial completed (names the last trial's error).
+    """
+    rows = collect_trials(oracle)
+    best = best_trial(rows)
+    if best is None:
+        messages = [t.message for t in oracle.trials.values() if t.message]
+        last = messages[-1].strip().splitlines()[-1] if messages else "no trial ran"
+        raise RuntimeError(f"stage {context.stage.name}: no trial of the learning-rate search completed "
+                           f"({len(rows)} trials); last error: {last}")
+    return SearchResult(
+        stage=context.stage.name, lr=float(best["lr"]), best_trial=best["trial"],
+        best_values=best["values"], trials=rows, tuner=context.config.tune.tuner,
+        project_dir=str(context.layout.tuning), initial_weights_hash=initial_hash,
+        seconds=round(sum(r["seconds"] or 0.0 for r in rows), 1), wall_seconds=round(wall_seconds, 1))
+
+
 # --------------------------------------------------------------------------------------- search
-def is_distributed_worker() -> bool:
-    from keras_tuner.src.distribute import utils as dist_utils
-
-    return dist_utils.has_chief_oracle() and not dist_utils.is_chief_oracle()
-
-
-def is_distributed_chief() -> bool:
-    from keras_tuner.src.distribute import utils as dist_utils
-
-    return dist_utils.is_chief_oracle()
-
-
 class LearningRateSearch:
-    """The ``StepwiseScaler`` hook: ``search(StageContext) -> SearchResult`` (its ``lr`` drives the stage).
+    """The ``StepwiseScaler`` hook: ``search(StageContext) -> SearchResult`` (its ``lr`` drives the stage),
+    or None in a worker of a distributed search (the chief holds the results).
 
     Args:
         verbose: 1 prints a line per trial and the table; 0 is silent.
@@ -439,47 +410,22 @@ class LearningRateSearch:
         if self.verbose:
             self._log(text)
 
-    def __call__(self, context) -> SearchResult | None:
-        import keras
-
-        config = context.config
-        tune = config.tune
+    def __call__(self, context: StageContext) -> SearchResult | None:
+        tune, files = context.config.tune, context.layout
         hp = build_search_space(tune)  # a bad space fails here, before any trial
-        stage_cfg = config.stages[context.index - 1]
-        project = Path(context.stage_dir) / "tuning"
         initial_hash = checkpoint_fingerprint(context.initial_weights)
-        settings = _settings(config)
-        stamp = project / "search.json"
-        worker = is_distributed_worker()
-        if stamp.exists():
-            stored = json.loads(stamp.read_text(encoding="utf-8"))
-            changed = sorted(k for k in settings if stored.get("settings", {}).get(k) != settings[k])
-            if stored.get("initial_weights_hash") != initial_hash:
-                changed.append("initial weights")
-            if changed:
-                raise ConfigError(
-                    f"{project} holds a search with other settings ({', '.join(changed)} differ); restore them, "
-                    "or delete that folder to search again")
-        elif not worker:
-            project.mkdir(parents=True, exist_ok=True)
-            _write_json(stamp, {"settings": settings, "initial_weights_hash": initial_hash, "result": None})
+        settings = _settings(context.config)
+        worker = _search_role() == "worker"
+        _check_or_stamp(files, settings, initial_hash, stamp=not worker)
 
         t0 = time.time()
         policy = keras.config.dtype_policy().name
-        hypermodel = StageHyperModel(config, context.stage, context.strategy, policy)
-        oracle = make_oracle(tune, hp, context.index)
-        self.log(f"Stage {context.index} {context.stage.name}: {tune.tuner} learning-rate search in {project} "
+        self.log(f"Stage {context.index} {context.stage.name}: {tune.tuner} learning-rate search in {files.tuning} "
                  f"(lr {tune.lr_min:g}..{tune.lr_max:g} log-uniform"
                  + "".join(f", {k}" for k in sorted(tune.extra))
                  + f"; {tune.epochs} epoch(s) on {tune.data_fraction:g} of the training draw per trial)")
-        tuner = stage_tuner_class()(
-            oracle, hypermodel=hypermodel, config=config, spec=context.stage, stage_cfg=stage_cfg,
-            initial_weights=context.initial_weights, cache_dir=context.cache_dir, splits_file=context.splits_file,
-            strategy=context.strategy, directory=context.stage_dir, project_name="tuning",
-            log=self.log)
-        self.last_tuner = tuner
-        if not worker and tune.tuner != "hyperband" and not tuner.oracle.ongoing_trials \
-                and not tuner.oracle._retry_queue and (tuner.remaining_trials or 0) <= 0:
+        tuner = self._make_tuner(context, hp, policy)
+        if not worker and tuner.finished():
             self.log(f"  the search finished earlier ({len(tuner.oracle.trials)} trials); not repeated")
         try:
             tuner.search(verbose=0)
@@ -489,90 +435,126 @@ class LearningRateSearch:
             self.log(f"  {os.environ.get('KERASTUNER_TUNER_ID')}: ran {len(tuner.trials_run_here)} trial(s) "
                      f"({', '.join(tuner.trials_run_here) or 'none'}); the chief holds the results")
             return None
-        rows = collect_trials(tuner.oracle)
-        best = best_trial(rows)
-        if best is None:
-            messages = [t.message for t in tuner.oracle.trials.values() if t.message]
-            last = messages[-1].strip().splitlines()[-1] if messages else "no trial ran"
-            raise RuntimeError(f"stage {context.stage.name}: no trial of the learning-rate search completed "
-                               f"({len(rows)} trials); last error: {last}")
-        result = SearchResult(
-            stage=context.stage.name, lr=float(best["lr"]), best_trial=best["trial"],
-            best_values=best["values"], trials=rows, tuner=tune.tuner, project_dir=str(project),
-            initial_weights_hash=initial_hash,
-            seconds=round(sum(r["seconds"] or 0.0 for r in rows), 1), wall_seconds=round(time.time() - t0, 1))
+        result = _search_result(context, tuner.oracle, initial_hash, time.time() - t0)
         data = result.to_dict()
-        _write_json(stamp, {"settings": settings, "initial_weights_hash": initial_hash, "result": data})
+        write_json(files.search_json, _json_safe({"settings": settings, "initial_weights_hash": initial_hash,
+                                                  "result": data}))
         table = format_search_table(data)
-        _write_text(project / "search.md", table + "\n")
+        write_text(files.search_md, table + "\n")
         self.log(table)
         return result
 
+    def _make_tuner(self, context: StageContext, hp, policy: str) -> StageTuner:
+        hypermodel = StageHyperModel(context.config, context.stage, context.strategy, policy)
+        tuner = StageTuner(
+            make_oracle(context.config.tune, hp, context.index), hypermodel=hypermodel, config=context.config,
+            spec=context.stage, stage_cfg=context.config.stages[context.index - 1],
+            initial_weights=context.initial_weights, cache_dir=context.cache_dir, splits_file=context.splits_file,
+            strategy=context.strategy, project=context.layout.tuning, log=self.log)
+        self.last_tuner = tuner
+        return tuner
 
-def search_stage(context, *, verbose: int = 1, log: Callable[[str], None] = print) -> SearchResult | None:
-    """Runs (or resumes, or reads back) one stage's search; see ``LearningRateSearch``."""
-    return LearningRateSearch(verbose=verbose, log=log)(context)
+
+def search_hook(config: TrainConfig, *, verbose: int = 1,
+                log: Callable[[str], None] = print) -> LearningRateSearch | None:
+    """The trainer's learning-rate hook for ``config``: a ``LearningRateSearch`` when
+    ``config.tune.enabled``, else None (the stages train with the config's learning rates)::
+
+        StepwiseScaler(config, lr_search=search_hook(config)).run()
+    """
+    return LearningRateSearch(verbose=verbose, log=log) if config.tune.enabled else None
 
 
 # ------------------------------------------------------------------------------ one stage alone
-def stage_context(config, stage: str, *, strategy=None, verbose: int = 1, log: Callable[[str], None] = print):
+def stage_context(config: TrainConfig, stage: str, *, strategy=None, verbose: int = 1,
+                  log: Callable[[str], None] = print) -> StageContext:
     """The ``StageContext`` of one stage of a run, for ``retina-scale tune``: prepares the data (or
     reuses it) and the stage's initial weights (kept if the stage folder has them; else orthogonal
     for the first stage, transferred from the previous stage's ``best.npz`` for a later one).
 
     Args:
         stage: a stage name of the config's ladder (``tiny``, ``small``, ...) or its 1-based index.
+        strategy: a ``tf.distribute.Strategy``; by default chosen from ``config.strategy``.
 
     Raises:
-        ValueError: no such stage in the ladder, or a later stage whose previous stage has not
+        UserError: no such stage in the ladder, or a later stage whose previous stage has not
             been trained in this run folder.
+        ConfigError: the run folder holds a run of other settings.
     """
+    from retina_scale.config import check_config
     from retina_scale.models.convnet import get_stage
-    from retina_scale.training.checkpoint import (
-        model_weights_from_checkpoint,
-        save_checkpoint,
-    )
-    from retina_scale.training.optim import scaled_learning_rate
-    from retina_scale.training.stage import StageContext, build_stage_model
-    from retina_scale.training.stepwise import StepwiseScaler
-    from retina_scale.utils.typed_config import dump_config
+    from retina_scale.training.distribute import choose_strategy
 
+    check_config(config)
     specs = [get_stage(s.stage) for s in config.stages]
-    names = [s.name for s in specs]
-    if stage in names:
-        index = names.index(stage) + 1
-    elif stage.isdigit() and 1 <= int(stage) <= len(specs):
-        index = int(stage)
-    else:
-        raise UserError(f"no stage {stage!r} in this run's ladder; accepted: {', '.join(names)} "
-                         f"or 1..{len(names)}")
+    index = _stage_index(stage, [s.name for s in specs])
     spec = specs[index - 1]
-    scaler = StepwiseScaler(config, strategy=strategy, verbose=verbose, log=log)
-    run_dir = scaler.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    scaler._check_same_config()
-    if not (run_dir / "config.yaml").exists():
-        dump_config(config, run_dir / "config.yaml")
-    stage_dir = scaler._stage_dir(index, spec)
-    previous = None
-    if index > 1:
-        previous = scaler._stage_dir(index - 1, specs[index - 2]) / "best.npz"
-    initial = stage_dir / "initial.npz"
-    if not initial.exists() and previous is not None and not previous.exists():
+    strategy = strategy if strategy is not None else choose_strategy(config.strategy)
+    layout = process_layout(config, strategy)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    check_same_config(layout, config)
+    if not layout.config.exists():
+        dump_config(config, layout.config)
+    files = layout.stage(index, spec.name)
+    previous = layout.stage(index - 1, specs[index - 2].name).best if index > 1 else None
+    if not files.initial.exists() and previous is not None and not previous.exists():
         raise UserError(f"stage {spec.name} starts from stage {specs[index - 2].name}'s best weights, which "
-                         f"{run_dir} does not have yet; train the earlier stages first (retina-scale train)")
-    cache_dir, splits_file = scaler.prepare_data()
-    strategy = scaler.strategy
-    if not initial.exists():
-        stage_dir.mkdir(parents=True, exist_ok=True)
+                        f"{layout.root} does not have yet; train the earlier stages first (retina-scale train)")
+    cache_dir, splits_file = prepare_run_data(config, layout, log if verbose else None, progress=bool(verbose))
+    if not files.initial.exists():
         with strategy.scope():
             model = build_stage_model(config, spec)
-        if previous is not None:
-            from retina_scale.models.transfer import transfer_weights
+        save_initial_weights(model, previous, files)
+    return StageContext(index, spec, files.dir, files.initial, stage_learning_rate(config, config.stages[index - 1]),
+                        config, strategy, cache_dir, splits_file)
 
-            transfer_weights(model_weights_from_checkpoint(previous), model)
-        save_checkpoint(model, None, initial)
-    stage_cfg = config.stages[index - 1]
-    default_lr = scaled_learning_rate(stage_cfg.lr if stage_cfg.lr is not None else config.optim.lr,
-                                      config.global_batch_size, config.optim.reference_batch_size)
-    return StageContext(index, spec, stage_dir, initial, default_lr, config, strategy, cache_dir, splits_file)
+
+def _stage_index(stage: str, names: list[str]) -> int:
+    """The 1-based index of ``stage`` (a name in ``names`` or a 1-based position)."""
+    if stage in names:
+        return names.index(stage) + 1
+    if stage.isdigit() and 1 <= int(stage) <= len(names):
+        return int(stage)
+    raise UserError(f"no stage {stage!r} in this run's ladder; accepted: {', '.join(names)} or 1..{len(names)}")
+
+
+# ------------------------------------------------------------- Keras Tuner's distributed mode
+def _search_role() -> str | None:
+    """This process's part in Keras Tuner's distributed search, from the environment variables Keras
+    Tuner documents for it: ``"chief"`` (serves the oracle), ``"worker"`` (runs trials), or None (a
+    search in one process, without ``KERASTUNER_ORACLE_IP``). Keras Tuner itself refuses an incomplete
+    set of these variables when the tuner is made."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
+
+
+# ----------------------------------------------------- the one use of Keras Tuner's private API
+# Keras Tuner has no public way to serve an oracle with a shorter poll: its chief loop
+# (keras_tuner.src.distribute.oracle_chief.start_server) sleeps 20 s between checks for the end once
+# the first worker is told to stop (since 1.4.7). _serve_oracle is that loop with a 0.5 s poll, on
+# Keras Tuner's own gRPC servicer: keras_tuner.src.protos, oracle_chief.OracleServicer (its
+# stop_triggered) and oracle_chief.exit_chief. These are private (keras_tuner.src.*, see Keras Tuner
+# 1.4.0's release notes), hence keras-tuner>=1.4.7,<1.5 in setup.py; tested with 1.4.8
+# (tests/training/test_tuning.py runs a chief and two workers on localhost).
+def _serve_oracle(oracle, poll: float = 0.5):
+    """Serves the oracle over gRPC at KERASTUNER_ORACLE_IP:KERASTUNER_ORACLE_PORT until every trial
+    has ended and every worker has been told to stop."""
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute.oracle_chief import OracleServicer, exit_chief
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"the search's chief cannot listen on {address} (KERASTUNER_ORACLE_IP/PORT); is the port free?")
+    server.start()
+    try:
+        while not (servicer.stop_triggered and exit_chief(oracle)):
+            time.sleep(poll)
+    finally:
+        server.stop(grace=1)

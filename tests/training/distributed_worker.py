@@ -1,5 +1,6 @@
 """Subprocess body for the distribution tests: train a thin tiny net for a few steps and save the
-weights by layer name. Run as ``python distributed_worker.py OUT.npz STRATEGY LOGICAL_CPUS``.
+weights by layer name (a ``save_checkpoint`` file without optimizer state). Run as
+``python distributed_worker.py OUT.npz STRATEGY LOGICAL_CPUS``.
 
 Logical CPU devices must be configured before TensorFlow initialises, hence a fresh process.
 """
@@ -19,7 +20,7 @@ def main(out, strategy_name, logical_cpus):
     import keras
 
     from retina_scale.models.convnet import build_model
-    from retina_scale.models.transfer import save_named_weights
+    from retina_scale.training.checkpoint import save_checkpoint
     from retina_scale.training.distribute import DistributedTrainer, choose_strategy
 
     strategy = choose_strategy(strategy_name)
@@ -42,7 +43,7 @@ def main(out, strategy_name, logical_cpus):
 
     iterator, steps = trainer.distribute_evaluation(make_eval_examples, num_examples=61)
     y, p = trainer.predict(iterator, steps)
-    save_named_weights(model, out)
+    save_checkpoint(model, None, out)
     np.savez(out.replace(".npz", ".eval.npz"), labels=y, predictions=p, losses=np.array(losses),
              replicas=strategy.num_replicas_in_sync)
 

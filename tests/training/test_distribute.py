@@ -10,7 +10,6 @@ import pytest
 
 from retina_scale.config import STRATEGIES
 from retina_scale.training.distribute import choose_strategy
-from retina_scale.training.optim import scaled_learning_rate
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -37,6 +36,7 @@ def single_device(tmp_path_factory, subprocess_env):
     return out
 
 
+@pytest.mark.slow
 def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path, subprocess_env):
     out = tmp_path / "w.npz"
     _finish(_run(subprocess_env, out, "mirrored", 2))
@@ -54,6 +54,7 @@ def test_mirrored_two_replicas_equal_one_device(single_device, tmp_path, subproc
     np.testing.assert_allclose(ev1["predictions"][order1], ev2["predictions"][order2], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_workers_on_localhost_end_with_identical_weights(single_device, tmp_path, subprocess_env, free_ports):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -89,8 +90,3 @@ def test_bad_tf_config_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
         choose_strategy("auto")
-
-
-def test_linear_learning_rate_scaling():
-    assert scaled_learning_rate(3e-3, 256, 128) == pytest.approx(6e-3)
-    assert scaled_learning_rate(3e-3, 256, None) == 3e-3

@@ -3,7 +3,6 @@ weights, resumes an interrupted search, runs distributed (chief + 2 workers on l
 refuses a bad search space before any trial."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ from retina_scale.cli import main
 from retina_scale.config import load_train_config
 
 
-def _overrides(tmp_path, small_cache, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3, extra=()):
-    data, cache = small_cache
+def _overrides(tmp_path, data_and_cache, name="t", stages="[{stage: tiny, epochs: 1, lr: 0.003}]", trials=3,
+               extra=()):
+    data, cache = data_and_cache
     return [
         f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"export_dir={json.dumps(str(tmp_path / 'export'))}",
         f"name={name}", "model.width=0.125", "model.dropout=0.0", "export=false",
@@ -26,24 +26,58 @@ def _overrides(tmp_path, small_cache, name="t", stages="[{stage: tiny, epochs: 1
     ]
 
 
-def _best(rows):
-    """The selection rule, restated: highest val kappa, then lowest val loss, then earliest."""
-    done = [r for r in rows if r["status"] == "COMPLETED"]
-    return sorted(done, key=lambda r: (-r["val_kappa"], r["val_loss"] if r["val_loss"] is not None else math.inf,
-                                       int(r["trial"])))[0]
+def _no_data(tmp_path):
+    """Paths for a command refused before it reads any data (nothing needs to be there)."""
+    return tmp_path / "no-data", tmp_path / "no-cache"
+
+
+def _row(trial, kappa, loss, status="COMPLETED"):
+    return {"trial": trial, "status": status, "val_kappa": kappa, "val_loss": loss}
+
+
+def _by_trial(rows, trial):
+    return next(r for r in rows if r["trial"] == trial)
+
+
+def test_best_trial_is_the_highest_kappa_of_the_completed_trials():
+    from retina_scale.training.tuning import best_trial
+
+    rows = [_row("0", 0.30, 1.2), _row("1", 0.55, 1.5), _row("2", 0.90, 0.1, status="RUNNING"),
+            _row("3", 0.95, 0.2, status="FAILED"), _row("4", None, None), _row("5", 0.10, 0.9)]
+    assert best_trial(rows)["trial"] == "1"  # 2 and 3 did not complete; 4 has no kappa
+
+
+def test_best_trial_ties_go_to_the_lower_val_loss_then_the_earlier_trial():
+    from retina_scale.training.tuning import best_trial
+
+    assert best_trial([_row("0", 0.5, 1.5), _row("1", 0.5, 1.1), _row("2", 0.4, 0.2)])["trial"] == "1"
+    # Trial ids compare as numbers: 9 is earlier than 10.
+    assert best_trial([_row("10", 0.5, 1.1), _row("9", 0.5, 1.1), _row("11", 0.5, 1.3)])["trial"] == "9"
+    # A missing or infinite val loss (a diverged trial) loses every tie.
+    assert best_trial([_row("0", 0.5, None), _row("1", 0.5, float("inf")), _row("2", 0.5, 2.0)])["trial"] == "2"
+    assert best_trial([_row("0", -1.0, None), _row("1", -1.0, None)])["trial"] == "0"
+
+
+def test_best_trial_is_none_when_no_trial_completed():
+    from retina_scale.training.tuning import best_trial
+
+    assert best_trial([]) is None
+    assert best_trial([_row("0", 0.5, 1.0, status="RUNNING"), _row("1", None, None)]) is None
 
 
 @pytest.fixture(scope="module")
 def searched_run(tmp_path_factory, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.tuning import search_hook
 
     tmp = tmp_path_factory.mktemp("searched")
     stages = "[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 1, lr: 0.001}]"
     config = load_train_config("quick", _overrides(tmp, small_cache, stages=stages, trials=2))
-    report = StepwiseScaler(config, verbose=0).run()
+    report = StepwiseScaler(config, lr_search=search_hook(config, verbose=0), verbose=0).run()
     return tmp / "runs" / "t", report, config
 
 
+@pytest.mark.slow
 def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
     run_dir, report, _ = searched_run
     on_disk = json.loads((run_dir / "report.json").read_text())
@@ -53,8 +87,8 @@ def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
         rows = search["trials"]
         assert [r["trial"] for r in rows] == ["0", "1"] and all(r["status"] == "COMPLETED" for r in rows)
         assert len({r["lr"] for r in rows}) == 2 and all(1e-4 <= r["lr"] <= 0.1 for r in rows)
-        best = _best(rows)
-        assert search["best_trial"] == best["trial"] and search["lr"] == best["lr"]
+        best = _by_trial(rows, search["best_trial"])  # ties: see test_best_trial_ties_*
+        assert best["val_kappa"] == max(r["val_kappa"] for r in rows) and search["lr"] == best["lr"]
         state = json.loads((run_dir / "stages" / folder / "state.json").read_text())
         assert state["lr_source"] == "search" and state["lr"] == best["lr"] == stage["lr"]
         assert state["history"][0]["lr"] == pytest.approx(best["lr"])  # the stage trained with it
@@ -71,6 +105,7 @@ def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
     assert not tiny & small  # each stage draws its own learning rates
 
 
+@pytest.mark.slow
 def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
     import keras
 
@@ -89,6 +124,7 @@ def test_every_trial_starts_from_the_stage_initial_weights(searched_run):
     assert fresh != checkpoint_fingerprint(run_dir / "stages" / "2-small" / "initial.npz")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
     from retina_scale.training.tuning import LearningRateSearch
@@ -109,6 +145,7 @@ def test_a_resumed_run_does_not_repeat_a_finished_search(searched_run, small_cac
     assert any("finished earlier" in line and "not repeated" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, small_cache, monkeypatch):
     from retina_scale.training import distribute
     from retina_scale.training.tuning import LearningRateSearch, stage_context
@@ -144,6 +181,7 @@ def test_interrupted_search_resumes_with_the_remaining_trials_only(tmp_path, sma
     assert result.trials[1]["lr"] == lr1  # the interrupted trial is run again with its own values
 
 
+@pytest.mark.slow
 def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, small_cache, subprocess_env, free_ports):
     args = [sys.executable, "-m", "retina_scale", "tune", "--stage", "tiny", "--quiet", "--json",
             *_overrides(tmp_path, small_cache, name="dist", trials=3)]
@@ -166,7 +204,8 @@ def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, small_ca
     chief = outputs["chief"]
     assert [r["trial"] for r in chief["trials"]] == ["0", "1", "2"]
     assert all(r["status"] == "COMPLETED" for r in chief["trials"])
-    assert chief["best_trial"] == _best(chief["trials"])["trial"]
+    best = _by_trial(chief["trials"], chief["best_trial"])
+    assert best["val_kappa"] == max(r["val_kappa"] for r in chief["trials"]) and chief["lr"] == best["lr"]
     ran = outputs["worker0"]["trials"] + outputs["worker1"]["trials"]
     assert sorted(ran) == ["0", "1", "2"]  # every trial ran on a worker, once
     assert outputs["worker0"]["role"] == outputs["worker1"]["role"] == "worker"
@@ -183,9 +222,9 @@ def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, small_ca
     ("tune.extra={weight_decay: {min: 0, max: 1e-3, sampling: log}}", "min must be > 0 for log sampling"),
 ])
 @pytest.mark.parametrize("command", ["tune", "train"])
-def test_bad_search_space_is_refused_before_any_trial(tmp_path, small_cache, capsys, override, message, command):
+def test_bad_search_space_is_refused_before_any_trial(tmp_path, capsys, override, message, command):
     argv = [command, *(["--stage", "tiny"] if command == "tune" else ["--tune"]),
-            *_overrides(tmp_path, small_cache), override]
+            *_overrides(tmp_path, _no_data(tmp_path)), override]
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
@@ -206,8 +245,8 @@ def test_extra_dimensions_come_from_the_config():
     assert TuneConfig().lr_min == 1e-5 and TuneConfig().lr_max == 1e-1
 
 
-def test_unknown_stage_names_the_ladder(tmp_path, small_cache, capsys):
-    code = main(["tune", "--stage", "large", *_overrides(tmp_path, small_cache)])
+def test_unknown_stage_names_the_ladder(tmp_path, capsys):
+    code = main(["tune", "--stage", "large", *_overrides(tmp_path, _no_data(tmp_path))])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no stage 'large' in this run's ladder; accepted: tiny or 1..1" in err
 
@@ -234,13 +273,15 @@ def test_the_build_sets_the_mixed_precision_policy_again_after_clear_session():
         keras.backend.clear_session()
 
 
+@pytest.mark.slow
 def test_extra_dimensions_found_by_the_search_drive_the_stage(tmp_path, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.tuning import search_hook
 
     extra = ["tune.extra={weight_decay: {values: [0.0003]}, batch_size: {values: [16]}}"]
     config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=1, extra=extra))
     lines = []
-    StepwiseScaler(config, log=lines.append).run()
+    StepwiseScaler(config, lr_search=search_hook(config, log=lines.append), log=lines.append).run()
     state = json.loads((tmp_path / "runs" / "t" / "stages" / "1-tiny" / "state.json").read_text())
     assert state["hparams"] == {"weight_decay": 0.0003, "batch_size": 16}
     # 24 training images: one step of 16 per epoch (a global batch of 8 would give 3).
