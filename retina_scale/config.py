@@ -293,15 +293,19 @@ SEARCH_EXTRAS = ("weight_decay", "batch_size", "momentum")
 
 @dataclasses.dataclass
 class TuneConfig:
-    """Keras Tuner's learning-rate search, once per stage, before the stage's fine-tuning.
+    """Keras Tuner's search of each stage's learning rate (and of any ``extra`` dimension), before the
+    stage's fine-tuning.
 
-    Every trial builds the stage's model, loads the stage's transferred initial weights (the same
-    for every trial), trains ``epochs`` epochs on ``data_fraction`` of each epoch's training draw
-    with the trial's learning rate (log-uniform in ``lr_min``..``lr_max``) and is scored by
-    validation kappa (ties: lower validation loss). The best learning rate then drives the stage.
+    Every trial builds the stage's model and loads the stage's transferred initial weights (the same
+    for every trial), then trains ``epochs`` epochs on ``data_fraction`` of each epoch's training draw
+    with the trial's learning rate (log-uniform in ``lr_min``..``lr_max``) and extra values. It is
+    scored by validation kappa; ties go to the lower validation loss, then to the earlier trial. The
+    best trial's learning rate, and its values of the ``extra`` dimensions, then drive the stage. The
+    search runs when the trainer is given its hook (``retina_scale.training.tuning.search_hook(config)``,
+    as ``retina-scale train`` does); ``retina-scale tune`` searches one stage alone.
 
     Args:
-        enabled: search every stage's learning rate (``--tune`` turns it on).
+        enabled: search every stage (on in the ``quick`` preset; ``--tune`` / ``--no-tune``).
         tuner: ``random``, ``bayesian`` or ``hyperband`` (Keras Tuner's oracles).
         max_trials: trials per stage (random, bayesian); hyperband's count follows from ``epochs``.
         lr_min: lowest learning rate tried (> 0: sampled on a log scale).
@@ -310,8 +314,8 @@ class TuneConfig:
         data_fraction: fraction of each training epoch's steps a trial runs, in (0, 1].
         extra: further dimensions by name (``weight_decay``, ``batch_size``, ``momentum``), e.g.
             ``{weight_decay: {min: 1e-6, max: 1e-3, sampling: log}, batch_size: {values: [16, 32]}}``.
-            They are searched and reported; the stage trains with the best learning rate and the
-            config's own weight decay, batch size and momentum.
+            They are searched with the learning rate, and the stage trains with the best trial's values
+            (the config's own value for any dimension not searched).
         seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
             uses ``seed + 10007 * (i - 1)``, so stages draw different rates and every worker of a multi-worker
             run draws the same trials.
