@@ -152,9 +152,10 @@ def test_max_seconds_stops_a_stage_between_epochs(tmp_path, small_cache):
     assert len(_states(tmp_path / "budget")[0]["history"]) == 1
 
 
-def test_max_seconds_must_be_positive(small_cache):
+def test_max_seconds_must_be_positive(tmp_path):
+    # The config is refused before any data is read: no data set needed.
     with pytest.raises(ConfigError, match=r"stages.0.max_seconds must be > 0"):
-        _config(small_cache, stages="[{stage: tiny, epochs: 2, max_seconds: 0}]")
+        _config((tmp_path / "data", tmp_path / "cache"), stages="[{stage: tiny, epochs: 2, max_seconds: 0}]")
 
 
 # ------------------------------------------------------------------------------ the analysis alone
