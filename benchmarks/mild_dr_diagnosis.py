@@ -77,16 +77,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a finished stepwise run folder")
     ap.add_argument("--lesions", help="the synthetic set's lesions.csv (for the MA-count correlation)")
-    ap.add_argument("--split", default="test", choices=("train", "val", "test"))
+    from retina_scale.config import SPLIT_NAMES
+
+    ap.add_argument("--split", default="test", choices=SPLIT_NAMES)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from retina_scale.utils.typed_config import load_config
-    from retina_scale.config import TrainConfig
+    from retina_scale.run_layout import RunLayout
+    from retina_scale.utils.fileio import write_text
 
-    run = Path(args.run)
-    config = load_config(TrainConfig, run / "config.yaml")
-    cache = Path(config.data.cache) if config.data.cache else run / "data" / "cache"
+    run = RunLayout.from_folder(args.run)
     ma_counts = Counter()
     if args.lesions:
         with open(args.lesions, newline="") as f:
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
                 if row["kind"] == "microaneurysm":
                     ma_counts[row["image"]] += 1
     results = []
-    for stage_dir in sorted((run / "stages").iterdir()):
-        r = diagnose_stage(stage_dir, cache, run / "splits.csv", args.split, ma_counts)
+    for stage in run.stages():
+        r = diagnose_stage(stage.dir, run.cache, run.splits, args.split, ma_counts)
         results.append(r)
         means = " / ".join("-" if v is None else f"{v:.2f}" for v in r["mean_score_per_grade"].values())
         rho = r["spearman_score_vs_ma_count_in_grade1"]
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
               f"rho(score, #MA | grade 1) {'-' if rho is None else f'{rho:.2f}'}  mild recall {r['mild_recall_at_run_thresholds']:.3f} "
               f"(0|1 cut {r['threshold_0_1']:.2f})  best mild F1 any cut {r['best_mild_f1_any_cut']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
     return 0
 
 

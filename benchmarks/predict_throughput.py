@@ -103,7 +103,9 @@ def main(argv=None):
             }
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        from retina_scale.utils.fileio import write_text
+
+        write_text(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -22,11 +24,12 @@ def main(argv=None):
     photos = [Path(p).read_bytes() for p in args.images]
     request = {"signature_name": "predict_images",
                "instances": [{"b64": base64.b64encode(b).decode("ascii")} for b in photos]}
-    Path(args.out).write_text(json.dumps(request))
-
     import tensorflow as tf
 
     from retina_scale.serving.export import load_export
+    from retina_scale.utils.fileio import write_text
+
+    write_text(args.out, json.dumps(request))
 
     predict, _ = load_export(args.model, signature="predict_images")
     out = {k: v.numpy().tolist() for k, v in predict(images=tf.constant(photos)).items()}

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("retina_scale.commands.predict", "grade a folder or CSV of photos with an export, to a CSV"),
     "tune": ("retina_scale.commands.tune", "search one stage's learning rate with Keras Tuner (resumable, distributable)"),
     "report": ("retina_scale.commands.report", "the resolution report of a run or study: tables, figures, REPORT.md"),
+    "study": ("retina_scale.commands.study", "the resolution study: the ladder, the top stage from scratch, throughput, report"),
 }
 
 

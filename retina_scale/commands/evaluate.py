@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from retina_scale.config import FORMATS, SPLIT_NAMES
+from retina_scale.run_layout import StageLayout
 from retina_scale.utils.errors import UserError
 
 
@@ -33,39 +34,56 @@ def add_arguments(parser):
     parser.add_argument("--out", help="also write the JSON result to this file")
 
 
+def _stage_folder(folder: Path) -> StageLayout:
+    """The files of a stage folder (``stages/<i>-<name>``, or any folder holding a best.keras)."""
+    index, _, name = folder.name.partition("-")
+    return StageLayout(folder, int(index) if index.isdigit() else 0, name or folder.name)
+
+
 def load_predictor(path):
     """``(predict(images) -> scores, thresholds, input_size, description)`` for any model form."""
-    import numpy as np
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
-    if path.is_dir() and not (path / "saved_model.pb").exists() and not (path / "best.keras").exists():
+    if path.is_dir() and not (path / "saved_model.pb").exists() and not _stage_folder(path).best_keras.exists():
         from retina_scale.serving.export import list_versions
 
         versions = list_versions(path)
         if versions:
             path = path / str(versions[-1])
     if path.is_dir() and (path / "saved_model.pb").exists():
-        from retina_scale.serving.export import load_export
-
-        serve, meta = load_export(path)
-
-        def predict(images):
-            return np.asarray(serve(images=images)["grade_continuous"])
-
-        return predict, tuple(meta["thresholds"]), int(meta["input_size"]), f"export {path}"
-    keras_file = path / "best.keras" if path.is_dir() else path
+        return _export_predictor(path)
+    keras_file = _stage_folder(path).best_keras if path.is_dir() else path
     if keras_file.suffix != ".keras" or not keras_file.exists():
         raise UserError(f"{path} is not a model: expected an export folder (saved_model.pb), a stage folder "
-                         "(best.keras) or a .keras file")
+                        "(best.keras) or a .keras file")
+    return _keras_predictor(keras_file)
+
+
+def _export_predictor(path: Path):
+    import numpy as np
+
+    from retina_scale.serving.export import load_export
+
+    serve, meta = load_export(path)
+
+    def predict(images):
+        return np.asarray(serve(images=images)["grade_continuous"])
+
+    return predict, tuple(meta["thresholds"]), int(meta["input_size"]), f"export {path}"
+
+
+def _keras_predictor(keras_file: Path):
+    """A .keras model, with the thresholds of the stage's state.json beside it (default 0.5 ... 3.5)."""
     import keras
+    import numpy as np
 
     import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
+    from retina_scale.grading.thresholds import DEFAULT_THRESHOLDS
 
     model = keras.saving.load_model(keras_file, safe_mode=True)
-    thresholds = (0.5, 1.5, 2.5, 3.5)
-    state = keras_file.parent / "state.json"
+    thresholds = tuple(DEFAULT_THRESHOLDS)
+    state = _stage_folder(keras_file.parent).state
     if state.exists():
         result = json.loads(state.read_text()).get("result") or {}
         thresholds = tuple(result.get("thresholds") or thresholds)

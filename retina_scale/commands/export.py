@@ -1,6 +1,6 @@
 """Export a stage of a training run as a new SavedModel version for TensorFlow Serving.
 
-Takes the stage's best.keras and its validation thresholds (stages/<i>-<stage>/state.json,
+Takes the stage's best.keras and its validation thresholds (the stage's state.json,
 result.thresholds); by default the last finished stage. The preprocessing the run trained with (the
 normalisation, the circular mask and the cache's sizes, from the run's config.yaml and the cache's
 cache.json) is recorded so that the predict_images signature repeats it in the graph. The version is
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retina_scale.run_layout import RunLayout, StageLayout
 from retina_scale.utils.errors import UserError
 
 
@@ -28,39 +29,38 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def finished_stages(run_dir: Path) -> list[tuple[int, str, Path, dict]]:
-    """``(index, name, folder, state)`` of every stage of ``run_dir`` whose state.json says done, by index."""
+def finished_stages(run: RunLayout) -> list[tuple[StageLayout, dict]]:
+    """``(stage folder, state)`` of every stage of the run whose state.json says done, by index."""
     out = []
-    for folder in sorted((run_dir / "stages").glob("*-*")):
-        index, _, name = folder.name.partition("-")
-        state_file = folder / "state.json"
-        if not index.isdigit() or not state_file.is_file():
+    for stage in run.stages():
+        if not stage.state.is_file():
             continue
         try:
-            state = json.loads(state_file.read_text(encoding="utf-8"))
+            state = json.loads(stage.state.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise UserError(f"{state_file} is not JSON ({err})") from None
+            raise UserError(f"{stage.state} is not JSON ({err})") from None
         if state.get("status") == "done":
-            out.append((int(index), name, folder, state))
-    return sorted(out, key=lambda item: item[0])
+            out.append((stage, state))
+    return out
 
 
-def choose_stage(run_dir: Path, stage: str | None):
-    """The stage to export: ``(index, name, folder, state)``; clear errors for a missing or unfinished one."""
-    if not run_dir.is_dir():
+def choose_stage(run_dir: Path, stage: str | None) -> tuple[StageLayout, dict]:
+    """The stage to export and its state; clear errors for a missing or unfinished one."""
+    run = RunLayout(run_dir)
+    if not run.root.is_dir():
         raise FileNotFoundError(f"no such run folder: {run_dir}")
-    if not (run_dir / "stages").is_dir():
+    if not run.stages_dir.is_dir():
         raise UserError(f"{run_dir} is not a training run (no stages/ folder); pass runs/NAME")
-    done = finished_stages(run_dir)
+    done = finished_stages(run)
     if stage is None:
         if not done:
             raise UserError(f"run {run_dir} has no finished stage yet; train it first (retina-scale train)")
         return done[-1]
     for item in done:
-        if item[1] == stage:
+        if item[0].name == stage:
             return item
-    present = sorted(p.name.partition("-")[2] for p in (run_dir / "stages").glob("*-*"))
-    finished = [item[1] for item in done]
+    present = {s.name for s in run.stages()}
+    finished = [item[0].name for item in done]
     if stage in present:
         raise UserError(f"stage {stage!r} of {run_dir} has not finished; finished stages: {finished or 'none'}")
     raise UserError(f"run {run_dir} has no stage {stage!r}; accepted: {', '.join(finished) or 'none finished'}")
@@ -70,12 +70,12 @@ def run(args) -> int:
     if args.keep is not None and args.keep < 1:
         raise UserError(f"--keep must be a positive integer; got {args.keep}")
     run_dir = Path(args.run)
-    index, name, folder, state = choose_stage(run_dir, args.stage)
+    stage, state = choose_stage(run_dir, args.stage)
     result = state.get("result") or {}
     thresholds = result.get("thresholds")
     if not thresholds:
-        raise UserError(f"{folder / 'state.json'} has no result.thresholds; the stage did not finish cleanly")
-    keras_file = folder / "best.keras"
+        raise UserError(f"{stage.state} has no result.thresholds; the stage did not finish cleanly")
+    keras_file = stage.best_keras
     if not keras_file.is_file():
         raise FileNotFoundError(f"{keras_file} is missing; the stage's best model is needed to export it")
 
@@ -87,20 +87,20 @@ def run(args) -> int:
     model = keras.saving.load_model(keras_file, safe_mode=True)
     metadata = {
         "run": run_dir.resolve().name,
-        "stage_folder": folder.name,
+        "stage_folder": stage.dir.name,
         "val_kappa": result.get("val_kappa"),
         "test_kappa": result.get("test_kappa"),
         "preprocessing": run_preprocessing(run_dir),
     }
     path = export_saved_model(model, args.base, args.model_name, thresholds=thresholds, metadata=metadata,
                               keep=args.keep)
-    summary = {"export": str(path), "run": str(run_dir), "stage": name, "stage_index": index,
+    summary = {"export": str(path), "run": str(run_dir), "stage": stage.name, "stage_index": stage.index,
                "input_size": int(model.input_size), "thresholds": thresholds,
                "preprocessing": metadata["preprocessing"]}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"Exported stage {index} {name} ({summary['input_size']} px) of {run_dir} to {path}")
+        print(f"Exported stage {stage.index} {stage.name} ({summary['input_size']} px) of {run_dir} to {path}")
         print(f"  thresholds {', '.join(f'{t:.3f}' for t in thresholds)}; preprocessing "
               f"{json.dumps(metadata['preprocessing'], sort_keys=True)}")
     return 0

@@ -1,7 +1,7 @@
 """The resolution report of a finished stepwise run (Li et al.'s Tables III-IV and Figs. 2-5):
 kappa per stage with bootstrap intervals, no/any/mild DR and referable-DR figures, validation loss
 curves, the last stage's confusion heat map, complexity, kappa against stage; and, for a resolution
-study folder (scripts/resolution_study.py), stepwise against from scratch and throughput.
+study folder (retina-scale study), stepwise against from scratch and throughput.
 
 Writes REPORT.md, report.json and figures/*.png into --out (default: <run>/report, or the study folder).
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retina_scale.run_layout import RunLayout, StudyLayout
 from retina_scale.utils.errors import UserError
 
 
@@ -33,6 +34,8 @@ def add_arguments(parser):
 
 def resolve(args) -> dict:
     """Run, scratch, throughput and output paths from the arguments (a study folder fills them in)."""
+    from retina_scale.utils.fileio import read_json
+
     run = Path(args.run)
     if not run.exists():
         raise FileNotFoundError(f"no such run folder: {run}")
@@ -40,27 +43,28 @@ def resolve(args) -> dict:
     scratch = Path(args.scratch) if args.scratch else None
     throughput = Path(args.throughput) if args.throughput else None
     out = Path(args.out) if args.out else None
-    if (run / "runs" / "stepwise" / "report.json").exists():  # a study folder (its own report.json is ours)
-        folder = run
-        run = folder / "runs" / "stepwise"
-        if scratch is None and (folder / "runs" / "scratch" / "report.json").exists():
-            scratch = folder / "runs" / "scratch"
-        if throughput is None and (folder / "throughput.json").exists():
-            throughput = folder / "throughput.json"
-        if (folder / "study.json").exists():
-            study = json.loads((folder / "study.json").read_text(encoding="utf-8"))
-        out = out or folder
-    elif not (run / "report.json").exists():
+    folder = StudyLayout(run)
+    if folder.is_study():  # a study folder (its own report.json is ours)
+        run = folder.ladder.root
+        if scratch is None and folder.scratch.report_json.exists():
+            scratch = folder.scratch.root
+        if throughput is None and folder.throughput.exists():
+            throughput = folder.throughput
+        if folder.timings.exists():
+            study = read_json(folder.timings)
+        out = out or folder.root
+    elif not RunLayout(run).report_json.exists():
         raise FileNotFoundError(f"{run} holds no finished stepwise run (no report.json) and no study (no "
                                 "runs/stepwise/report.json); train it first with 'retina-scale train'")
     for name, path in (("--scratch", scratch), ("--throughput", throughput)):
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{name}: no such file or folder: {path}")
-    return {"run": run, "scratch": scratch, "throughput": throughput, "out": out or run / "report", "study": study}
+    return {"run": run, "scratch": scratch, "throughput": throughput, "out": out or RunLayout(run).report_dir,
+            "study": study}
 
 
 def run(args) -> int:
-    from retina_scale.evidence.report import write_report
+    from retina_scale.evidence.report import ReportLayout, write_report
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1; got {args.steps}")
@@ -74,7 +78,7 @@ def run(args) -> int:
         from retina_scale.utils.fileio import write_json
 
         result = measure_run_throughput(paths["run"], steps=args.steps, log=None if args.json else print)
-        throughput = Path(paths["out"]) / "throughput.json"
+        throughput = ReportLayout(paths["out"]).throughput
         throughput.parent.mkdir(parents=True, exist_ok=True)
         write_json(throughput, result)
         if not args.json:

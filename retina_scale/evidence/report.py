@@ -14,17 +14,20 @@ resolution study (:mod:`retina_scale.evidence.study`), and writes into ``out``::
 
 Nothing here needs TensorFlow except the complexity counts (Keras builds each stage once).
 
-Example:
->>> summary = write_report("runs/quick", "runs/quick/report")
->>> summary["stages"][-1]["test_kappa"]["value"]
+Example (it needs a trained run, so it is not run as a doctest)::
+
+    summary = write_report("runs/quick", "runs/quick/report")
+    summary["stages"][-1]["test_kappa"]["value"]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 from pathlib import Path
 
+from retina_scale.run_layout import RunLayout, StudyLayout
 from retina_scale.utils.fileio import atomic_path, write_json
 from retina_scale.utils.fileio import read_json as _read_json
 from retina_scale.utils.fileio import write_text as _write_text
@@ -37,6 +40,34 @@ PAPER_TABLE_IV = {"no_dr": (0.932, 0.943, 0.938), "any_dr": (0.842, 0.815, 0.829
 ROW_LABELS = {"no_dr": "No DR", "any_dr": "Any DR", "mild_dr": "Mild DR"}
 
 
+@dataclasses.dataclass(frozen=True)
+class ReportLayout:
+    """The files :func:`write_report` writes into its output folder: a run's ``report/``
+    (:attr:`RunLayout.report_dir`) or a study folder (which is its own report folder)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / "REPORT.md"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def throughput(self) -> Path:
+        """Where ``retina-scale report --measure`` writes: where a study keeps its measurement."""
+        return StudyLayout(self.root).throughput
+
+
 def load_run(run_dir) -> dict:
     """A finished stepwise run as one dict: ``report`` (report.json), ``config`` (config.yaml as a
     dict) and ``stages``: per stage the report row plus ``history`` (epochs) and ``evaluation``.
@@ -46,22 +77,21 @@ def load_run(run_dir) -> dict:
     """
     import yaml
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no such run folder: {run_dir}")
-    if not (run_dir / "report.json").exists():
-        raise FileNotFoundError(f"{run_dir} holds no finished stepwise run (no report.json); train it first "
+    run = RunLayout(run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"no such run folder: {run.root}")
+    if not run.report_json.exists():
+        raise FileNotFoundError(f"{run.root} holds no finished stepwise run (no report.json); train it first "
                                 "with 'retina-scale train' or 'python scripts/stepwise.py'")
-    report = _read_json(run_dir / "report.json")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) if (run_dir / "config.yaml").exists() else {}
+    report = _read_json(run.report_json)
+    config = yaml.safe_load(run.config.read_text(encoding="utf-8")) if run.config.exists() else {}
     stages = []
     for row in report["stages"]:
-        stage_dir = run_dir / "stages" / f"{row['index']}-{row['stage']}"
-        state_file = stage_dir / "state.json"
-        if not state_file.exists():
-            raise FileNotFoundError(f"{run_dir}: stage {row['stage']} has no state.json in {stage_dir}")
-        state = _read_json(state_file)
-        evaluation = _read_json(stage_dir / "evaluation.json") if (stage_dir / "evaluation.json").exists() else None
+        stage = run.stage(row["index"], row["stage"])
+        if not stage.state.exists():
+            raise FileNotFoundError(f"{run.root}: stage {row['stage']} has no state.json in {stage.dir}")
+        state = _read_json(stage.state)
+        evaluation = _read_json(stage.evaluation_json) if stage.evaluation_json.exists() else None
         stages.append({**row, "history": state.get("history", []), "evaluation": evaluation})
     return {"dir": str(run_dir), "report": report, "config": config or {}, "stages": stages}
 
@@ -202,6 +232,18 @@ def _save(fig, path) -> None:
         plt.close(fig)
 
 
+def _label_and_save(fig, ax, path, *, xlabel: str | None, ylabel: str, title: str, **legend) -> None:
+    """Axis labels, title, a light grid and a small legend, then the figure written to ``path``."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, **legend)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_val_loss(stages: list[dict], path) -> None:
     """Fig. 2: validation loss (MSE of the grade) per epoch, one curve per stage."""
     plt = _plt()
@@ -209,13 +251,8 @@ def plot_val_loss(stages: list[dict], path) -> None:
     for s in stages:
         epochs = [r["epoch"] for r in s["history"]]
         ax.plot(epochs, [r["val_loss"] for r in s["history"]], marker="o", ms=3, label=f"{s['stage']} ({s['size']} px)")
-    ax.set_xlabel("epoch of the stage")
-    ax.set_ylabel("validation loss (MSE of the grade)")
-    ax.set_title("Validation loss per stage (cf. the paper's Fig. 2)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _label_and_save(fig, ax, path, xlabel="epoch of the stage", ylabel="validation loss (MSE of the grade)",
+                    title="Validation loss per stage (cf. the paper's Fig. 2)")
 
 
 def plot_confusion(stage: dict, path) -> None:
@@ -263,12 +300,8 @@ def plot_kappa_vs_stage(stages: list[dict], path) -> None:
         ax.annotate(f"{s['weights'] / 1e6:.2f}M", (i, values[i]), textcoords="offset points", xytext=(12, -4), fontsize=7)
     ax.set_xticks(x, [f"{s['stage']}\n{s['size']} px" for s in rated])
     ax.set_xlim(-0.5, len(rated) - 0.5)
-    ax.set_ylabel("test quadratic weighted kappa")
-    ax.set_title("Kappa against stage (cf. the paper's Fig. 5)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best", markerscale=0.5)
-    fig.tight_layout()
-    _save(fig, path)
+    _label_and_save(fig, ax, path, xlabel=None, ylabel="test quadratic weighted kappa",
+                    title="Kappa against stage (cf. the paper's Fig. 5)", loc="best", markerscale=0.5)
 
 
 def plot_scratch(comparison: dict, path) -> None:
@@ -289,13 +322,9 @@ def plot_scratch(comparison: dict, path) -> None:
             label=f"from scratch: {comparison['stage']}")
     if comparison["scratch_best_val_kappa"] is not None:
         ax.axhline(comparison["scratch_best_val_kappa"], color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("training time, s (epochs incl. validation)")
-    ax.set_ylabel("validation kappa (cut-offs 0.5/1.5/2.5/3.5)")
-    ax.set_title("Stepwise against from scratch, same time budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, path)
+    _label_and_save(fig, ax, path, xlabel="training time, s (epochs incl. validation)",
+                    ylabel="validation kappa (cut-offs 0.5/1.5/2.5/3.5)",
+                    title="Stepwise against from scratch, same time budget")
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -330,71 +359,97 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
         The summary written to ``report.json``, plus ``report_md`` (the REPORT.md path).
     """
     run = load_run(run_dir)
-    out = Path(out) if out is not None else Path(run_dir) / "report"
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    files = ReportLayout(out if out is not None else RunLayout(run_dir).report_dir)
+    files.figures.mkdir(parents=True, exist_ok=True)
     stages = run["stages"]
     width = float((run["config"].get("model") or {}).get("width", 1.0))
     scratch = load_run(scratch_dir) if scratch_dir is not None else None
     comparison = compare_scratch(run, scratch) if scratch is not None else None
     throughput = _read_json(throughput_file) if throughput_file is not None and Path(throughput_file).exists() else None
-
-    made = {}
-    if any(s["history"] for s in stages):
-        plot_val_loss(stages, figures / "val_loss.png")
-        made["val_loss"] = "figures/val_loss.png"
-    last = stages[-1]
-    if last.get("evaluation"):
-        plot_confusion(last, figures / "confusion.png")
-        made["confusion"] = "figures/confusion.png"
     records = None
     if complexity:
-        from retina_scale.models.complexity import family_complexity, plot_complexity
+        from retina_scale.models.complexity import family_complexity
 
         records = family_complexity([s["stage"] for s in stages], width=width)
-        plot_complexity(records, figures / "complexity.png")
-        made["complexity"] = "figures/complexity.png"
-    if any(s.get("evaluation") for s in stages):
-        plot_kappa_vs_stage(stages, figures / "kappa_vs_stage.png")
-        made["kappa_vs_stage"] = "figures/kappa_vs_stage.png"
-    if comparison is not None:
-        plot_scratch(comparison, figures / "stepwise_vs_scratch.png")
-        made["stepwise_vs_scratch"] = "figures/stepwise_vs_scratch.png"
-
-    found = findings(stages, comparison, throughput)
     summary = {
         "run_dir": str(run_dir),
         "width": width,
-        "stages": [{
-            "stage": s["stage"], "size": s["size"], "epochs": s["epochs"], "weights": s["weights"],
-            "seconds": s["seconds"], "val_kappa": s["val_kappa"],
-            "test_kappa": (s.get("evaluation") or {}).get("kappa"),
-            "table_iv": (s.get("evaluation") or {}).get("table_iv"),
-            "referable": (s.get("evaluation") or {}).get("referable"),
-            "test_images": s.get("test_images"),
-            "val_loss": [r["val_loss"] for r in s["history"]],
-            "val_kappa_per_epoch": [r["val_kappa"] for r in s["history"]],
-        } for s in stages],
+        "stages": [_stage_summary(s) for s in stages],
         "complexity": records,
         "scratch": _strip_curves(comparison),
         "throughput": throughput,
         "study": study,
-        "findings": found,
-        "figures": made,
+        "findings": findings(stages, comparison, throughput),
+        "figures": draw_figures(stages, comparison, records, files),
     }
     text = format_markdown(run, summary, comparison, throughput, records, study)
-    write_json(out / "report.json", summary)
-    _write_text(out / "REPORT.md", text)
-    summary["report_md"] = str(out / "REPORT.md")
+    write_json(files.summary, summary)
+    _write_text(files.markdown, text)
+    summary["report_md"] = str(files.markdown)
     return summary
 
 
+def _stage_summary(s: dict) -> dict:
+    evaluation = s.get("evaluation") or {}
+    return {
+        "stage": s["stage"], "size": s["size"], "epochs": s["epochs"], "weights": s["weights"],
+        "seconds": s["seconds"], "val_kappa": s["val_kappa"],
+        "test_kappa": evaluation.get("kappa"),
+        "table_iv": evaluation.get("table_iv"),
+        "referable": evaluation.get("referable"),
+        "test_images": s.get("test_images"),
+        "val_loss": [r["val_loss"] for r in s["history"]],
+        "val_kappa_per_epoch": [r["val_kappa"] for r in s["history"]],
+    }
+
+
+def draw_figures(stages: list[dict], comparison: dict | None, records: list[dict] | None,
+                 files: ReportLayout) -> dict[str, str]:
+    """Draws every figure the data allows into ``files.figures``; returns ``{name: path relative to
+    the report}`` of those drawn."""
+    made = {}
+
+    def draw(name, plot, data):
+        path = files.figures / f"{name}.png"
+        plot(data, path)
+        made[name] = path.relative_to(files.root).as_posix()
+
+    if any(s["history"] for s in stages):
+        draw("val_loss", plot_val_loss, stages)
+    if stages[-1].get("evaluation"):
+        draw("confusion", plot_confusion, stages[-1])
+    if records is not None:
+        from retina_scale.models.complexity import plot_complexity
+
+        draw("complexity", plot_complexity, records)
+    if any(s.get("evaluation") for s in stages):
+        draw("kappa_vs_stage", plot_kappa_vs_stage, stages)
+    if comparison is not None:
+        draw("stepwise_vs_scratch", plot_scratch, comparison)
+    return made
+
+
+# ------------------------------------------------------------------------------------------ REPORT.md
 def format_markdown(run, summary, comparison, throughput, records, study) -> str:
-    stages = run["stages"]
-    figs = summary["figures"]
+    """REPORT.md: a header, the findings, then one section per table or figure of the paper."""
+    stages, figs = run["stages"], summary["figures"]
+    lines = _header_section(run, summary, throughput, study)
+    lines += _kappa_section(stages, figs)
+    lines += _table_iv_section(stages)
+    lines += _figure_section("## 3. Validation loss per epoch (Fig. 2)", figs, "val_loss", "validation loss")
+    lines += _confusion_section(stages, figs)
+    lines += _complexity_section(records, figs, summary["width"])
+    lines += ["## 6. Kappa against stage (Fig. 5)", "", "See section 1's figure: marker area is proportional to the "
+              "stage's weights, bars are the 95 % intervals, black ticks the paper's Table III.", ""]
+    lines += _scratch_section(comparison, figs)
+    lines += _throughput_section(throughput)
+    return "\n".join(lines)
+
+
+def _header_section(run, summary, throughput, study) -> list[str]:
     cfg = run["config"]
-    lines = [f"# Resolution report: `{run['report']['name']}`", ""]
     machine = (throughput or {}).get("machine") or {"platform": platform.platform(), "cpus": None}
+    lines = [f"# Resolution report: `{run['report']['name']}`", ""]
     lines += [f"Run folder `{run['dir']}`; width multiplier {summary['width']:g}; "
               f"global batch {cfg.get('global_batch_size', '?')}; optimiser {(cfg.get('optim') or {}).get('name', '?')}; "
               f"strategy {run['report'].get('strategy')} x{run['report'].get('replicas')}.",
@@ -405,9 +460,19 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
     lines.append("")
     if summary["findings"]:
         lines += ["## What the numbers show", ""] + [f"- {f}" for f in summary["findings"]] + [""]
+    return lines
 
-    lines += ["## 1. Kappa per stage (Table III)", "",
-              "Test split, thresholds optimised on validation; 95 % percentile bootstrap intervals over patients.", ""]
+
+def _figure_section(title: str, figs: dict, name: str, alt: str) -> list[str]:
+    lines = [title, ""]
+    if name in figs:
+        lines += [f"![{alt}]({figs[name]})", ""]
+    return lines
+
+
+def _kappa_section(stages, figs) -> list[str]:
+    lines = ["## 1. Kappa per stage (Table III)", "",
+             "Test split, thresholds optimised on validation; 95 % percentile bootstrap intervals over patients.", ""]
     rows = []
     for s in stages:
         ev = s.get("evaluation") or {}
@@ -416,81 +481,83 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
                      _cell(ev.get("kappa")), ev.get("n_images", 0),
                      f"{PAPER_TABLE_III[s['stage']]:.3f}" if s["stage"] in PAPER_TABLE_III else "-"))
     lines += markdown_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]", "test images",
-                        "paper (EyePACS)"), rows) + [""]
+                             "paper (EyePACS)"), rows) + [""]
     if "kappa_vs_stage" in figs:
         lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
+    return lines
 
-    lines += ["## 2. No DR / any DR / mild DR, referable DR (Table IV)", ""]
-    rows = []
-    for s in stages:
-        ev = s.get("evaluation")
-        if not ev:
-            continue
-        for key, label in ROW_LABELS.items():
-            r = ev["table_iv"][key]
-            rows.append((s["stage"], label, _cell(r["precision"]), _cell(r["recall"]), _cell(r["f1"])))
-    lines += markdown_table(("stage", "class", "precision", "recall", "F1"), rows) + [""]
+
+def _table_iv_section(stages) -> list[str]:
+    header = ("stage", "class", "precision", "recall", "F1")
+    rated = [s for s in stages if s.get("evaluation")]
+    rows = [(s["stage"], label, *(_cell(s["evaluation"]["table_iv"][key][m]) for m in ("precision", "recall", "f1")))
+            for s in rated for key, label in ROW_LABELS.items()]
     paper_rows = [("large (paper)", ROW_LABELS[k], *(f"{v:.3f}" for v in vals)) for k, vals in PAPER_TABLE_IV.items()]
-    lines += ["The paper's large model on EyePACS, for reference:", ""]
-    lines += markdown_table(("stage", "class", "precision", "recall", "F1"), paper_rows) + [""]
-    rows = [(s["stage"], _cell(s["evaluation"]["referable"]["sensitivity"]), _cell(s["evaluation"]["referable"]["specificity"]),
-             _cell(s["evaluation"]["referable"]["auc"])) for s in stages if s.get("evaluation")]
-    lines += ["Referable DR (grade >= 2):", ""]
-    lines += markdown_table(("stage", "sensitivity", "specificity", "AUC"), rows) + [""]
+    referable = [(s["stage"], *(_cell(s["evaluation"]["referable"][m]) for m in ("sensitivity", "specificity", "auc")))
+                 for s in rated]
+    return (["## 2. No DR / any DR / mild DR, referable DR (Table IV)", ""]
+            + markdown_table(header, rows) + [""]
+            + ["The paper's large model on EyePACS, for reference:", ""]
+            + markdown_table(header, paper_rows) + [""]
+            + ["Referable DR (grade >= 2):", ""]
+            + markdown_table(("stage", "sensitivity", "specificity", "AUC"), referable) + [""])
 
-    lines += ["## 3. Validation loss per epoch (Fig. 2)", ""]
-    if "val_loss" in figs:
-        lines += [f"![validation loss]({figs['val_loss']})", ""]
-    lines += ["## 4. Confusion matrix of the last stage (Fig. 3)", ""]
+
+def _confusion_section(stages, figs) -> list[str]:
+    lines = ["## 4. Confusion matrix of the last stage (Fig. 3)", ""]
     if "confusion" in figs:
         matrix = stages[-1]["evaluation"]["confusion_matrix"]
         lines += [f"![confusion]({figs['confusion']})", ""]
         lines += markdown_table(("true \\ predicted", *map(str, range(len(matrix)))),
-                           [(str(i), *row) for i, row in enumerate(matrix)]) + [""]
-    lines += ["## 5. Complexity per stage (Fig. 4)", ""]
+                                [(str(i), *row) for i, row in enumerate(matrix)]) + [""]
+    return lines
+
+
+def _complexity_section(records, figs, width: float) -> list[str]:
+    lines = ["## 5. Complexity per stage (Fig. 4)", ""]
     if records:
         lines += [f"![complexity]({figs['complexity']})", ""]
         lines += markdown_table(("stage", "px", "weights", "multiply-adds / image", "activations / image"),
-                           [(r["stage"], r["input_size"], f"{r['weights'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.1f} M",
-                             f"{r['activations'] / 1e6:.3f} M") for r in records]) + [""]
-        if summary["width"] != 1.0:
-            lines += [f"(Width {summary['width']:g}: the paper's full-width counts are in `retina-scale complexity`.)", ""]
-    lines += ["## 6. Kappa against stage (Fig. 5)", "", "See section 1's figure: marker area is proportional to the "
-              "stage's weights, bars are the 95 % intervals, black ticks the paper's Table III.", ""]
+                                [(r["stage"], r["input_size"], f"{r['weights'] / 1e6:.3f} M", f"{r['macs'] / 1e6:.1f} M",
+                                  f"{r['activations'] / 1e6:.3f} M") for r in records]) + [""]
+        if width != 1.0:
+            lines += [f"(Width {width:g}: the paper's full-width counts are in `retina-scale complexity`.)", ""]
+    return lines
 
-    lines += ["## 7. Stepwise against from scratch", ""]
-    if comparison:
-        c = comparison
-        fmt = lambda v: "never" if v is None else f"{v:.0f} s"  # noqa: E731
-        lines += markdown_table(
-            ("run", "training time", "best val kappa", "test kappa [95 % CI]", "time to reach scratch's best val kappa"),
-            [("stepwise ladder", f"{c['ladder_seconds']:.0f} s", f"{c['ladder_best_val_kappa']:.3f}",
-              _cell(c["ladder_test_kappa"]), fmt(c["ladder_time_to_scratch_best"])),
-             (f"{c['stage']} from scratch ({c['scratch_epochs']} epochs)", f"{c['scratch_seconds']:.0f} s",
-              f"{c['scratch_best_val_kappa']:.3f}", _cell(c["scratch_test_kappa"]), fmt(c["scratch_time_to_scratch_best"]))])
-        lines += ["", f"![stepwise against scratch]({figs['stepwise_vs_scratch']})", "",
-                  "Training time is the sum of the epochs' seconds (training and validation); transfers, test "
-                  "evaluation and exports are not counted in either run.", ""]
-    else:
-        lines += ["Not run: `python scripts/resolution_study.py` trains the top stage from scratch for the ladder's "
-                  "time and reports it here.", ""]
 
-    lines += ["## 8. Throughput per stage", ""]
-    if throughput:
-        peak = throughput["peak"]
-        rows = [(s["stage"], s["size"], f"{s['train']['images_per_s']:.1f}", f"{s['train']['forward_macs'] / 1e6:.1f} M",
-                 f"{s['achieved_flops'] / 1e9:.2f}", f"{s['fraction_of_peak']:.1%}", f"{s['input']['images_per_s']:.0f}",
-                 f"{s['predict']['images_per_s']:.1f}" if s.get("predict") else "-",
-                 f"{s['epoch_images_per_s']:.1f}" if s.get("epoch_images_per_s") else "-")
-                for s in throughput["stages"]]
-        lines += markdown_table(("stage", "px", "train img/s", "fwd mult-adds", "achieved GFLOP/s", "of fp32 peak",
-                            "input img/s", "export predict img/s", "run's epochs img/s"), rows)
-        lines += ["", f"fp32 matmul peak measured in the same process: {peak['flops'] / 1e9:.1f} GFLOP/s "
-                  f"({peak['n']}x{peak['n']} matmul, best of 5). Achieved = 3 x forward multiply-adds x 2 x train img/s; "
-                  "train img/s is the training step alone on in-memory images (global batch "
-                  f"{throughput['stages'][0]['train']['batch']}); input img/s is the cached, augmented, resampled "
-                  "training input alone; predict is the exported SavedModel's serving_default; the run's epochs include "
-                  "input, training and validation.", ""]
-    else:
-        lines += ["Not measured: `python scripts/resolution_study.py` (or `retina-scale report --measure`) measures it.", ""]
-    return "\n".join(lines)
+def _scratch_section(comparison, figs) -> list[str]:
+    lines = ["## 7. Stepwise against from scratch", ""]
+    if not comparison:
+        return lines + ["Not run: `retina-scale study` (or `python scripts/resolution_study.py`) trains the top stage "
+                        "from scratch for the ladder's time and reports it here.", ""]
+    c = comparison
+    fmt = lambda v: "never" if v is None else f"{v:.0f} s"  # noqa: E731
+    lines += markdown_table(
+        ("run", "training time", "best val kappa", "test kappa [95 % CI]", "time to reach scratch's best val kappa"),
+        [("stepwise ladder", f"{c['ladder_seconds']:.0f} s", f"{c['ladder_best_val_kappa']:.3f}",
+          _cell(c["ladder_test_kappa"]), fmt(c["ladder_time_to_scratch_best"])),
+         (f"{c['stage']} from scratch ({c['scratch_epochs']} epochs)", f"{c['scratch_seconds']:.0f} s",
+          f"{c['scratch_best_val_kappa']:.3f}", _cell(c["scratch_test_kappa"]), fmt(c["scratch_time_to_scratch_best"]))])
+    return lines + ["", f"![stepwise against scratch]({figs['stepwise_vs_scratch']})", "",
+                    "Training time is the sum of the epochs' seconds (training and validation); transfers, test "
+                    "evaluation and exports are not counted in either run.", ""]
+
+
+def _throughput_section(throughput) -> list[str]:
+    lines = ["## 8. Throughput per stage", ""]
+    if not throughput:
+        return lines + ["Not measured: `retina-scale study` (or `retina-scale report --measure`) measures it.", ""]
+    peak = throughput["peak"]
+    rows = [(s["stage"], s["size"], f"{s['train']['images_per_s']:.1f}", f"{s['train']['forward_macs'] / 1e6:.1f} M",
+             f"{s['achieved_flops'] / 1e9:.2f}", f"{s['fraction_of_peak']:.1%}", f"{s['input']['images_per_s']:.0f}",
+             f"{s['predict']['images_per_s']:.1f}" if s.get("predict") else "-",
+             f"{s['epoch_images_per_s']:.1f}" if s.get("epoch_images_per_s") else "-")
+            for s in throughput["stages"]]
+    lines += markdown_table(("stage", "px", "train img/s", "fwd mult-adds", "achieved GFLOP/s", "of fp32 peak",
+                             "input img/s", "export predict img/s", "run's epochs img/s"), rows)
+    return lines + ["", f"fp32 matmul peak measured in the same process: {peak['flops'] / 1e9:.1f} GFLOP/s "
+                    f"({peak['n']}x{peak['n']} matmul, best of 5). Achieved = 3 x forward multiply-adds x 2 x train img/s; "
+                    "train img/s is the training step alone on in-memory images (global batch "
+                    f"{throughput['stages'][0]['train']['batch']}); input img/s is the cached, augmented, resampled "
+                    "training input alone; predict is the exported SavedModel's serving_default; the run's epochs include "
+                    "input, training and validation.", ""]

@@ -1,48 +1,56 @@
 """The resolution study: does grading improve with input resolution, and does stepwise training pay?
 
-One study folder holds everything the report needs::
+One study folder (:class:`retina_scale.run_layout.StudyLayout`) holds everything the report needs::
 
     <out>/data/synthetic/     the embedded synthetic data set (when no data.data is given)
     <out>/data/cache/         the per-size cache, shared by both runs
     <out>/runs/stepwise/      the ladder (a normal stepwise run)
     <out>/runs/scratch/       the top stage alone from orthogonal initialisation, for the ladder's time
+    <out>/saved_models/       the ladder's exports
+    <out>/study.json          the wall time of each step
     <out>/throughput.json     per-stage speeds and this machine's fp32 matmul peak
     <out>/REPORT.md, report.json, figures/*.png
 
 Every step is skipped when its result is already there, so an interrupted study resumes where it
 stopped (the runs themselves resume mid-stage).
 
-Example:
->>> from retina_scale.config import load_train_config
->>> summary = run_study("runs/resolution-study", load_train_config("study"))
+Example (it trains for about an hour, so it is not run as a doctest; ``retina-scale study`` runs it)::
+
+    from retina_scale.config import load_train_config
+    summary = run_study("runs/resolution-study", load_train_config("study"))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable
 
 from retina_scale.config import StageConfig, TrainConfig
+from retina_scale.run_layout import RunLayout, StudyLayout
 from retina_scale.utils.fileio import read_json as _read_json
 from retina_scale.utils.fileio import write_json as _write_json
 
 
+def _placed(config: TrainConfig, run: RunLayout) -> TrainConfig:
+    """``config`` with ``runs_dir`` and ``name`` such that its run folder is ``run.root``."""
+    return dataclasses.replace(config, name=run.root.name, runs_dir=str(run.root.parent))
+
+
 def study_configs(config: TrainConfig, out) -> TrainConfig:
-    """The ladder's config placed in the study folder: runs under ``<out>/runs``, exports under
-    ``<out>/saved_models``, the shared cache under ``<out>/data/cache`` (unless the config names one)."""
-    out = Path(out)
+    """The ladder's config placed in the study folder ``out``: the run at ``runs/stepwise``, exports
+    under ``saved_models``, the shared cache under ``data/cache`` (unless the config names one)."""
+    study = StudyLayout(out)
     data = config.data
     if data.cache is None:
-        data = dataclasses.replace(data, cache=str(out / "data" / "cache"))
-    return dataclasses.replace(config, name="stepwise", runs_dir=str(out / "runs"),
-                               export_dir=str(out / "saved_models"), data=data)
+        data = dataclasses.replace(data, cache=str(study.cache))
+    return dataclasses.replace(_placed(config, study.ladder), export_dir=str(study.export_dir), data=data)
 
 
-def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
+def scratch_config(ladder: TrainConfig, study: StudyLayout) -> TrainConfig:
     """The from-scratch control: the ladder's top stage alone, from orthogonal initialisation, with
-    the first stage's learning rate (a net that starts from nothing), for the ladder's training time.
+    the first stage's learning rate (a net that starts from nothing), for the ladder's training time,
+    in the study's ``runs/scratch``.
 
     The ladder's time is the sum of its epochs' seconds (training and validation of every stage;
     transfers, test evaluation and exports are not counted). The control's epoch count is that time
@@ -51,7 +59,7 @@ def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
     """
     from retina_scale.evidence.report import cumulative_curve, load_run
 
-    stages = load_run(run_dir)["stages"]
+    stages = load_run(study.ladder.root)["stages"]
     budget = cumulative_curve(stages)[-1]["elapsed"]  # the sum of every epoch's seconds, all stages
     top = stages[-1]["history"]
     per_epoch = sum(r["seconds"] for r in top) / len(top)
@@ -61,7 +69,24 @@ def scratch_config(ladder: TrainConfig, run_dir) -> TrainConfig:
     stage = StageConfig(ladder.stages[-1].stage, epochs, lr=lr,
                         augment_strength=ladder.stages[-1].augment_strength, max_seconds=round(budget, 1))
     tune = dataclasses.replace(ladder.tune, enabled=False)
-    return dataclasses.replace(ladder, name="scratch", stages=[stage], tune=tune, export=False)
+    return _placed(dataclasses.replace(ladder, stages=[stage], tune=tune, export=False), study.scratch)
+
+
+class _Steps:
+    """Runs each named step once: its wall time goes to ``study.json``, and a step recorded there is
+    not run again."""
+
+    def __init__(self, study: StudyLayout):
+        self.path = study.timings
+        self.timings = _read_json(self.path) if self.path.exists() else {}
+
+    def __call__(self, name: str, fn: Callable[[], object]) -> None:
+        if name in self.timings:
+            return
+        t0 = time.time()
+        fn()
+        self.timings[name] = round(time.time() - t0, 1)
+        _write_json(self.path, self.timings)
 
 
 def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: bool = True,
@@ -83,37 +108,23 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
         The report's summary (also in ``<out>/report.json``).
     """
     from retina_scale.config import check_config
+    from retina_scale.evidence.report import write_report
     from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.tuning import search_hook
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ladder = study_configs(config, out)
+    study = StudyLayout(out)
+    study.root.mkdir(parents=True, exist_ok=True)
+    ladder = study_configs(config, study.root)
     check_config(ladder)
-    timings = _read_json(out / "study.json") if (out / "study.json").exists() else {}
-
-    def step(name, fn):
-        if name in timings:
-            return
-        t0 = time.time()
-        fn()
-        timings[name] = round(time.time() - t0, 1)
-        _write_json(out / "study.json", timings)
-
+    step = _Steps(study)
     if ladder.data.data is None:  # both runs must see the same photos: make them once, here
-        import os
-
-        from retina_scale.training.stage import ensure_synthetic_data
-
-        workers = ladder.data.workers or os.cpu_count() or 1
-        step("synthetic_seconds", lambda: ensure_synthetic_data(
-            out / "data", ladder.data, workers, progress=bool(verbose), log=log if verbose else None))
-        ladder = dataclasses.replace(ladder, data=dataclasses.replace(ladder.data, data=str(out / "data" / "synthetic")))
-    ladder_dir = Path(ladder.runs_dir) / ladder.name
-    step("ladder_seconds", lambda: StepwiseScaler(ladder, verbose=verbose, log=log).run())
+        ladder = _with_synthetic_data(ladder, study, step, verbose, log)
+    step("ladder_seconds", lambda: StepwiseScaler(
+        ladder, lr_search=search_hook(ladder, verbose=verbose, log=log), verbose=verbose, log=log).run())
     scratch_dir = None
     if scratch:
-        scratch_cfg = scratch_config(ladder, ladder_dir)
-        scratch_dir = Path(scratch_cfg.runs_dir) / scratch_cfg.name
+        scratch_cfg = scratch_config(ladder, study)
+        scratch_dir = study.scratch.root
         if verbose:
             log(f"From scratch: stage {scratch_cfg.stages[0].stage} for {scratch_cfg.stages[0].max_seconds:.0f} s "
                 f"(the ladder's training time), up to {scratch_cfg.stages[0].epochs} epochs")
@@ -122,13 +133,21 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
     if throughput:
         from retina_scale.evidence.throughput import measure_run_throughput
 
-        throughput_file = out / "throughput.json"
+        throughput_file = study.throughput
+        step("throughput_seconds", lambda: _write_json(throughput_file, measure_run_throughput(
+            study.ladder.root, steps=throughput_steps, log=log if verbose else None, peak_sizes=peak_sizes)))
+    return write_report(study.ladder.root, study.root, scratch_dir=scratch_dir, throughput_file=throughput_file,
+                        study=step.timings)
 
-        def measure():
-            result = measure_run_throughput(ladder_dir, steps=throughput_steps, log=log if verbose else None,
-                                            peak_sizes=peak_sizes)
-            _write_json(throughput_file, result)
-        step("throughput_seconds", measure)
-    from retina_scale.evidence.report import write_report
 
-    return write_report(ladder_dir, out, scratch_dir=scratch_dir, throughput_file=throughput_file, study=timings)
+def _with_synthetic_data(ladder: TrainConfig, study: StudyLayout, step: _Steps, verbose: int,
+                         log: Callable[[str], None]) -> TrainConfig:
+    """Makes (once) the embedded synthetic data set in the study's data folder; the ladder reads it."""
+    import os
+
+    from retina_scale.training.stage import ensure_synthetic_data
+
+    workers = ladder.data.workers or os.cpu_count() or 1
+    step("synthetic_seconds", lambda: ensure_synthetic_data(
+        study.data_dir, ladder.data, workers, progress=bool(verbose), log=log if verbose else None))
+    return dataclasses.replace(ladder, data=dataclasses.replace(ladder.data, data=str(study.synthetic)))

@@ -11,9 +11,10 @@ For every stage of a finished run, measured in one process, one after the other:
 - prediction images/s of the stage's exported SavedModel (``serving_default`` on preprocessed
   images at the stage's size), when the run exported it.
 
-Example:
->>> result = measure_run_throughput("runs/resolution-study/runs/stepwise", steps=20)
->>> print(format_throughput(result))
+Example (it needs a trained run and takes minutes, so it is not run as a doctest)::
+
+    result = measure_run_throughput("runs/resolution-study/runs/stepwise", steps=20)
+    print(format_throughput(result))
 """
 
 from __future__ import annotations
@@ -133,13 +134,12 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
     from retina_scale.config import TrainConfig
     from retina_scale.evidence.report import load_run
     from retina_scale.models.convnet import get_stage
+    from retina_scale.run_layout import RunLayout
     from retina_scale.utils.typed_config import load_config
 
-    run_dir = Path(run_dir)
     run = load_run(run_dir)  # refuses a folder without a finished run
-    config = load_config(TrainConfig, run_dir / "config.yaml")
-    cache_dir = Path(config.data.cache) if config.data.cache else run_dir / "data" / "cache"
-    splits_file = run_dir / "splits.csv"
+    layout = RunLayout.from_folder(run_dir)
+    config = load_config(TrainConfig, layout.config)
     say = log or (lambda text: None)
 
     say("Measuring the fp32 matmul peak ...")
@@ -151,7 +151,7 @@ def measure_run_throughput(run_dir, steps: int = 20, log: Callable[[str], None] 
         say(f"Stage {spec.name} ({spec.input_size} px): training step, input pipeline, export ...")
         train = train_images_per_second(config, spec, steps=steps)
         achieved = 3.0 * train["forward_macs"] * 2.0 * train["images_per_s"]
-        inp = input_images_per_second(config, spec, stage_cfg, cache_dir, splits_file, batches=steps)
+        inp = input_images_per_second(config, spec, stage_cfg, layout.cache, layout.splits, batches=steps)
         predict = None
         if result.get("export_path") and Path(result["export_path"]).exists():
             predict = predict_images_per_second(result["export_path"], spec.input_size, config.global_batch_size)

@@ -138,61 +138,13 @@ def evaluate_predictions(
             thresholds, or a bad ``n_boot``/``confidence``.
     """
     cuts = validate_thresholds(thresholds, NUM_GRADES)
-    grades = as_grades(y_true, "y_true", NUM_GRADES)
-    values = np.asarray(scores, dtype=np.float64)
-    if values.ndim == 2 and values.shape[1] == 1:
-        values = values[:, 0]
-    if values.ndim != 1 or values.size != grades.size:
-        raise UserError(
-            f"scores must be 1-D with one value per grade: got shape {values.shape} for "
-            f"{grades.size} grades"
-        )
-    if grades.size == 0:
-        raise UserError("nothing to evaluate: y_true and scores are empty")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
-        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise UserError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
+    grades, values = _checked_input(y_true, scores, n_boot, confidence)
     predicted = apply_thresholds(values, cuts)  # also rejects NaN / inf scores
-
-    if groups is None:
-        unit_of_image = np.arange(grades.size)
-        n_units, unit = grades.size, "image"
-    else:
-        group_array = np.asarray(groups)
-        if group_array.ndim != 1 or group_array.size != grades.size:
-            raise UserError(
-                f"groups must hold one id per image: got shape {group_array.shape} for "
-                f"{grades.size} images"
-            )
-        _, unit_of_image = np.unique(group_array, return_inverse=True)
-        unit_of_image = unit_of_image.reshape(-1)
-        n_units, unit = int(unit_of_image.max()) + 1, "patient"
-
+    unit_of_image, n_units, unit = _resampling_units(groups, grades.size)
     statistics = _Statistics(grades, predicted, values)
     point = statistics(np.ones(grades.size))
-    samples = {name: [] for name in point}
-    rng = np.random.default_rng(seed)
-    for _ in range(int(n_boot)):
-        picks = np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)
-        for name, value in statistics(picks[unit_of_image].astype(np.float64)).items():
-            samples[name].append(value)
-
-    tail = 100.0 * (1.0 - float(confidence)) / 2.0
-    summary: dict[str, dict[str, Any]] = {}
-    for name, value in point.items():
-        drawn = np.asarray(samples[name], dtype=np.float64)
-        drawn = drawn[np.isfinite(drawn)]
-        low = high = None
-        if drawn.size:
-            low, high = (float(q) for q in np.percentile(drawn, [tail, 100.0 - tail]))
-        summary[name] = {
-            "value": _clean(value),
-            "ci_low": low,
-            "ci_high": high,
-            "n_valid": int(drawn.size),
-        }
-
+    samples = _bootstrap(statistics, unit_of_image, n_units, int(n_boot), seed)
+    summary = {name: _summarise(value, samples.get(name, []), confidence) for name, value in point.items()}
     return {
         "n_images": int(grades.size),
         "n_patients": None if groups is None else n_units,
@@ -215,6 +167,68 @@ def evaluate_predictions(
             "n_units": int(n_units),
         },
     }
+
+
+def _checked_input(y_true, scores, n_boot, confidence) -> tuple[np.ndarray, np.ndarray]:
+    """The true grades and the scores as 1-D arrays; clear errors for what cannot be evaluated."""
+    grades = as_grades(y_true, "y_true", NUM_GRADES)
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1 or values.size != grades.size:
+        raise UserError(
+            f"scores must be 1-D with one value per grade: got shape {values.shape} for "
+            f"{grades.size} grades"
+        )
+    if grades.size == 0:
+        raise UserError("nothing to evaluate: y_true and scores are empty")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise UserError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
+    return grades, values
+
+
+def _resampling_units(groups, n_images: int) -> tuple[np.ndarray, int, str]:
+    """``(unit of each image, number of units, "image" or "patient")``: what the bootstrap draws."""
+    if groups is None:
+        return np.arange(n_images), n_images, "image"
+    group_array = np.asarray(groups)
+    if group_array.ndim != 1 or group_array.size != n_images:
+        raise UserError(
+            f"groups must hold one id per image: got shape {group_array.shape} for "
+            f"{n_images} images"
+        )
+    _, unit_of_image = np.unique(group_array, return_inverse=True)
+    unit_of_image = unit_of_image.reshape(-1)
+    return unit_of_image, int(unit_of_image.max()) + 1, "patient"
+
+
+def _bootstrap(statistics: _Statistics, unit_of_image: np.ndarray, n_units: int, n_boot: int,
+               seed: int) -> dict[str, list[float]]:
+    """Every statistic on ``n_boot`` resamples of the units (drawn with replacement).
+
+    A resample is a count per unit; each image weighs its unit's count, so one ``bincount`` per
+    resample gives the confusion matrix (no copy of the data).
+    """
+    samples: dict[str, list[float]] = {}
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        picks = np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)
+        for name, value in statistics(picks[unit_of_image].astype(np.float64)).items():
+            samples.setdefault(name, []).append(value)
+    return samples
+
+
+def _summarise(value: float, drawn: list[float], confidence: float) -> dict[str, Any]:
+    """``{"value", "ci_low", "ci_high", "n_valid"}``: the percentile interval over the finite draws."""
+    tail = 100.0 * (1.0 - float(confidence)) / 2.0
+    finite = np.asarray(drawn, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    low = high = None
+    if finite.size:
+        low, high = (float(q) for q in np.percentile(finite, [tail, 100.0 - tail]))
+    return {"value": _clean(value), "ci_low": low, "ci_high": high, "n_valid": int(finite.size)}
 
 
 def _cell(stat: dict[str, Any]) -> str:

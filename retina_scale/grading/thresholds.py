@@ -14,12 +14,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from retina_scale.config import NUM_GRADES
-from retina_scale.grading.kappa import (
-    as_grades,
-    confusion_matrix,
-    kappa_from_confusion,
-    quadratic_weighted_kappa,  # noqa: F401  (used by the doctest)
-)
+from retina_scale.grading.kappa import as_grades, confusion_matrix, quadratic_weighted_kappa
 from retina_scale.utils.errors import UserError
 
 DEFAULT_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
@@ -150,6 +145,30 @@ def optimize_thresholds(
         1.0
     """
     thresholds = list(validate_thresholds(initial, num_classes))
+    true, values = _search_input(y_true, scores, num_classes, max_passes)
+    order = np.argsort(values, kind="stable")
+    values, true = values[order], true[order]
+    grades = np.arange(num_classes, dtype=np.float64)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    row_totals = np.bincount(true, minlength=num_classes).astype(np.float64)
+
+    best = quadratic_weighted_kappa(true, np.searchsorted(thresholds, values, side="right"), num_classes)
+    best = -np.inf if np.isnan(best) else best
+    for _ in range(max_passes):
+        moved = False
+        for g in range(num_classes - 1):
+            move = _best_move(thresholds, g, values, true, weights, row_totals)
+            if move is None or move[0] <= best + 1e-12:
+                continue
+            best, thresholds[g] = move
+            moved = True
+        if not moved:
+            break
+    return validate_thresholds(thresholds, num_classes)
+
+
+def _search_input(y_true, scores, num_classes: int, max_passes) -> tuple[np.ndarray, np.ndarray]:
+    """The checked grades and scores of :func:`optimize_thresholds` (clear errors for bad input)."""
     true = as_grades(y_true, "y_true", num_classes)
     values = np.asarray(scores, dtype=np.float64).reshape(-1)
     if values.shape != true.shape:
@@ -160,52 +179,42 @@ def optimize_thresholds(
         raise UserError("scores must be finite numbers (found NaN or inf)")
     if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
         raise UserError(f"max_passes must be a positive integer, got {max_passes!r}")
+    return true, values
 
-    order = np.argsort(values, kind="stable")
-    values, true = values[order], true[order]
-    grades = np.arange(num_classes, dtype=np.float64)
-    weights = (grades[:, None] - grades[None, :]) ** 2
-    row_totals = np.bincount(true, minlength=num_classes).astype(np.float64)
 
-    def current_kappa() -> float:
-        predicted = np.searchsorted(thresholds, values, side="right")
-        return kappa_from_confusion(confusion_matrix(true, predicted, num_classes))
+def _best_move(
+    thresholds: list, g: int, values: np.ndarray, true: np.ndarray, weights: np.ndarray,
+    row_totals: np.ndarray,
+) -> tuple[float, float] | None:
+    """``(kappa, cut-off)``: the best position of ``thresholds[g]`` between its neighbours.
 
-    best = current_kappa()
-    best = -np.inf if np.isnan(best) else best
-    for _ in range(max_passes):
-        moved = False
-        for g in range(num_classes - 1):
-            lower = thresholds[g - 1] if g > 0 else -np.inf
-            upper = thresholds[g + 1] if g < num_classes - 2 else np.inf
-            # Examples with lower <= score < upper are graded g or g+1 depending on thresholds[g].
-            start = np.searchsorted(values, lower, side="left")
-            stop = np.searchsorted(values, upper, side="left")
-            if stop == start:
-                continue
-            predicted = np.searchsorted(thresholds, values, side="right")
-            outside = np.ones(values.size, dtype=bool)
-            outside[start:stop] = False
-            base = confusion_matrix(true[outside], predicted[outside], num_classes)
-            kappas = _best_cut(base, true[start:stop], g, weights, row_totals)
-            inside = values[start:stop]
-            # Split m is reachable only between distinct scores (ties share a grade).
-            valid = np.ones(inside.size + 1, dtype=bool)
-            valid[1:-1] = inside[1:] > inside[:-1]
-            kappas = np.where(valid, kappas, -np.inf)
-            m = int(np.argmax(kappas))  # the first (lowest) best split: deterministic
-            if kappas[m] <= best + 1e-12:
-                continue
-            if m == 0:
-                new = (lower + inside[0]) / 2 if np.isfinite(lower) else inside[0] - 0.5
-            elif m == inside.size:
-                new = (inside[-1] + upper) / 2 if np.isfinite(upper) else inside[-1] + 0.5
-            else:
-                new = (inside[m - 1] + inside[m]) / 2
-            thresholds[g] = float(new)
-            best = float(kappas[m])
-            moved = True
-        if not moved:
-            break
-    return validate_thresholds(thresholds, num_classes)
-
+    ``values`` are the scores sorted, ``true`` their grades. The first (lowest) best split wins, so
+    the search is deterministic. None when no score lies between the neighbours.
+    """
+    num_classes = len(thresholds) + 1
+    lower = thresholds[g - 1] if g > 0 else -np.inf
+    upper = thresholds[g + 1] if g < num_classes - 2 else np.inf
+    # Examples with lower <= score < upper are graded g or g+1 depending on thresholds[g].
+    start = np.searchsorted(values, lower, side="left")
+    stop = np.searchsorted(values, upper, side="left")
+    if stop == start:
+        return None
+    predicted = np.searchsorted(thresholds, values, side="right")
+    outside = np.ones(values.size, dtype=bool)
+    outside[start:stop] = False
+    base = confusion_matrix(true[outside], predicted[outside], num_classes)
+    kappas = _best_cut(base, true[start:stop], g, weights, row_totals)
+    inside = values[start:stop]
+    # Split m is reachable only between distinct scores (ties share a grade).
+    valid = np.ones(inside.size + 1, dtype=bool)
+    valid[1:-1] = inside[1:] > inside[:-1]
+    kappas = np.where(valid, kappas, -np.inf)
+    m = int(np.argmax(kappas))
+    # The new cut-off lies halfway between the two scores it separates (half a grade beyond the ends).
+    if m == 0:
+        new = (lower + inside[0]) / 2 if np.isfinite(lower) else inside[0] - 0.5
+    elif m == inside.size:
+        new = (inside[-1] + upper) / 2 if np.isfinite(upper) else inside[-1] + 0.5
+    else:
+        new = (inside[m - 1] + inside[m]) / 2
+    return float(kappas[m]), float(new)

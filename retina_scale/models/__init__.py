@@ -3,16 +3,10 @@
 from retina_scale.models.complexity import count_complexity, family_complexity
 from retina_scale.models.convnet import RetinaConvNet, StageSpec, build_model, get_stage
 from retina_scale.models.layers import GridRMSPool2D, Maxout, RGBRescale, RMSPool2D
-from retina_scale.models.transfer import (
-    TransferReport,
-    load_named_weights,
-    named_weights,
-    save_named_weights,
-    transfer_weights,
-)
+from retina_scale.models.transfer import TransferReport, named_weights, transfer_weights
 
 __all__ = [
     "GridRMSPool2D", "Maxout", "RGBRescale", "RMSPool2D", "RetinaConvNet", "StageSpec", "TransferReport",
-    "build_model", "count_complexity", "family_complexity", "get_stage", "load_named_weights",
-    "named_weights", "save_named_weights", "transfer_weights",
+    "build_model", "count_complexity", "family_complexity", "get_stage", "named_weights",
+    "transfer_weights",
 ]

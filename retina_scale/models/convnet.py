@@ -144,8 +144,9 @@ def build_model(stage="tiny", width: float = 1.0, **kwargs) -> "RetinaConvNet":
     """Builds one stage of the family; the same as ``RetinaConvNet(stage, width, **kwargs)``.
 
     Example:
+    >>> import numpy as np
     >>> model = build_model("tiny", width=0.25, seed=0)
-    >>> model(np.zeros((2, 112, 112, 3))).shape
+    >>> tuple(model(np.zeros((2, 112, 112, 3))).shape)
     (2, 1)
     """
     return RetinaConvNet(stage, width, **kwargs)
@@ -179,8 +180,9 @@ class RetinaConvNet(keras.Model):
         name: the model's name; defaults to ``retina_<stage>``.
 
     Example:
+    >>> import numpy as np
     >>> model = RetinaConvNet("small", width=0.25, seed=0)
-    >>> model.input_size, model(np.zeros((1, 300, 200, 3))).shape
+    >>> model.input_size, tuple(model(np.zeros((1, 300, 200, 3))).shape)
     (224, (1, 1))
     """
 

@@ -37,7 +37,8 @@ class RMSPool2D(keras.layers.Layer):
         epsilon: added under the root so its gradient stays finite at zero.
 
     Example:
-    >>> RMSPool2D(3, 3)(np.ones((1, 7, 7, 4))).shape
+    >>> import numpy as np
+    >>> tuple(RMSPool2D(3, 3)(np.ones((1, 7, 7, 4))).shape)
     (1, 2, 2, 4)
     """
 
@@ -96,7 +97,8 @@ class GridRMSPool2D(keras.layers.Layer):
         epsilon: added under the root.
 
     Example:
-    >>> GridRMSPool2D(2)(np.ones((1, 14, 14, 4))).shape
+    >>> import numpy as np
+    >>> tuple(GridRMSPool2D(2)(np.ones((1, 14, 14, 4))).shape)
     (1, 2, 2, 4)
     """
 
@@ -145,7 +147,8 @@ class Maxout(keras.layers.Layer):
         units: number of outputs; the input's last dimension must be a multiple of it.
 
     Example:
-    >>> Maxout(2)(np.array([[1.0, 5.0, 3.0, 2.0]]))  # max(1, 5), max(3, 2)
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(Maxout(2)(np.array([[1.0, 5.0, 3.0, 2.0]]))).tolist()  # max(1, 5), max(3, 2)
     [[5.0, 3.0]]
     """
 
@@ -188,7 +191,9 @@ class RGBRescale(keras.layers.Layer):
     is refused here with a message that says what is accepted, rather than deep inside a convolution.
 
     Example:
-    >>> RGBRescale()(np.full((1, 2, 2, 3), 255.0))  # all ones
+    >>> import numpy as np
+    >>> keras.ops.convert_to_numpy(RGBRescale()(np.array([[[[0.0, 127.5, 255.0]]]]))).tolist()
+    [[[[-1.0, 0.0, 1.0]]]]
     """
 
     channels = 3

@@ -16,21 +16,19 @@ whole shared trunk are carried, so only one layer of the network starts from scr
 o_O solution, the paper's baseline, transferred by name where shapes matched: the same rule.
 
 Keras 3 loads ``.weights.h5`` files by position, not by name, which silently scrambles weights
-between models of different depth; ``save_named_weights`` / ``load_named_weights`` store them by
-layer name instead.
+between models of different depth; :func:`transfer_weights` also takes a ``{layer name: [arrays]}``
+mapping, as ``retina_scale.training.checkpoint.model_weights_from_checkpoint`` reads it from an
+epoch checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 
 import numpy as np
 
-from retina_scale.utils.errors import UserError
-from retina_scale.utils.fileio import atomic_path
 from retina_scale.utils.tables import text_table
 
 CARRIED = "carried"
@@ -138,7 +136,7 @@ def transfer_weights(src, dst, *, skip=()) -> TransferReport:
 
     Args:
         src: the previous stage's model, or a ``{layer name: [arrays]}`` mapping (as returned by
-            ``named_weights`` or ``load_named_weights``).
+            ``named_weights`` or read from a checkpoint).
         dst: the new stage's model (built; its own initialisation stays where nothing is carried).
         skip: layer names never to copy (reported as new).
 
@@ -174,23 +172,3 @@ def transfer_weights(src, dst, *, skip=()) -> TransferReport:
             shapes = [tuple(a.shape) for a in arrays]
             entries.append(LayerTransfer(name, DROPPED, shapes, None, int(sum(np.prod(s) for s in shapes))))
     return TransferReport(src_name, dst.name, entries)
-
-
-def save_named_weights(model, path) -> None:
-    """Saves ``model``'s weights keyed by layer name to an ``.npz`` file, atomically."""
-    path = os.fspath(path)
-    arrays = {f"{name}/{i}": w for name, ws in named_weights(model).items() for i, w in enumerate(ws)}
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_named_weights(path) -> dict[str, list[np.ndarray]]:
-    """Reads a file written by ``save_named_weights`` back into ``{layer name: [arrays]}``."""
-    result: dict[str, list[tuple[int, np.ndarray]]] = {}
-    with np.load(os.fspath(path)) as data:
-        for key in data.files:
-            name, _, index = key.rpartition("/")
-            if not name or not index.isdigit():
-                raise UserError(f"{path} is not a file written by save_named_weights (key {key!r})")
-            result.setdefault(name, []).append((int(index), data[key]))
-    return {name: [a for _, a in sorted(items, key=lambda t: t[0])] for name, items in result.items()}

@@ -16,10 +16,11 @@ Errors:
   fails the decoder and so the whole request), 404 (no such model or version) and other 4xx/5xx: not retried,
   :class:`ServingError` with the status and TF Serving's own ``error`` message.
 
-Example:
-    >>> client = ServingClient("http://127.0.0.1:8501", "retina", timeout=10, retries=3)
-    >>> client.predict(["photos/10_left.jpeg", open("11_right.png", "rb").read()])
-    [{'grade': 2, 'grade_continuous': 1.83, 'referable': True, 'valid': True, 'error': ''}, ...]
+Example (it needs a running server, so it is not run as a doctest)::
+
+    client = ServingClient("http://127.0.0.1:8501", "retina", timeout=10, retries=3)
+    client.predict(["photos/10_left.jpeg", open("11_right.png", "rb").read()])
+    # [{'grade': 2, 'grade_continuous': 1.83, 'referable': True, 'valid': True, 'error': ''}, ...]
 """
 
 from __future__ import annotations

@@ -54,12 +54,13 @@ path to a SavedModel (``model.export`` uses it); it tracks the model's Keras var
 signatures from plain ``tf.function`` endpoints, so the artefact is pure TensorFlow and loads with
 ``tf.saved_model.load`` and TF Serving without ``retina_scale`` or Keras installed.
 
-Example:
-    >>> model = build_model("tiny", width=0.125, seed=0)
-    >>> path = export_saved_model(model, "saved_models", "retina", thresholds=(0.6, 1.4, 2.5, 3.3),
-    ...                           metadata={"preprocessing": "graham"}, keep=5)
-    >>> serve, meta = load_export(path)
-    >>> serve(images=tf.zeros((2, 112, 112, 3)))["grade"]
+Example (it writes ``saved_models/retina/<version>``, so it is not run as a doctest)::
+
+    model = build_model("tiny", width=0.125, seed=0)
+    path = export_saved_model(model, "saved_models", "retina", thresholds=(0.6, 1.4, 2.5, 3.3),
+                              metadata={"preprocessing": "graham"}, keep=5)
+    serve, meta = load_export(path)
+    serve(images=tf.zeros((2, 112, 112, 3)))["grade"]  # int32 (2,)
 """
 
 from __future__ import annotations
@@ -226,123 +227,11 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
 
 
 def _build_archive(model, info: dict):
-    """The ExportArchive holding the model and both signatures (see the module docstring)."""
+    """The ExportArchive holding the model and the three signatures (see the module docstring)."""
     import keras
     import tensorflow as tf
 
-    from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
-
-    size = info["input_size"]
-    # float64, as apply_thresholds compares: a float32 cut-off 1.4 would be 1.39999998 and grade a
-    # score of exactly float32(1.4) one higher than apply_thresholds does.
-    cuts = tf.constant(info["thresholds"], dtype=tf.float64)
-    referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
-    preprocessing = info["preprocessing"]
-    spec = preprocess_spec(preprocessing, size)
-    constants = {
-        "input_size": tf.constant(size, dtype=tf.int32),
-        "thresholds": cuts,
-        "stage": tf.constant(info["stage"]),
-        "preprocessing": tf.constant(
-            "" if preprocessing is None
-            else preprocessing if isinstance(preprocessing, str)
-            else json.dumps(preprocessing, sort_keys=True)
-        ),
-        "metadata_json": tf.constant(json.dumps(info, sort_keys=True)),
-    }
-
-    def to_stage_size(images):
-        # A loaded signature checks the dtype of its input but not its shape: check it here, at run
-        # time. The rank is counted from the values of tf.shape, because Grappler folds Rank/Size to
-        # the signature's static rank 4 whatever is fed.
-        dims = tf.shape(images)
-        rank = tf.debugging.assert_equal(
-            tf.reduce_sum(tf.ones_like(dims) * tf.cast(dims >= 0, dims.dtype)), 4,
-            message="retina_scale serving_default takes images of shape (batch, height, width, 3)",
-        )
-        with tf.control_dependencies([rank]):
-            shape = tf.shape(images)
-        height, width = shape[1], shape[2]
-        checks = [
-            tf.debugging.assert_equal(
-                shape[3], 3,
-                message="retina_scale serving_default takes RGB images with 3 channels",
-            ),
-            tf.debugging.assert_equal(
-                height, width,
-                message=(
-                    "retina_scale serving_default takes square fundus crops (height == width), as "
-                    "the training cache stores them; crop to the disc's bounding square first"
-                ),
-            ),
-        ]
-        with tf.control_dependencies(checks):
-            images = tf.identity(images)
-
-        def shrink():
-            return tf.image.resize(images, (size, size), method="area")
-
-        def enlarge():
-            return tf.image.resize(images, (size, size), method="bicubic")
-
-        def resized():
-            out = tf.cond(height > size, shrink, enlarge)
-            # Round halves up, as OpenCV does when it writes the cache's uint8 pixels.
-            return tf.clip_by_value(tf.floor(out + 0.5), 0.0, 255.0)
-
-        out = tf.cond(tf.equal(height, size), lambda: images, resized)
-        return tf.ensure_shape(out, [None, size, size, 3])
-
-    def serve(images):
-        scores = model(to_stage_size(images), training=False)
-        scores = tf.reshape(tf.cast(scores, tf.float32), [-1])
-        scores = tf.debugging.assert_all_finite(
-            scores, "retina_scale model produced a NaN or infinite grade (are the images finite?)"
-        )
-        grade = grades(scores)
-        return {
-            "grade_continuous": scores,
-            "grade": grade,
-            "referable": tf.greater_equal(grade, referable_grade),
-        }
-
-    def grades(scores):
-        # apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade).
-        return tf.reduce_sum(
-            tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
-            axis=1,
-        )
-
-    def predict_images(images):
-        dims = tf.shape(images)
-        rank = tf.debugging.assert_equal(
-            tf.reduce_sum(tf.ones_like(dims) * tf.cast(dims >= 0, dims.dtype)), 1,
-            message=(
-                "retina_scale predict_images takes a batch of encoded JPEG/PNG photos: a string "
-                "tensor of shape (batch,)"
-            ),
-        )
-        with tf.control_dependencies([rank]):
-            images = tf.identity(images)
-        pixels, error = preprocess_batch(images, spec)
-        valid = tf.equal(error, "")
-        scores = model(pixels, training=False)
-        scores = tf.reshape(tf.cast(scores, tf.float32), [-1])
-        scores = tf.debugging.assert_all_finite(
-            tf.where(valid, scores, 0.0), "retina_scale model produced a NaN or infinite grade"
-        )
-        grade = tf.where(valid, grades(scores), -1)
-        return {
-            "grade_continuous": tf.where(valid, scores, float("nan")),
-            "grade": grade,
-            "referable": tf.logical_and(valid, tf.greater_equal(grade, referable_grade)),
-            "valid": valid,
-            "error": error,
-        }
-
-    def get_metadata():
-        return dict(constants)
-
+    serve, predict_images, get_metadata = _endpoints(model, info)
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -355,6 +244,144 @@ def _build_archive(model, info: dict):
     )
     archive.add_endpoint("get_metadata", get_metadata, input_signature=[])
     return archive
+
+
+def _endpoints(model, info: dict):
+    """The functions behind ``serving_default``, ``predict_images`` and ``get_metadata``."""
+    import tensorflow as tf
+
+    from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
+
+    size = info["input_size"]
+    # float64, as apply_thresholds compares: a float32 cut-off 1.4 would be 1.39999998 and grade a
+    # score of exactly float32(1.4) one higher than apply_thresholds does.
+    cuts = tf.constant(info["thresholds"], dtype=tf.float64)
+    referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
+    spec = preprocess_spec(info["preprocessing"], size)
+    constants = _metadata_constants(info)
+
+    def scores_of(images):
+        return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+
+    def serve(images):
+        scores = tf.debugging.assert_all_finite(
+            scores_of(_to_stage_size(images, size)),
+            "retina_scale model produced a NaN or infinite grade (are the images finite?)",
+        )
+        grade = _grades(scores, cuts)
+        return {
+            "grade_continuous": scores,
+            "grade": grade,
+            "referable": tf.greater_equal(grade, referable_grade),
+        }
+
+    def predict_images(images):
+        images = _with_rank(images, 1, (
+            "retina_scale predict_images takes a batch of encoded JPEG/PNG photos: a string "
+            "tensor of shape (batch,)"
+        ))
+        pixels, error = preprocess_batch(images, spec)
+        valid = tf.equal(error, "")
+        scores = tf.debugging.assert_all_finite(
+            tf.where(valid, scores_of(pixels), 0.0), "retina_scale model produced a NaN or infinite grade"
+        )
+        grade = tf.where(valid, _grades(scores, cuts), -1)
+        return {
+            "grade_continuous": tf.where(valid, scores, float("nan")),
+            "grade": grade,
+            "referable": tf.logical_and(valid, tf.greater_equal(grade, referable_grade)),
+            "valid": valid,
+            "error": error,
+        }
+
+    def get_metadata():
+        return dict(constants)
+
+    return serve, predict_images, get_metadata
+
+
+def _metadata_constants(info: dict) -> dict:
+    """The tensors ``get_metadata`` returns: the version's record, kept inside the graph."""
+    import tensorflow as tf
+
+    preprocessing = info["preprocessing"]
+    return {
+        "input_size": tf.constant(info["input_size"], dtype=tf.int32),
+        "thresholds": tf.constant(info["thresholds"], dtype=tf.float64),
+        "stage": tf.constant(info["stage"]),
+        "preprocessing": tf.constant(
+            "" if preprocessing is None
+            else preprocessing if isinstance(preprocessing, str)
+            else json.dumps(preprocessing, sort_keys=True)
+        ),
+        "metadata_json": tf.constant(json.dumps(info, sort_keys=True)),
+    }
+
+
+def _with_rank(tensor, rank: int, message: str):
+    """``tensor``, checked at run time to have ``rank`` dimensions.
+
+    A loaded signature checks the dtype of its input but not its shape. The rank is counted from the
+    values of tf.shape, because Grappler folds Rank/Size to the signature's static rank whatever is fed.
+    """
+    import tensorflow as tf
+
+    dims = tf.shape(tensor)
+    check = tf.debugging.assert_equal(
+        tf.reduce_sum(tf.ones_like(dims) * tf.cast(dims >= 0, dims.dtype)), rank, message=message
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(tensor)
+
+
+def _to_stage_size(images, size: int):
+    """Square RGB images at ``size``: untouched at that size, otherwise resized as the cache resizes."""
+    import tensorflow as tf
+
+    images = _with_rank(
+        images, 4, "retina_scale serving_default takes images of shape (batch, height, width, 3)"
+    )
+    shape = tf.shape(images)
+    height, width = shape[1], shape[2]
+    checks = [
+        tf.debugging.assert_equal(
+            shape[3], 3,
+            message="retina_scale serving_default takes RGB images with 3 channels",
+        ),
+        tf.debugging.assert_equal(
+            height, width,
+            message=(
+                "retina_scale serving_default takes square fundus crops (height == width), as "
+                "the training cache stores them; crop to the disc's bounding square first"
+            ),
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        images = tf.identity(images)
+
+    def shrink():
+        return tf.image.resize(images, (size, size), method="area")
+
+    def enlarge():
+        return tf.image.resize(images, (size, size), method="bicubic")
+
+    def resized():
+        out = tf.cond(height > size, shrink, enlarge)
+        # Round halves up, as OpenCV does when it writes the cache's uint8 pixels.
+        return tf.clip_by_value(tf.floor(out + 0.5), 0.0, 255.0)
+
+    out = tf.cond(tf.equal(height, size), lambda: images, resized)
+    return tf.ensure_shape(out, [None, size, size, 3])
+
+
+def _grades(scores, cuts):
+    """apply_thresholds' rule: grade = number of cut-offs <= score (a tie goes to the higher grade)."""
+    import tensorflow as tf
+
+    return tf.reduce_sum(
+        tf.cast(tf.greater_equal(tf.cast(scores, tf.float64)[:, None], cuts[None, :]), tf.int32),
+        axis=1,
+    )
 
 
 def _fsync(path: Path) -> None:
@@ -464,27 +491,27 @@ def run_preprocessing(run_dir) -> dict:
     (``cache.json``: ``preprocess.normalize`` and ``mask``), and the cache's ``sizes``: the cache decodes for
     its largest size and makes each smaller one from the one above, and ``predict_images`` repeats that chain.
     Without the sizes the served images drift from the cached ones (README, "Serving with TensorFlow
-    Serving"). The cache is ``data.cache`` of the config, else ``<run>/data/cache``.
+    Serving"). The cache is the run's (:meth:`retina_scale.run_layout.RunLayout.from_folder`: ``data.cache``
+    of the config, else the one inside the run folder).
     """
+    from retina_scale.data.cache import read_config
+    from retina_scale.run_layout import RunLayout
     from retina_scale.utils.typed_config import load_mapping
 
-    run_dir = Path(run_dir)
+    layout = RunLayout.from_folder(run_dir)
     record = {"normalize": "none", "mask": True, "crop": "fundus bounding square", "resize": "area"}
-    config_file = run_dir / "config.yaml"
-    cache_dir = run_dir / "data" / "cache"
-    if config_file.is_file():
-        data = (load_mapping(config_file) or {}).get("data") or {}
+    if layout.config.is_file():
+        data = (load_mapping(layout.config) or {}).get("data") or {}
         record["normalize"] = data.get("normalize") or "none"
-        if data.get("cache"):
-            cache_dir = Path(data["cache"])
-    cache_json = cache_dir / "cache.json"
-    if cache_json.is_file():
-        cache = json.loads(cache_json.read_text(encoding="utf-8"))
-        pre = cache.get("preprocess") or {}
-        record["normalize"] = pre.get("normalize", record["normalize"])
-        record["mask"] = bool(pre.get("mask", True))
-        if cache.get("sizes"):
-            record["sizes"] = sorted(int(v) for v in cache["sizes"])
+    try:
+        cache = read_config(layout.cache)
+    except FileNotFoundError:  # no cache beside the run: the config's normalisation is all we know
+        return record
+    pre = cache.get("preprocess") or {}
+    record["normalize"] = pre.get("normalize", record["normalize"])
+    record["mask"] = bool(pre.get("mask", True))
+    if cache.get("sizes"):
+        record["sizes"] = sorted(int(v) for v in cache["sizes"])
     return record
 
 

@@ -23,7 +23,8 @@ TF Serving runs graphs, not Python: the OpenCV code of :mod:`retina_scale.data.f
    blur with OpenCV's kernel size and reflect-101 border, ``4*img - 4*blur + 128``, grey outside 90 % of the
    radius) or the **circular mask** (black outside the disc), as the export's recorded preprocessing says.
 
-How close it is to the cache is measured by ``tests/serving/test_parity.py`` and stated in the README.
+How close it is to the cache is measured by ``tests/serving/test_predict_images.py`` (the parity test) and
+stated in the README.
 """
 
 from __future__ import annotations
@@ -215,13 +216,47 @@ def find_disc(tf, img):
     """The disc ``(cx, cy, r, error)`` of a uint8 RGB ``(h, w, 3)`` image (see the module docstring).
 
     ``error`` is an empty string when a disc was found, else the reason (as ``find_disc`` words it).
+    Everything is computed and the right result selected: no branches (see :func:`_first`).
     """
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
-    gray = tf.reduce_max(img, axis=2)
     factor = tf.maximum(1, (tf.maximum(h, w) + WORK_SIDE - 1) // WORK_SIDE)
-    sh, sw = h // factor, w // factor
+    mask, dark, bright = _bright_mask(tf, tf.reduce_max(img, axis=2), factor)
+    area = tf.reduce_sum(tf.cast(mask, tf.float32))
+    x, y = _outer_edge(tf, mask)
+    # Too few points to fit: the bounding box is used. Degenerate inputs (no points) give inf/NaN
+    # values that are replaced below.
+    few = tf.shape(x)[0] < 20
+    fitted = _robust_circle(tf, x, y, few)
+    has_points = area > 0
+    ok = lambda v: tf.where(has_points & tf.math.is_finite(v), v, 0.0)  # noqa: E731
+    cx, cy, r = (ok(tf.where(few, b, f)) for b, f in zip(_bounding_circle(tf, mask), fitted))
+    scale = tf.cast(factor, tf.float64)
+    cx, cy, r = (cx + 0.5) * scale, (cy + 0.5) * scale, (r + 0.5) * scale
+    size = tf.cast(tf.size(mask), tf.float32)
+    fmt = lambda v: tf.strings.as_string(v, precision=0)  # noqa: E731
+    error = _first(tf, [
+        (bright - dark < 8, tf.strings.join(
+            ["no fundus found (image is blank: brightness ", fmt(dark), "-", fmt(bright), " of 255)"])),
+        (~has_points, "no fundus found (nothing brighter than the background)"),
+        (area < 0.02 * size, tf.strings.join(
+            ["no fundus found (largest bright region covers only ",
+             tf.strings.as_string(100.0 * area / size, precision=1), " % of the photo)"])),
+        ((r < 16) | (r > 2 * tf.cast(tf.maximum(h, w), tf.float64)), tf.strings.join(
+            ["no fundus found (fitted radius ", fmt(r), " px is implausible for a ",
+             tf.strings.as_string(w), "x", tf.strings.as_string(h), " photo)"])),
+    ], ERROR_NONE)
+    return cx, cy, r, error
 
+
+def _bright_mask(tf, gray, factor):
+    """``(mask, dark, bright)``: the fundus mask of the channel maximum ``gray`` shrunk by ``factor``.
+
+    Area-shrink, 5x5 median, threshold at 10 % from the 1st to the 99th brightness percentile (at least
+    3 grey levels above the dark one), opening with an elliptical kernel of 1 % of the short side.
+    """
+    h, w = tf.shape(gray)[0], tf.shape(gray)[1]
+    sh, sw = h // factor, w // factor
     g = tf.cast(gray[: sh * factor, : sw * factor], tf.float32)  # a factor of 1 leaves it as it is
     g = tf.round(tf.reduce_mean(tf.reshape(g, [sh, factor, sw, factor]), axis=[1, 3]))
     g = _median_5x5(tf, g)
@@ -233,10 +268,12 @@ def find_disc(tf, img):
     thr = dark + tf.maximum(3.0, 0.1 * (bright - dark))
     mask = tf.cast(g > thr, tf.float32)
     k = tf.maximum(3, tf.bitwise.bitwise_or(tf.cast(tf.round(tf.cast(tf.minimum(sh, sw), tf.float32) * 0.01), tf.int32), 1))
-    mask = _open(tf, mask, k) > 0.5
-    area = tf.reduce_sum(tf.cast(mask, tf.float32))
+    return _open(tf, mask, k) > 0.5, dark, bright
 
-    # Outer edge: the first and last mask pixel of every row and column.
+
+def _outer_edge(tf, mask):
+    """float64 ``(x, y)`` of the outer edge: the first and last mask pixel of every row and column,
+    without the points on (or next to) the photo's border."""
     m = tf.cast(mask, tf.int32)
     row_l = tf.logical_and(mask, tf.equal(tf.cumsum(m, axis=1), 1))
     row_r = tf.logical_and(mask, tf.equal(tf.cumsum(m, axis=1, reverse=True), 1))
@@ -245,19 +282,23 @@ def find_disc(tf, img):
     edge = tf.logical_or(tf.logical_or(row_l, row_r), tf.logical_or(col_t, col_b))
     pts = tf.cast(tf.where(edge), tf.float64)
     y, x = pts[:, 0], pts[:, 1]
-    swf, shf = tf.cast(sw, tf.float64), tf.cast(sh, tf.float64)
+    shf, swf = tf.cast(tf.shape(mask)[0], tf.float64), tf.cast(tf.shape(mask)[1], tf.float64)
     inner = (x > 1) & (x < swf - 2) & (y > 1) & (y < shf - 2)
-    x, y = tf.boolean_mask(x, inner), tf.boolean_mask(y, inner)
+    return tf.boolean_mask(x, inner), tf.boolean_mask(y, inner)
 
-    # Everything is computed and the right result selected: no branches (see _first). Degenerate inputs
-    # (no points) give inf/NaN values that are replaced below.
+
+def _bounding_circle(tf, mask):
+    """float64 ``(cx, cy, r)`` of the mask's bounding box (r: half its longer side)."""
     where = tf.cast(tf.where(mask), tf.float64)
     y0, x0 = tf.reduce_min(where[:, 0]), tf.reduce_min(where[:, 1])
     y1, x1 = tf.reduce_max(where[:, 0]) + 1, tf.reduce_max(where[:, 1]) + 1
-    bounding = ((x0 + x1) / 2, (y0 + y1) / 2, tf.maximum(x1 - x0, y1 - y0) / 2)
+    return (x0 + x1) / 2, (y0 + y1) / 2, tf.maximum(x1 - x0, y1 - y0) / 2
 
-    few = tf.shape(x)[0] < 20
-    # Too few points to fit (the bounding box is used): fit 20 dummy points instead, so nothing fails.
+
+def _robust_circle(tf, x, y, few):
+    """float64 ``(cx, cy, r)``: a least-squares circle through the points with three rounds of outlier
+    rejection (residual beyond 2.5 robust standard deviations). With ``few`` points, 20 dummy points on
+    the unit circle are fitted instead, so nothing fails (the caller then uses the bounding box)."""
     angles = tf.constant([2 * math.pi * i / 20 for i in range(20)], tf.float64)
     xs, ys = tf.cond(few, lambda: (tf.cos(angles), tf.sin(angles)), lambda: (x, y))
     keep = tf.ones_like(xs)
@@ -273,26 +314,7 @@ def find_disc(tf, img):
         ncx, ncy, nr = _fit_circle(tf, xs, ys, tf.where(done, keep, new_keep))
         keep = tf.where(done, keep, new_keep)
         cx, cy, r = tf.where(done, cx, ncx), tf.where(done, cy, ncy), tf.where(done, r, nr)
-
-    has_points = area > 0
-    ok = lambda v: tf.where(has_points & tf.math.is_finite(v), v, 0.0)  # noqa: E731
-    cx, cy, r = (ok(tf.where(few, b, f)) for b, f in zip(bounding, (cx, cy, r)))
-    scale = tf.cast(factor, tf.float64)
-    cx, cy, r = (cx + 0.5) * scale, (cy + 0.5) * scale, (r + 0.5) * scale
-    hw_max = tf.cast(tf.maximum(h, w), tf.float64)
-    fmt = lambda v: tf.strings.as_string(v, precision=0)  # noqa: E731
-    error = _first(tf, [
-        (bright - dark < 8, tf.strings.join(
-            ["no fundus found (image is blank: brightness ", fmt(dark), "-", fmt(bright), " of 255)"])),
-        (~has_points, "no fundus found (nothing brighter than the background)"),
-        (area < 0.02 * tf.cast(size, tf.float32), tf.strings.join(
-            ["no fundus found (largest bright region covers only ",
-             tf.strings.as_string(100.0 * area / tf.cast(size, tf.float32), precision=1), " % of the photo)"])),
-        ((r < 16) | (r > 2 * hw_max), tf.strings.join(
-            ["no fundus found (fitted radius ", fmt(r), " px is implausible for a ",
-             tf.strings.as_string(w), "x", tf.strings.as_string(h), " photo)"])),
-    ], ERROR_NONE)
-    return cx, cy, r, error
+    return cx, cy, r
 
 
 def _check_header(tf, data, min_side=MIN_SIDE):

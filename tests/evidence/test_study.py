@@ -2,9 +2,6 @@
 with the ladder's time, throughput, and the report (tables, figures, findings, CLI)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +37,7 @@ def _states(run_dir):
             for s in report["stages"]]
 
 
+@pytest.mark.slow
 def test_study_writes_report_figures_and_json(study):
     out, summary = study
     assert summary["report_md"] == str(out / "REPORT.md")
@@ -55,6 +53,7 @@ def test_study_writes_report_figures_and_json(study):
                                                                  "throughput_seconds"}
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_stage_evaluations(study):
     out, summary = study
     text = (out / "REPORT.md").read_text()
@@ -72,6 +71,7 @@ def test_report_numbers_are_the_stage_evaluations(study):
     assert "| 0 | " + " | ".join(map(str, matrix[0])) + " |" in text
 
 
+@pytest.mark.slow
 def test_scratch_trains_the_top_stage_from_initialisation_for_the_ladders_time(study):
     out, summary = study
     ladder_seconds = sum(r["seconds"] for s in _states(out / "runs" / "stepwise") for r in s["history"])
@@ -91,6 +91,7 @@ def test_scratch_trains_the_top_stage_from_initialisation_for_the_ladders_time(s
     assert summary["scratch"]["scratch_best_val_kappa"] == max(r["val_kappa"] for r in state["history"])
 
 
+@pytest.mark.slow
 def test_throughput_figures_follow_their_definitions(study):
     from retina_scale.models.complexity import family_complexity
 
@@ -109,6 +110,7 @@ def test_throughput_figures_follow_their_definitions(study):
     assert summary["throughput"] == result
 
 
+@pytest.mark.slow
 def test_rerunning_the_study_repeats_no_step(study, small_cache):
     from retina_scale.evidence.study import run_study
 
@@ -121,6 +123,7 @@ def test_rerunning_the_study_repeats_no_step(study, small_cache):
     assert again["stages"] == summary["stages"]
 
 
+@pytest.mark.slow
 def test_report_cli_on_a_run_and_on_a_study(study, capsys):
     out, summary = study
     run_dir = out / "runs" / "stepwise"
@@ -137,14 +140,7 @@ def test_report_cli_on_a_run_and_on_a_study(study, capsys):
     assert printed["scratch"]["stage"] == "small" and printed["throughput"] == summary["throughput"]
 
 
-def test_report_cli_refuses_a_folder_without_a_run(tmp_path, capsys):
-    assert main(["report", "--run", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no finished stepwise run" in err[0]
-    assert main(["report", "--run", str(tmp_path / "missing")]) == 2
-    assert "no such run folder" in capsys.readouterr().err
-
-
+@pytest.mark.slow
 def test_max_seconds_stops_a_stage_between_epochs(tmp_path, small_cache):
     from retina_scale.training.stepwise import StepwiseScaler
 
@@ -156,18 +152,10 @@ def test_max_seconds_stops_a_stage_between_epochs(tmp_path, small_cache):
     assert len(_states(tmp_path / "budget")[0]["history"]) == 1
 
 
-def test_max_seconds_must_be_positive(small_cache):
+def test_max_seconds_must_be_positive(tmp_path):
+    # The config is refused before any data is read: no data set needed.
     with pytest.raises(ConfigError, match=r"stages.0.max_seconds must be > 0"):
-        _config(small_cache, stages="[{stage: tiny, epochs: 2, max_seconds: 0}]")
-
-
-def test_study_script_refuses_bad_arguments_in_one_line(tmp_path, subprocess_env):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "resolution_study.py"
-    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "stages.0.epochs=0"],
-                          capture_output=True, text=True, env=subprocess_env, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("resolution_study: error: stages.0.epochs must be >= 1")
-    assert not (tmp_path / "runs").exists()
+        _config((tmp_path / "data", tmp_path / "cache"), stages="[{stage: tiny, epochs: 2, max_seconds: 0}]")
 
 
 # ------------------------------------------------------------------------------ the analysis alone
@@ -214,8 +202,10 @@ def test_findings_state_the_trend_and_the_overlap():
 
     dip = [rising[0], _stage("small", 224, 0.48, 0.40, 0.56, 0.05, 3e6, _history([0.5], [1]))]
     text = findings(dip, None, None)
-    assert text[0].startswith("Test kappa does not change monotonically") or \
-        text[0].startswith("Test kappa falls at every step")
+    assert text[0].startswith("Test kappa falls at every step")  # one step, down
+
+    wobbly = rising[:2] + [_stage("median", 448, 0.60, 0.55, 0.65, 0.30, 8e6, _history([0.7], [1]))]
+    assert findings(wobbly, None, None)[0].startswith("Test kappa does not change monotonically")
     assert "overlap" in text[0] and "do not overlap" not in text[0]
     assert np.isclose(float(text[0].split("change ")[1].split(" ")[0]), -0.02)
 

@@ -62,6 +62,10 @@ def test_point_estimates_equal_sklearn():
 def test_hand_checked_example():
     # true 0 0 1 2 4 3, scores cut at 0.5/1.5/2.5/3.5 -> predicted 0 1 1 2 4 2
     result = evaluate_predictions([0, 0, 1, 2, 4, 3], [0.1, 0.7, 1.2, 2.2, 3.8, 2.4], n_boot=0)
+    # sum((i - j)^2 * O) = 1 + 1 (true 0 -> 1, true 3 -> 2); the expected matrix from row totals
+    # 2 1 1 1 1 and column totals 1 2 2 0 1 gives sum((i - j)^2 * E) = 136 / 6.
+    assert result["kappa"]["value"] == pytest.approx(1 - 2 / (136 / 6), abs=1e-12)
+    assert result["confusion_matrix"][0] == [1, 1, 0, 0, 0] and result["confusion_matrix"][3] == [0, 0, 1, 0, 0]
     rows = result["table_iv"]
     assert rows["no_dr"]["precision"]["value"] == 1.0  # 1 predicted 0, and it is 0
     assert rows["no_dr"]["recall"]["value"] == 0.5  # 1 of the 2 zeros found

@@ -1,8 +1,7 @@
-import json
+"""Tests of retina_scale.models.complexity: weights, multiply-adds and activations against the paper."""
 
 import pytest
 
-from retina_scale.cli import main
 from retina_scale.models.complexity import PAPER_FIG4, count_complexity, family_complexity
 from retina_scale.models.convnet import build_model
 
@@ -49,25 +48,3 @@ def test_counts_at_other_input_sizes_scale_with_area():
     head = sum(layer.macs for layer in at_112.layers if layer.kind == "Dense")
     assert at_224.macs - head == pytest.approx(4 * (at_112.macs - head), rel=1e-9)
     assert at_224.weights == at_112.weights
-
-
-def test_cli_json_and_plot(tmp_path, capsys):
-    plot = tmp_path / "fig4.png"
-    assert main(["complexity", "--stages", "tiny,224", "--width", "0.5", "--json", "--plot", str(plot)]) == 0
-    data = json.loads(capsys.readouterr().out)
-    assert [d["stage"] for d in data] == ["tiny", "small"] and [d["input_size"] for d in data] == [112, 224]
-    assert all(isinstance(d[k], int) for d in data for k in ("weights", "macs", "activations"))
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["fig4.png"]
-
-
-def test_cli_table_shows_paper_ratio(capsys):
-    assert main(["complexity", "--stages", "tiny"]) == 0
-    out = capsys.readouterr().out
-    assert "1.557 M" in out and "1.550 M" in out and "1.004" in out
-
-
-def test_cli_bad_stage_is_one_line_error(capsys):
-    assert main(["complexity", "--stages", "tiny,huge"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "unknown stage 'huge'" in err and "accepted:" in err

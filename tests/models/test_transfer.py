@@ -5,7 +5,7 @@ import pytest
 
 from retina_scale.models.convnet import build_model
 from retina_scale.models.transfer import (
-    CARRIED, DROPPED, MISMATCH, NEW, load_named_weights, named_weights, save_named_weights, transfer_weights,
+    CARRIED, DROPPED, MISMATCH, NEW, named_weights, transfer_weights,
 )
 
 
@@ -87,15 +87,3 @@ def test_skip_keeps_fresh_weights():
     report = transfer_weights(src, dst, skip={"head_grade"})
     assert "head_grade" in report.new
     np.testing.assert_array_equal(before[0], dst.get_layer("head_grade").get_weights()[0])
-
-
-def test_named_weights_file_round_trip(tmp_path):
-    src = build_model("small", width=0.125, seed=7)
-    path = tmp_path / "init.npz"
-    save_named_weights(src, path)
-    assert [p.name for p in tmp_path.iterdir()] == ["init.npz"]  # no temporary left behind
-    dst = build_model("small", width=0.125, seed=8)
-    report = transfer_weights(load_named_weights(path), dst)
-    assert len(report.carried) == 14 and report.new == [] and report.mismatched == []
-    x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype("float32")
-    np.testing.assert_allclose(np.asarray(dst(x)), np.asarray(src(x)), rtol=1e-5)

@@ -160,6 +160,7 @@ def test_load_export_refuses_what_is_not_ours(exported, tmp_path):
         load_export(copy)
 
 
+@pytest.mark.slow  # five exports and loads: ~13 s
 def test_versions_increase_keep_prunes_and_ties_go_up(tmp_path):
     base = tmp_path / "saved_models"
     (base / "retina").mkdir(parents=True)
@@ -258,6 +259,7 @@ def _finish(process):
     return stdout
 
 
+@pytest.mark.slow  # saved_model_cli processes load TensorFlow: ~15 s
 def test_saved_model_cli_shows_and_runs_the_signature(exported, tmp_path):
     path = str(exported["path"])
     images = exported["images"][:3]

@@ -151,6 +151,7 @@ def test_a_bad_preprocessing_record_is_refused_before_writing(tmp_path):
     assert not any((tmp_path / "m").glob("[0-9]*"))
 
 
+@pytest.mark.slow  # saved_model_cli processes load TensorFlow: ~11 s
 def test_saved_model_cli_shows_and_runs_predict_images(exported, photos, tmp_path):
     path = str(exported["path"])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}

@@ -74,6 +74,7 @@ def test_export_takes_the_last_finished_stage_its_thresholds_and_preprocessing(e
     assert int(got["grade"].numpy()[0]) == int(np.sum(np.array(THRESHOLDS) <= want))
 
 
+@pytest.mark.slow  # two saved_model_cli processes load TensorFlow: ~11 s
 def test_saved_model_cli_shows_and_runs_the_commands_export(exported, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
     cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
