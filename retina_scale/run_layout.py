@@ -249,3 +249,31 @@ class StudyLayout(_WithData):
     def is_study(self) -> bool:
         """True when the folder holds a finished study's ladder."""
         return self.ladder.report_json.exists()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportLayout:
+    """The files ``retina_scale.evidence.report.write_report`` writes into its output folder: a run's ``report/``
+    (:attr:`RunLayout.report_dir`) or a study folder (which is its own report folder)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def markdown(self) -> Path:
+        return self.root / "REPORT.md"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def throughput(self) -> Path:
+        """Where ``retina-scale report --measure`` writes: where a study keeps its measurement."""
+        return self.root / "throughput.json"

@@ -64,7 +64,8 @@ def resolve(args) -> dict:
 
 
 def run(args) -> int:
-    from retina_scale.evidence.report import ReportLayout, write_report
+    from retina_scale.evidence.report import write_report
+    from retina_scale.run_layout import ReportLayout
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1; got {args.steps}")

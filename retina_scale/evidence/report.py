@@ -22,12 +22,11 @@ Example (it needs a trained run, so it is not run as a doctest)::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import platform
 from pathlib import Path
 
-from retina_scale.run_layout import RunLayout, StudyLayout
+from retina_scale.run_layout import ReportLayout, RunLayout
 from retina_scale.utils.fileio import atomic_path, write_json
 from retina_scale.utils.fileio import read_json as _read_json
 from retina_scale.utils.fileio import write_text as _write_text
@@ -38,34 +37,6 @@ PAPER_TABLE_III = {"tiny": 0.63978, "small": 0.77646, "median": 0.83879, "large"
 # The paper's Table IV for its large model: (precision, recall, F1).
 PAPER_TABLE_IV = {"no_dr": (0.932, 0.943, 0.938), "any_dr": (0.842, 0.815, 0.829), "mild_dr": (0.466, 0.312, 0.370)}
 ROW_LABELS = {"no_dr": "No DR", "any_dr": "Any DR", "mild_dr": "Mild DR"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportLayout:
-    """The files :func:`write_report` writes into its output folder: a run's ``report/``
-    (:attr:`RunLayout.report_dir`) or a study folder (which is its own report folder)."""
-
-    root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def markdown(self) -> Path:
-        return self.root / "REPORT.md"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "report.json"
-
-    @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    @property
-    def throughput(self) -> Path:
-        """Where ``retina-scale report --measure`` writes: where a study keeps its measurement."""
-        return StudyLayout(self.root).throughput
 
 
 def load_run(run_dir) -> dict:
