@@ -13,7 +13,8 @@ import numpy as np
 from retina_scale.utils.errors import UserError
 
 PRIORS: dict[str, tuple[float, ...]] = {
-    # The paper's Table II: EyePACS (Kaggle 2015) training-set class frequencies.
+    # Table II of the paper this project implements (Li et al., IJCNN 2019; see the README): EyePACS (Kaggle
+    # 2015) training-set class frequencies.
     "eyepacs": (0.7348, 0.0696, 0.1507, 0.0248, 0.0201),
     "balanced": (0.2, 0.2, 0.2, 0.2, 0.2),
 }
