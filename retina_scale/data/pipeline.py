@@ -61,6 +61,43 @@ def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConf
     return rng.choice(n, size=n, replace=True, p=w / w.sum())
 
 
+def element_plan(n_images: int, global_batch_size: int, seed: int, draw=None, start_epoch: int = 0,
+                 epochs: int = 1, pipelines: int = 1, pipeline_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Which images one input pipeline reads, in order, and each element's augmentation seed; no tf involved.
+
+    Args:
+        n_images: images in the split.
+        global_batch_size: batch size summed over all replicas; a training epoch is cut to whole global batches.
+        seed: the input's seed (the first half of every element's seed).
+        draw: training: ``draw(epoch)`` -> the indices the epoch visits (:meth:`CacheInput.epoch_indices`);
+            ``None``: evaluation, every image once in order.
+        start_epoch, epochs: the epochs the plan holds, back to back.
+        pipelines, pipeline_id: this pipeline keeps the elements at positions ``pipeline_id``,
+            ``pipeline_id + pipelines``, ... of each epoch, so the pipelines together read each position once.
+
+    Returns:
+        ``(index, seeds)``: int64 image indices ``[N]`` and int64 seeds ``[N, 2]`` =
+        ``(seed, epoch * 2**31 + position in the epoch)``: a pure function of (seed, epoch, position).
+    """
+    gb = int(global_batch_size)
+    if draw is not None:
+        per_epoch = (n_images // gb) * gb
+        if per_epoch % pipelines:
+            raise UserError(f"global batch size {gb} must be a multiple of the {pipelines} input pipelines")
+        chosen = range(start_epoch, start_epoch + epochs)
+        index = np.concatenate([np.asarray(draw(e))[:per_epoch] for e in chosen])
+        epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), per_epoch)
+        position = np.tile(np.arange(per_epoch, dtype=np.int64), epochs)
+    else:
+        index = np.arange(n_images)
+        epoch_of = np.zeros(n_images, np.int64)
+        position = np.arange(n_images, dtype=np.int64)
+    keep = (position % pipelines) == pipeline_id
+    index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
+    seeds = np.stack([np.full_like(position, seed), epoch_of * (1 << 31) + position], axis=1)
+    return index.astype(np.int64), seeds.astype(np.int64)
+
+
 class CacheInput:
     """Training or evaluation input for one stage size of a cache.
 
@@ -176,35 +213,28 @@ class CacheInput:
                 ``num_input_pipelines``-th element and batches at the per-replica size.
             include_ids: yield ``(images, labels, ids)``.
         """
-        import tensorflow as tf
-
         gb = int(global_batch_size)
         if gb < 1:
             raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
         if training:
-            steps = self.steps_per_epoch(gb)
-            index = np.concatenate([self.epoch_indices(e)[: steps * gb] for e in range(start_epoch, start_epoch + epochs)])
-            epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), steps * gb)
-            position = np.tile(np.arange(steps * gb, dtype=np.int64), epochs)
-        else:
-            index = np.arange(len(self))
-            epoch_of = np.zeros(len(self), np.int64)
-            position = np.arange(len(self), dtype=np.int64)
-        batch = gb
-        if input_context is not None:
-            k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-            if training and (steps * gb) % k:
-                raise UserError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
-            keep = (position % k) == i
-            index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
-            batch = input_context.get_per_replica_batch_size(gb)
-        seeds = np.stack([np.full_like(position, self.seed), epoch_of * (1 << 31) + position], axis=1)
+            self.steps_per_epoch(gb)  # refuses a global batch larger than the split
+        pipelines, pipeline_id = (1, 0) if input_context is None else (input_context.num_input_pipelines,
+                                                                        input_context.input_pipeline_id)
+        index, seeds = element_plan(len(self), gb, self.seed, draw=self.epoch_indices if training else None,
+                                    start_epoch=start_epoch, epochs=epochs, pipelines=pipelines,
+                                    pipeline_id=pipeline_id)
+        batch = gb if input_context is None else input_context.get_per_replica_batch_size(gb)
+        return self._batches(index, seeds, batch, training, include_ids)
+
+    def _batches(self, index: np.ndarray, seeds: np.ndarray, batch: int, training: bool, include_ids: bool):
+        """The tf.data graph over a plan of :func:`element_plan`: read (or gather from memory), batch, augment."""
+        import tensorflow as tf
 
         paths = tf.constant(self.paths)
         labels = tf.constant(self.labels)
         ids = tf.constant(self.image_ids)
         augment = training and self.augment is not None
-        ds = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), seeds.astype(np.int64)))
+        ds = tf.data.Dataset.from_tensor_slices((index, seeds))
 
         memory = tf.constant(self._load_all()) if self.in_memory else None
 
@@ -225,7 +255,7 @@ class CacheInput:
 
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
-        # Sharding is done above, by element, before any file is read.
+        # Sharding is done by element_plan, before any file is read.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         options.deterministic = True
         # One thread per input op: on a small CPU, parallelism inside ops only steals cores from the model.

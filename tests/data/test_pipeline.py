@@ -16,7 +16,7 @@ import pytest
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg
 from retina_scale.data.cache import prepare_cache, read_config
 from retina_scale.config import O_O_R, O_O_W0, O_O_WF, AugmentConfig, ResampleConfig
-from retina_scale.data.pipeline import CacheInput, class_weights, draw_epoch
+from retina_scale.data.pipeline import CacheInput, class_weights, draw_epoch, element_plan
 from retina_scale.data.sources import read_dataset
 
 SIZE = 32
@@ -71,6 +71,37 @@ def test_resampling_draw_is_deterministic_and_rebalances():
     assert first.max() < 0.25
     plain = draw_epoch(labels, 3, 0, None)
     assert sorted(plain) == list(range(len(labels)))
+
+
+def _draw(epoch):
+    """A stand-in for CacheInput.epoch_indices: 10 images, a different order each epoch."""
+    return np.random.default_rng(epoch).permutation(10)
+
+
+def test_element_plan_of_training_cuts_epochs_to_whole_batches_and_seeds_each_position():
+    index, seeds = element_plan(10, 4, seed=7, draw=_draw, start_epoch=3, epochs=2)
+    assert index.dtype == np.int64 and seeds.dtype == np.int64 and seeds.shape == (16, 2)
+    # 2 batches of 4 per epoch; the last 2 images of each epoch's draw are left out
+    assert list(index) == list(_draw(3)[:8]) + list(_draw(4)[:8])
+    assert (seeds[:, 0] == 7).all()
+    assert list(seeds[:, 1]) == [3 * 2**31 + p for p in range(8)] + [4 * 2**31 + p for p in range(8)]
+    assert len({tuple(s) for s in seeds}) == 16  # every element its own seed
+    # a resumed plan is the tail of the uninterrupted one, seeds included
+    later, later_seeds = element_plan(10, 4, seed=7, draw=_draw, start_epoch=4, epochs=1)
+    assert np.array_equal(later, index[8:]) and np.array_equal(later_seeds, seeds[8:])
+
+
+def test_element_plan_shards_positions_over_pipelines():
+    whole, whole_seeds = element_plan(10, 4, seed=1, draw=_draw, epochs=2)
+    parts = [element_plan(10, 4, seed=1, draw=_draw, epochs=2, pipelines=2, pipeline_id=i) for i in range(2)]
+    assert np.array_equal(parts[0][0], whole[0::2]) and np.array_equal(parts[1][0], whole[1::2])
+    assert np.array_equal(parts[1][1], whole_seeds[1::2])  # an element's seed does not depend on the sharding
+    with pytest.raises(ValueError, match="multiple of the 3 input pipelines"):
+        element_plan(10, 4, seed=1, draw=_draw, pipelines=3)
+    # evaluation: every image once, in order, whatever the batch; sharded by position too
+    index, seeds = element_plan(10, 4, seed=1)
+    assert list(index) == list(range(10)) and list(seeds[:, 1]) == list(range(10))
+    assert list(element_plan(10, 4, seed=1, pipelines=3, pipeline_id=2)[0]) == [2, 5, 8]
 
 
 def test_a_resumed_run_draws_exactly_what_an_uninterrupted_one_would(cache):
