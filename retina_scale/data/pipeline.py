@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from retina_scale.config import AugmentConfig, ResampleConfig
-from retina_scale.data.augment import augment_batch
+from retina_scale.data.augment import augment_batch, augment_drawn, draw
 from retina_scale.data.cache import read_config, read_manifest
 from retina_scale.utils.errors import UserError
 
@@ -193,11 +193,13 @@ class CacheInput:
         img = tf.ensure_shape(img, (self.size, self.size, 3))
         return tf.cast(img, tf.float32)
 
+    def _augment_options(self) -> dict:
+        return dict(fill=128.0 if self.graham else 0.0, mask_fraction=0.9 if self.graham else 1.0, jit=self.jit)
+
     def augment_batch(self, images, seeds):
-        """Augment a batch (float32 ``[B, S, S, 3]``) with per-element stateless ``seeds`` (int64 ``[B, 2]``)."""
-        return augment_batch(images, seeds, self.augment, self.pca_vectors, self.pca_std,
-                             fill=128.0 if self.graham else 0.0, mask_fraction=0.9 if self.graham else 1.0,
-                             jit=self.jit)
+        """Augment a batch (float32 ``[B, S, S, 3]``) with per-element stateless ``seeds`` (int64 ``[B, 2]``):
+        what :meth:`dataset` yields for elements with those seeds."""
+        return augment_batch(images, seeds, self.augment, self.pca_vectors, self.pca_std, **self._augment_options())
 
     def dataset(self, global_batch_size: int, training: bool = True, start_epoch: int = 0, epochs: int = 1,
                 input_context=None, include_ids: bool = False):
@@ -240,7 +242,10 @@ class CacheInput:
 
         def load(i, seed):
             image = tf.cast(tf.gather(memory, i), tf.float32) if memory is not None else self._decode(tf.gather(paths, i))
-            return {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i), "seed": seed}
+            element = {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i)}
+            if augment:  # each element's draw here, in the parallel map, rather than in a loop over the batch
+                element["uniforms"], element["normals"] = draw(seed)
+            return element
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -248,7 +253,8 @@ class CacheInput:
         def finish(b):
             images = b["image"]
             if augment:
-                images = self.augment_batch(images, b["seed"])
+                images = augment_drawn(images, b["uniforms"], b["normals"], self.augment, self.pca_vectors,
+                                       self.pca_std, **self._augment_options())
             if include_ids:
                 return images, b["label"], b["id"]
             return images, b["label"]

@@ -164,6 +164,21 @@ def test_augmentation_identity_and_effect(cache):
     assert xa.numpy()[:, 0, 0].max() == 0  # corners stay black (fill 0, outside the disc)
 
 
+def test_the_input_augments_each_element_as_augment_batch_does_with_its_seed(cache):
+    import tensorflow as tf
+
+    inp = CacheInput(cache, SIZE, resample=None, seed=4)
+    plain = CacheInput(cache, SIZE, resample=None, seed=4, augment=None)
+    x, _, ids = next(iter(inp.dataset(8, start_epoch=2, include_ids=True)))
+    raw, _, raw_ids = next(iter(plain.dataset(8, start_epoch=2, include_ids=True)))
+    assert list(ids.numpy()) == list(raw_ids.numpy())
+    _, seeds = element_plan(len(inp), 8, 4, draw=inp.epoch_indices, start_epoch=2)
+    expected = inp.augment_batch(raw, tf.constant(seeds[:8])).numpy()
+    assert np.abs(x.numpy() - expected).max() < 1e-3  # drawn per element in the input, in a batch here
+    assert np.abs(x.numpy() - raw.numpy()).mean() > 1  # and augmented
+
+
+@pytest.mark.slow  # a subprocess that imports TensorFlow: about 7 s
 def test_distributed_over_two_replicas_in_a_mirrored_strategy(cache):
     code = textwrap.dedent(f"""
         import tensorflow as tf
