@@ -439,18 +439,12 @@ def draw_lesions(rng: np.random.Generator, img: np.ndarray, anat: Anatomy, grade
         p.microaneurysm()
     if grade == 2:
         signs = [s for s in ("haem", "exudate", "cws", "flame") if rng.random() < 0.5] or ["haem"]
-        if "haem" in signs:
-            for _ in range(int(rng.integers(1, 15))):
-                p.dot_blot()
-        if "flame" in signs:
-            for _ in range(int(rng.integers(1, 4))):
-                p.flame()
-        if "exudate" in signs:
-            for _ in range(int(rng.integers(1, 3))):
-                p.exudate_cluster()
-        if "cws" in signs:
-            for _ in range(int(rng.integers(1, 4))):
-                p.cotton_wool()
+        # each sign present: 1 to (bound - 1) lesions of its kind, drawn in this order
+        for sign, bound, paint in (("haem", 15, p.dot_blot), ("flame", 4, p.flame), ("exudate", 3, p.exudate_cluster),
+                                   ("cws", 4, p.cotton_wool)):
+            if sign in signs:
+                for _ in range(int(rng.integers(1, bound))):
+                    paint()
         return p.records
     # grades 3 and 4: severe non-proliferative background
     rules = [r for r in ("haem421", "beading", "irma") if rng.random() < 0.45]
