@@ -1,5 +1,5 @@
-"""o_O's augmentation of a batch of disc-centred squares, in tf ops (on the accelerator when the input map runs
-there, never in Python); o_O is the team whose Kaggle 2015 DR solution this project follows.
+"""o_O's augmentation (see :mod:`retina_scale.data.pipeline`) of a batch of disc-centred squares, in tf ops (on
+the accelerator when the input map runs there, never in Python).
 
 Each element is rotated 0-360 degrees, flipped horizontally and vertically, zoomed by 1/1.15-1.15 on each axis,
 translated (40 px at 512, i.e. 7.8 % of the side) and shifted in colour along the data's own RGB principal axes
