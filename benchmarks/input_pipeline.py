@@ -11,10 +11,16 @@ Three measurements, each a ratio taken in the same run (the machines are shared 
 3. The model's training step alone on synthetic tensors held in memory, and end to end from the cache
    (``model.fit`` on each), per stage; the input is not the bottleneck when the ratio is >= 95 %.
 
+``--augment-only`` times the augmentation alone instead (:mod:`retina_scale.data.augment` in the training
+input's shape and options), optionally against another implementation in the same process (``--reference``: a
+file that defines ``augment_batch`` with the same arguments, e.g. an older commit's pipeline.py).
+
 Usage::
 
     python benchmarks/input_pipeline.py --images 12 --json benchmarks/input_pipeline.json
     python benchmarks/input_pipeline.py --skip-model          # parts 1 and 2 only
+    git show 7a16c39:retina_scale/data/pipeline.py > /tmp/old_pipeline.py
+    python benchmarks/input_pipeline.py --augment-only --sizes 224,448 --batches 16,8 --reference /tmp/old_pipeline.py
 """
 
 from __future__ import annotations
@@ -149,6 +155,72 @@ def bench_input(cache: Path, sizes, batches: dict, steps: int) -> dict:
     return out
 
 
+def _augment_input(module, pool, seeds, batch: int, options):
+    """The training input's shape around ``module``'s augmentation: a parallel element map (gather the image; the
+    element's draw when ``module`` draws per element), batch, a parallel batch map that augments."""
+    import tensorflow as tf
+
+    from retina_scale.config import AugmentConfig
+
+    rng = np.random.default_rng(0)
+    pca_vectors = np.linalg.qr(rng.standard_normal((3, 3)))[0]
+    pca_std = np.array([30.0, 10.0, 3.0])
+    memory = tf.constant(pool)
+    index = np.arange(len(seeds)) % len(pool)
+    ds = tf.data.Dataset.from_tensor_slices((index, seeds)).repeat()
+    auto = dict(num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if hasattr(module, "augment_drawn"):
+        ds = ds.map(lambda i, s: (tf.gather(memory, i), *module.draw(s)), **auto).batch(batch, drop_remainder=True)
+        ds = ds.map(lambda x, u, n: module.augment_drawn(x, u, n, AugmentConfig(), pca_vectors, pca_std), **auto)
+    else:  # seeds per element, drawn in the batch function (the version before issue 12)
+        ds = ds.map(lambda i, s: (tf.gather(memory, i), s), **auto).batch(batch, drop_remainder=True)
+        ds = ds.map(lambda x, s: module.augment_batch(x, s, AugmentConfig(), pca_vectors, pca_std), **auto)
+    return ds.with_options(options)
+
+
+def bench_augment(sizes, batches: dict, steps: int, reference: str | None = None, rounds: int = 3) -> dict:
+    """Images/s of the augmentation alone (o_O's settings) in the training input's shape and options (one thread
+    per op), per size, from 32 distinct images held in memory; with ``reference`` (a file defining another
+    ``augment_batch``, e.g. an older commit's pipeline.py) the implementations alternate, ``rounds`` times each,
+    and the best of each is kept. Images per CPU-second of this process are reported too: on a shared machine,
+    other processes change them less than the wall-clock rate."""
+    import importlib.util
+
+    import tensorflow as tf
+
+    from retina_scale.data import augment
+
+    impls = {"current": augment}
+    if reference:
+        spec = importlib.util.spec_from_file_location("reference_augment", reference)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        impls["reference"] = module
+    options = tf.data.Options()
+    options.threading.max_intra_op_parallelism = 1
+    options.deterministic = True
+    rng = np.random.default_rng(0)
+    out = {}
+    for size in sizes:
+        b = batches[size]
+        pool = rng.uniform(0, 255, (32, size, size, 3)).astype(np.float32)
+        seeds = np.stack([np.zeros(4096), np.arange(4096)], axis=1).astype(np.int64)
+        runs = {name: [] for name in impls}
+        cpu = {name: [] for name in impls}
+        for _ in range(rounds):
+            for name, module in impls.items():
+                ds = _augment_input(module, pool, seeds, b, options)
+                t = time.process_time()
+                runs[name].append(_images_per_s(ds, b, steps, warmup=3))
+                cpu[name].append((steps + 3) * b / (time.process_time() - t))
+        out[size] = {"batch": b, **{name: max(v) for name, v in runs.items()},
+                     "images_per_cpu_s": {name: max(v) for name, v in cpu.items()}, "runs": runs, "cpu_runs": cpu}
+        print(f"augmentation {size}px, batch {b}: " + ", ".join(
+            f"{name} {max(runs[name]):.0f} images/s (runs {[round(r) for r in runs[name]]}), "
+            f"{max(cpu[name]):.0f} images/CPU-s" for name in impls), flush=True)
+    return out
+
+
 def _timed_fit(model, ds, warmup: int, steps: int, batch: int) -> float:
     """Images/s over ``steps`` training steps that follow ``warmup`` steps of the same ``fit`` call."""
     import keras
@@ -208,12 +280,20 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="prepare timings: best of this many runs")
     p.add_argument("--model-repeats", type=int, default=2, help="alternating model-only / end-to-end runs")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--augment-only", action="store_true", help="time the augmentation alone (no data, no model)")
+    p.add_argument("--reference", help="with --augment-only: a file defining another augment_batch to time too")
+    p.add_argument("--rounds", type=int, default=3, help="with --augment-only: alternating runs of each")
     p.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     batches = dict(zip(sizes, [int(b) for b in args.batches.split(",")]))
     msteps = dict(zip(sizes, [int(s) for s in args.model_steps.split(",")]))
+    if args.augment_only:
+        result = {"augment_images_per_s": bench_augment(sizes, batches, args.input_steps, args.reference, args.rounds)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="rs-bench-"))
     try:
         import tensorflow as tf

@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
 import zlib
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -47,7 +48,8 @@ from retina_scale.config import PreprocessConfig
 from retina_scale.data.fundus import BadImage
 from retina_scale.data.sources import Dataset, Failure, Record
 from retina_scale.utils.errors import UserError
-from retina_scale.utils.fileio import atomic_path
+from retina_scale.utils.fileio import write_bytes, write_csv, write_json
+from retina_scale.utils.parallel import parallel_map, worker_count
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.csv"
@@ -84,25 +86,6 @@ def cache_key(image_id: str) -> str:
     return safe
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _csv_text(header, rows) -> str:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 @dataclasses.dataclass
 class PrepareResult:
     """Counts of one ``prepare`` run and where its files are."""
@@ -137,7 +120,7 @@ def _process(task: dict) -> dict:
         config = PreprocessConfig(**task["config"])
         with open(task["path"], "rb") as fh:
             data = fh.read()
-        result = preprocess_file(task["path"], task["all_sizes"] if task["redo_all"] else task["sizes"], config, data=data)
+        result = preprocess_file(task["path"], task["sizes"], config, data=data)
     except BadImage as exc:
         out["reason"] = str(exc)
         return out
@@ -163,7 +146,7 @@ def _process(task: dict) -> dict:
             return out
         data = buf.tobytes()
         folder = Path(task["out"]) / str(size)
-        atomic_write_bytes(folder / f"{task['key']}{ext}", data)
+        write_bytes(folder / f"{task['key']}{ext}", data)
         files[str(size)] = [len(data), zlib.crc32(data)]
     d = result.disc
     out.update(files=files, disc=[round(d.cx, 2), round(d.cy, 2), round(d.r, 2)],
@@ -227,6 +210,7 @@ def _check_config(out: Path, sizes, config: PreprocessConfig, image_format: str)
 
 
 def _output_ok(out: Path, key: str, size: str, rec, verify: bool, ext: str) -> bool:
+    """Is ``out/<size>/<key><ext>`` there with the recorded byte count (and, with ``verify``, CRC-32)?"""
     path = out / size / f"{key}{ext}"
     try:
         if path.stat().st_size != rec[0]:
@@ -236,6 +220,110 @@ def _output_ok(out: Path, key: str, size: str, rec, verify: bool, ext: str) -> b
     if verify:
         return zlib.crc32(path.read_bytes()) == rec[1]
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Redo:
+    """One image to (re)process: the ``sizes`` to make, and the files of other sizes that stay valid."""
+
+    image: str
+    key: str
+    path: str
+    sizes: tuple[int, ...]
+    source_bytes: int
+    source_mtime_ns: int
+    kept_files: dict  # size -> [bytes, crc]: the previous entry's files when the source is unchanged, else {}
+
+
+@dataclasses.dataclass
+class CachePlan:
+    """What a ``prepare`` run has to do, decided before any image is read (see :func:`plan_cache`)."""
+
+    redo: list[Redo]
+    keep: dict[str, dict]  # image id -> its previous entry: unchanged source, every size present and intact
+    vanished: list[Failure]  # records whose source file cannot be found
+    keys: dict[str, str]  # image id -> cache key, for every record
+
+
+def plan_cache(records: Iterable[Record], state: dict[str, dict], sizes: Iterable[int],
+               source_stat: Callable[[str], tuple[int, int]], output_ok: Callable[[str, str, list], bool]) -> CachePlan:
+    """Decide which images to (re)process, and which sizes, from the previous runs' ``state`` (what
+    :func:`_read_state` returns). A pure function of its arguments: the file system is reached only through
+    ``source_stat(path) -> (bytes, mtime_ns)`` (raises ``OSError`` for a missing file) and
+    ``output_ok(key, size, [bytes, crc]) -> bool`` (is that cached file there and intact).
+
+    An image is kept when its source is unchanged (same path, byte count and mtime) and every size is cached
+    and intact; with an unchanged source only the missing or damaged sizes are remade; a new or changed
+    source has every size remade.
+    """
+    plan = CachePlan([], {}, [], {})
+    for rec in records:
+        key = plan.keys[rec.image_id] = cache_key(rec.image_id)
+        try:
+            source_bytes, mtime_ns = source_stat(rec.path)
+        except OSError as exc:
+            plan.vanished.append(Failure(rec.image_id, f"file not found ({exc.strerror or exc})"))
+            continue
+        prev = state.get(rec.image_id)
+        same_source = bool(prev and prev["source"] == rec.path and prev["source_bytes"] == source_bytes
+                           and prev["source_mtime_ns"] == mtime_ns)
+        kept = prev["files"] if same_source else {}
+        missing = tuple(s for s in sizes if not (str(s) in kept and output_ok(key, str(s), kept[str(s)])))
+        if missing:
+            plan.redo.append(Redo(rec.image_id, key, rec.path, missing, source_bytes, mtime_ns, kept))
+        else:
+            plan.keep[rec.image_id] = prev
+    return plan
+
+
+def _source_stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _make_images(redo: list[Redo], out: Path, config: PreprocessConfig, image_format: str, workers: int | None,
+                 progress: bool, entries: dict, failures: list) -> int:
+    """Process ``redo`` in worker processes; each finished image goes to ``entries`` and the journal (so an
+    interrupted run keeps it), each failed one to ``failures``. Returns the count of images made."""
+    tasks = [{"image": r.image, "key": r.key, "path": r.path, "sizes": list(r.sizes), "out": str(out),
+              "config": dataclasses.asdict(config), "image_format": image_format} for r in redo]
+    by_image = {r.image: r for r in redo}
+    if worker_count(workers, len(tasks)) == 1:
+        _init_worker()
+    # fork starts faster, but not once TensorFlow's thread pools run in this process
+    method = "spawn" if "tensorflow" in sys.modules else "fork"
+    prepared = 0
+    with open(out / JOURNAL, "a", encoding="utf-8") as journal, \
+            parallel_map(_process, tasks, workers, ordered=False, initializer=_init_worker, start_method=method,
+                         progress=progress, desc="prepare") as results:
+        for res in results:
+            if "reason" in res:
+                failures.append(Failure(res["image"], res["reason"]))
+                continue
+            r = by_image[res["image"]]
+            entry = {"image": r.image, "source": r.path, "source_bytes": r.source_bytes,
+                     "source_mtime_ns": r.source_mtime_ns, "files": {**r.kept_files, **res["files"]},
+                     "disc": res["disc"], "width": res["width"], "height": res["height"]}
+            journal.write(json.dumps(entry) + "\n")
+            journal.flush()
+            entries[r.image] = entry
+            prepared += 1
+    return prepared
+
+
+def _manifest_rows(records: Iterable[Record], keys: dict[str, str], entries: dict[str, dict], sizes: list[str]):
+    """The manifest's header and rows: one row per record with an entry, in the records' order."""
+    header = BASE_COLUMNS + [f"bytes_{s}" for s in sizes] + [f"crc_{s}" for s in sizes]
+    rows = []
+    for rec in records:
+        e = entries.get(rec.image_id)
+        if e is None:
+            continue
+        row = [rec.image_id, keys[rec.image_id], "" if rec.label is None else rec.label, rec.patient, rec.eye or "",
+               e["source"], e["source_bytes"], e["source_mtime_ns"], *e["disc"], e["width"], e["height"]]
+        row += [e["files"].get(s, ["", ""])[0] for s in sizes] + [e["files"].get(s, ["", ""])[1] for s in sizes]
+        rows.append(row)
+    return header, rows
 
 
 def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: PreprocessConfig = PreprocessConfig(),
@@ -253,8 +341,6 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
         progress: show a tqdm progress bar.
         image_format: ``"jpeg"`` (quality 95) or ``"png"`` (lossless).
     """
-    from tqdm import tqdm
-
     sizes = parse_sizes(sizes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -264,91 +350,22 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
     cfg = _check_config(out, sizes, config, image_format)
     for s in sizes:
         (out / str(s)).mkdir(exist_ok=True)
-    state = _read_state(out)
+    output_ok = functools.partial(_output_ok, out, verify=verify, ext=ext)
+    plan = plan_cache(dataset.records, _read_state(out), sizes, _source_stat, output_ok)
+    failures = list(dataset.failures) + plan.vanished
+    entries = dict(plan.keep)
+    prepared = _make_images(plan.redo, out, config, image_format, workers, progress, entries, failures)
 
-    tasks, done, entries, vanished = [], [], {}, []
-    keys: dict[str, str] = {}
-    for rec in dataset.records:
-        key = cache_key(rec.image_id)
-        keys[rec.image_id] = key
-        try:
-            st = os.stat(rec.path)
-        except OSError as exc:
-            vanished.append(Failure(rec.image_id, f"file not found ({exc.strerror or exc})"))
-            continue
-        prev = state.get(rec.image_id)
-        same_source = bool(prev and prev["source"] == rec.path and prev["source_bytes"] == st.st_size
-                           and prev["source_mtime_ns"] == st.st_mtime_ns)
-        missing = [s for s in sizes if not (same_source and str(s) in prev["files"]
-                                            and _output_ok(out, key, str(s), prev["files"][str(s)], verify, ext))]
-        if not missing:
-            done.append(rec.image_id)
-            entries[rec.image_id] = prev
-            continue
-        tasks.append({"image": rec.image_id, "key": key, "path": rec.path, "sizes": missing, "all_sizes": list(sizes),
-                      "redo_all": not same_source, "out": str(out), "config": dataclasses.asdict(config),
-                      "image_format": image_format,
-                      "source_bytes": st.st_size, "source_mtime_ns": st.st_mtime_ns,
-                      "prev_files": prev["files"] if same_source else {}})
-
-    failures = list(dataset.failures) + vanished
-    prepared = 0
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    journal = open(out / JOURNAL, "a", encoding="utf-8")
-    pool = None
-    try:
-        if n_workers == 1:
-            _init_worker()
-            results = map(_process, tasks)
-            pool = None
-        else:
-            method = "spawn" if "tensorflow" in sys.modules else "fork"
-            pool = multiprocessing.get_context(method).Pool(n_workers, initializer=_init_worker)
-            results = pool.imap_unordered(_process, tasks, chunksize=1)
-        by_image = {t["image"]: t for t in tasks}
-        for res in tqdm(results, total=len(tasks), desc="prepare", unit="img", disable=not progress,
-                        initial=0, dynamic_ncols=True):
-            task = by_image[res["image"]]
-            if "reason" in res:
-                failures.append(Failure(res["image"], res["reason"]))
-                continue
-            files = {**task["prev_files"], **res["files"]}
-            entry = {"image": res["image"], "source": task["path"], "source_bytes": task["source_bytes"],
-                     "source_mtime_ns": task["source_mtime_ns"], "files": files, "disc": res["disc"],
-                     "width": res["width"], "height": res["height"]}
-            journal.write(json.dumps(entry) + "\n")
-            journal.flush()
-            entries[res["image"]] = entry
-            prepared += 1
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-    finally:
-        journal.close()
-        if pool is not None:  # interrupted: stop the workers now; finished images are in the journal
-            pool.terminate()
-
-    all_sizes = [str(s) for s in cfg["sizes"]]
-    header = BASE_COLUMNS + [f"bytes_{s}" for s in all_sizes] + [f"crc_{s}" for s in all_sizes]
-    rows = []
-    for rec in dataset.records:
-        e = entries.get(rec.image_id)
-        if e is None:
-            continue
-        row = [rec.image_id, keys[rec.image_id], "" if rec.label is None else rec.label, rec.patient, rec.eye or "",
-               e["source"], e["source_bytes"], e["source_mtime_ns"], *e["disc"], e["width"], e["height"]]
-        row += [e["files"].get(s, ["", ""])[0] for s in all_sizes] + [e["files"].get(s, ["", ""])[1] for s in all_sizes]
-        rows.append(row)
-    atomic_write_text(out / MANIFEST, _csv_text(header, rows))
-    atomic_write_text(out / FAILURES, _csv_text(["image", "reason"], [[f.image, f.reason] for f in failures]))
+    header, rows = _manifest_rows(dataset.records, plan.keys, entries, [str(s) for s in cfg["sizes"]])
+    write_csv(out / MANIFEST, header, rows, lineterminator="\n")
+    write_csv(out / FAILURES, ["image", "reason"], [[f.image, f.reason] for f in failures], lineterminator="\n")
     if rows:
         cfg["color_pca"] = color_pca(out, min(int(s) for s in cfg["sizes"]), [r[1] for r in rows], ext=ext)
     cfg["data"] = {"root": dataset.root, "format": dataset.format}
     cfg["counts"] = {"images": len(rows), "failed": len(failures)}
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
+    write_json(out / CONFIG, cfg)
     (out / JOURNAL).unlink(missing_ok=True)
-    return PrepareResult(prepared, len(done), len(failures), failures, out)
+    return PrepareResult(prepared, len(plan.keep), len(failures), failures, out)
 
 
 def color_pca(out: Path, size: int, keys: list[str], max_images: int = 256, seed: int = 0, ext: str = ".jpg") -> dict:
@@ -395,14 +412,6 @@ def read_manifest(cache_dir, size: int | None = None):
         ext = IMAGE_FORMATS[read_config(cache_dir).get("image_format", "png")]
         df["path"] = [str(cache_dir / str(int(size)) / f"{k}{ext}") for k in df["key"]]
     return df.reset_index(drop=True)
-
-
-def manifest_records(cache_dir) -> list[Record]:
-    """The cached images as :class:`~retina_scale.data.sources.Record` (path = the source photo), e.g. to make
-    the patient-level split of a run with :func:`retina_scale.data.sources.ensure_splits`."""
-    df = read_manifest(cache_dir)
-    return [Record(str(r.image), str(r.source), int(r.label) if str(r.label) not in ("", "nan") else None,
-                   str(r.patient), str(r.eye) or None) for r in df.itertuples(index=False)]
 
 
 def read_config(cache_dir) -> dict:

@@ -1,15 +1,12 @@
 """tf.data training and evaluation input read from a ``retina-scale prepare`` cache, for one stage size.
 
 What each epoch draws is a pure function of ``(seed, epoch)``: :meth:`CacheInput.epoch_indices` resamples the
-images with o_O's class weights ``w_t = r**t * w0 + (1 - r**t) * wf`` (or, without rebalancing, permutes them),
-and each drawn element's augmentation uses stateless random ops seeded by ``(seed, epoch, position)``. A run
-resumed at epoch ``t`` therefore sees exactly the batches an uninterrupted run would.
+images with o_O's class weights ``w_t = r**t * w0 + (1 - r**t) * wf`` (o_O: the team whose Kaggle 2015 DR
+solution this project follows), or, without rebalancing, permutes them; and each drawn element's augmentation
+uses stateless random ops seeded by ``(seed, epoch, position)``. A run resumed at epoch ``t`` therefore sees
+exactly the batches an uninterrupted run would.
 
-Augmentation follows the o_O Kaggle 2015 solution and runs in tf ops (on the accelerator when the map runs
-there, never in Python): rotation 0-360 degrees, horizontal and vertical flips, zoom 1/1.15-1.15 on each axis,
-translation (40 px at 512, i.e. 7.8 % of the side), and PCA colour noise along the data's own RGB principal
-axes (measured by ``prepare``). ``AugmentConfig.strength`` scales zoom, translation and colour noise per stage;
-rotations and flips are symmetries of a fundus and stay whole.
+Augmentation (:mod:`retina_scale.data.augment`) follows o_O's and runs in tf ops on each batch, never in Python.
 
 Elements are ``(images, labels)``: float32 RGB in [0, 255] of shape ``(batch, size, size, 3)`` (the models
 rescale internally) and float32 grades; with ``include_ids=True`` a third item holds the image ids (strings).
@@ -31,11 +28,10 @@ model.fit(ds, epochs=10, steps_per_epoch=train.steps_per_epoch(64))
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from retina_scale.config import AugmentConfig, ResampleConfig
+from retina_scale.data.augment import augment_batch, augment_drawn, draw
 from retina_scale.data.cache import read_config, read_manifest
 from retina_scale.utils.errors import UserError
 
@@ -65,118 +61,41 @@ def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConf
     return rng.choice(n, size=n, replace=True, p=w / w.sum())
 
 
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _splitmix(z):
-    """SplitMix64 finaliser on uint64 tensors: a counter-based hash, vectorised and XLA-friendly."""
-    import tensorflow as tf
-
-    z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(30, tf.uint64))) * tf.constant(0xBF58476D1CE4E5B9, tf.uint64)
-    z = tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(27, tf.uint64))) * tf.constant(0x94D049BB133111EB, tf.uint64)
-    return tf.bitwise.bitwise_xor(z, tf.bitwise.right_shift(z, tf.constant(31, tf.uint64)))
-
-
-def element_uniforms(seeds, n: int):
-    """``n`` uniform [0, 1) numbers per element from int64 seeds ``[B, 2]``: a pure function of each seed."""
-    import tensorflow as tf
-
-    s = tf.bitcast(tf.cast(seeds, tf.int64), tf.uint64)
-    golden = tf.constant(_GOLDEN, tf.uint64)
-    key = _splitmix(tf.bitwise.bitwise_xor(_splitmix(s[:, 0] + golden), s[:, 1]))
-    cols = [tf.bitwise.right_shift(_splitmix(key + golden * tf.constant(j + 1, tf.uint64)), tf.constant(40, tf.uint64))
-            for j in range(n)]
-    return tf.cast(tf.stack(cols, axis=1), tf.float32) / float(1 << 24)
-
-
-def _bilinear_warp(images, a00, a01, b0, a10, a11, b1, fill: float):
-    """Sample ``images`` at ``(a00*x + a01*y + b0, a10*x + a11*y + b1)`` for each output pixel, bilinearly,
-    with ``fill`` outside (gathers on a padded copy: XLA compiles this to one fused loop)."""
-    import tensorflow as tf
-
-    shape = tf.shape(images)
-    n, h, w = shape[0], shape[1], shape[2]
-    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
-    col = lambda v: v[:, None, None]  # noqa: E731
-    sx = col(a00) * xs + col(a01) * ys + col(b0)
-    sy = col(a10) * xs + col(a11) * ys + col(b1)
-    x0, y0 = tf.floor(sx), tf.floor(sy)
-    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
-    hp, wp = h + 2, w + 2
-    x0 = tf.clip_by_value(tf.cast(x0, tf.int32) + 1, 0, wp - 2)
-    y0 = tf.clip_by_value(tf.cast(y0, tf.int32) + 1, 0, hp - 2)
-    flat = tf.reshape(tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=fill), [-1, 3])
-    base = tf.range(n)[:, None, None] * hp * wp + y0 * wp + x0
-    p00, p01 = tf.gather(flat, base), tf.gather(flat, base + 1)
-    p10, p11 = tf.gather(flat, base + wp), tf.gather(flat, base + wp + 1)
-    top = p00 + (p01 - p00) * fx
-    bottom = p10 + (p11 - p10) * fx
-    out = top + (bottom - top) * fy
-    # Far outside the photo the clipped indices land on the padding; make it exact.
-    inside = (sx > -1) & (sx < tf.cast(w, tf.float32)) & (sy > -1) & (sy < tf.cast(h, tf.float32))
-    return tf.where(inside[..., None], out, fill)
-
-
-def _augment(images, seeds, rotation, flip, log_zoom, shift, color_sigma, pca_vectors, pca_std, fill, mask_fraction):
-    import tensorflow as tf
-
-    size = tf.cast(tf.shape(images)[1], tf.float32)
-    u = element_uniforms(seeds, 10)
-    theta = u[:, 0] * (2 * math.pi) if rotation else tf.zeros_like(u[:, 0])
-    zx = tf.exp((2 * u[:, 1] - 1) * log_zoom)
-    zy = tf.exp((2 * u[:, 2] - 1) * log_zoom)
-    tx = (2 * u[:, 3] - 1) * shift * size
-    ty = (2 * u[:, 4] - 1) * shift * size
-    fx = tf.where(u[:, 5] < 0.5, -1.0, 1.0) if flip else tf.ones_like(u[:, 5])
-    fy = tf.where(u[:, 6] < 0.5, -1.0, 1.0) if flip else tf.ones_like(u[:, 6])
-    c, s = tf.cos(theta), tf.sin(theta)
-    # Forward: out = ctr + t + R S F (in - ctr); inverse: in = A (out - ctr - t) + ctr with A = F S^-1 R^T.
-    a00, a01 = fx * c / zx, fx * s / zx
-    a10, a11 = -fy * s / zy, fy * c / zy
-    ctr = (size - 1) / 2
-    ox, oy = ctr + tx, ctr + ty
-    b0 = ctr - (a00 * ox + a01 * oy)
-    b1 = ctr - (a10 * ox + a11 * oy)
-    # PCA colour noise (Box-Muller normals), added inside the disc only so the background keeps its value.
-    r = tf.sqrt(-2.0 * tf.math.log(tf.maximum(u[:, 7:10], 1e-7)))
-    normals = r * tf.cos(2 * math.pi * tf.roll(u[:, 7:10], 1, axis=1))
-    colors = tf.linalg.matvec(pca_vectors, normals * color_sigma * pca_std[None, :])
-    ys, xs = tf.meshgrid(tf.range(size), tf.range(size), indexing="ij")
-    radius = size / 2 * mask_fraction
-    disc = tf.cast((xs - ctr) ** 2 + (ys - ctr) ** 2 <= radius**2, tf.float32)[None, :, :, None]
-    images = images + disc * colors[:, None, None, :]
-    out = _bilinear_warp(images, a00, a01, b0, a10, a11, b1, fill)
-    return tf.clip_by_value(out, 0.0, 255.0)
-
-
-_COMPILED = {}
-
-
-def augment_batch(images, seeds, config: AugmentConfig, pca_vectors, pca_std, fill: float = 0.0,
-                  mask_fraction: float = 1.0, jit: bool = True):
-    """o_O augmentation of a batch of disc-centred squares, in tf ops, one stateless draw per element.
+def element_plan(n_images: int, global_batch_size: int, seed: int, draw=None, start_epoch: int = 0,
+                 epochs: int = 1, pipelines: int = 1, pipeline_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Which images one input pipeline reads, in order, and each element's augmentation seed; no tf involved.
 
     Args:
-        images: float32 ``[B, S, S, 3]`` in [0, 255].
-        seeds: int64 ``[B, 2]``; each element's transform and colour shift are a pure function of its seed.
-        config: what to draw and how strongly.
-        pca_vectors, pca_std: the data's RGB principal axes (columns) and their standard deviations.
-        fill: value of pixels that come from outside the square (0, or 128 for Graham-normalised caches).
-        mask_fraction: colour noise is added inside this fraction of the radius only.
-        jit: compile with XLA.
-    """
-    import tensorflow as tf
+        n_images: images in the split.
+        global_batch_size: batch size summed over all replicas; a training epoch is cut to whole global batches.
+        seed: the input's seed (the first half of every element's seed).
+        draw: training: ``draw(epoch)`` -> the indices the epoch visits (:meth:`CacheInput.epoch_indices`);
+            ``None``: evaluation, every image once in order.
+        start_epoch, epochs: the epochs the plan holds, back to back.
+        pipelines, pipeline_id: this pipeline keeps the elements at positions ``pipeline_id``,
+            ``pipeline_id + pipelines``, ... of each epoch, so the pipelines together read each position once.
 
-    key = (jit, config.rotation, config.flip)
-    if key not in _COMPILED:
-        _COMPILED[key] = tf.function(
-            lambda x, s, lz, sh, cs, v, sd, f, mf: _augment(x, s, config.rotation, config.flip, lz, sh, cs, v, sd, f, mf),
-            jit_compile=jit, reduce_retracing=True)
-    return _COMPILED[key](
-        images, seeds, tf.constant(math.log(config.zoom) * config.strength, tf.float32),
-        tf.constant(config.translation * config.strength, tf.float32),
-        tf.constant(config.color_sigma * config.strength, tf.float32), tf.constant(pca_vectors, tf.float32),
-        tf.constant(pca_std, tf.float32), tf.constant(fill, tf.float32), tf.constant(mask_fraction, tf.float32))
+    Returns:
+        ``(index, seeds)``: int64 image indices ``[N]`` and int64 seeds ``[N, 2]`` =
+        ``(seed, epoch * 2**31 + position in the epoch)``: a pure function of (seed, epoch, position).
+    """
+    gb = int(global_batch_size)
+    if draw is not None:
+        per_epoch = (n_images // gb) * gb
+        if per_epoch % pipelines:
+            raise UserError(f"global batch size {gb} must be a multiple of the {pipelines} input pipelines")
+        chosen = range(start_epoch, start_epoch + epochs)
+        index = np.concatenate([np.asarray(draw(e))[:per_epoch] for e in chosen])
+        epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), per_epoch)
+        position = np.tile(np.arange(per_epoch, dtype=np.int64), epochs)
+    else:
+        index = np.arange(n_images)
+        epoch_of = np.zeros(n_images, np.int64)
+        position = np.arange(n_images, dtype=np.int64)
+    keep = (position % pipelines) == pipeline_id
+    index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
+    seeds = np.stack([np.full_like(position, seed), epoch_of * (1 << 31) + position], axis=1)
+    return index.astype(np.int64), seeds.astype(np.int64)
 
 
 class CacheInput:
@@ -274,11 +193,13 @@ class CacheInput:
         img = tf.ensure_shape(img, (self.size, self.size, 3))
         return tf.cast(img, tf.float32)
 
+    def _augment_options(self) -> dict:
+        return dict(fill=128.0 if self.graham else 0.0, mask_fraction=0.9 if self.graham else 1.0, jit=self.jit)
+
     def augment_batch(self, images, seeds):
-        """Augment a batch (float32 ``[B, S, S, 3]``) with per-element stateless ``seeds`` (int64 ``[B, 2]``)."""
-        return augment_batch(images, seeds, self.augment, self.pca_vectors, self.pca_std,
-                             fill=128.0 if self.graham else 0.0, mask_fraction=0.9 if self.graham else 1.0,
-                             jit=self.jit)
+        """Augment a batch (float32 ``[B, S, S, 3]``) with per-element stateless ``seeds`` (int64 ``[B, 2]``):
+        what :meth:`dataset` yields for elements with those seeds."""
+        return augment_batch(images, seeds, self.augment, self.pca_vectors, self.pca_std, **self._augment_options())
 
     def dataset(self, global_batch_size: int, training: bool = True, start_epoch: int = 0, epochs: int = 1,
                 input_context=None, include_ids: bool = False):
@@ -294,41 +215,37 @@ class CacheInput:
                 ``num_input_pipelines``-th element and batches at the per-replica size.
             include_ids: yield ``(images, labels, ids)``.
         """
-        import tensorflow as tf
-
         gb = int(global_batch_size)
         if gb < 1:
             raise UserError(f"global batch size must be >= 1, got {global_batch_size}")
         if training:
-            steps = self.steps_per_epoch(gb)
-            index = np.concatenate([self.epoch_indices(e)[: steps * gb] for e in range(start_epoch, start_epoch + epochs)])
-            epoch_of = np.repeat(np.arange(start_epoch, start_epoch + epochs, dtype=np.int64), steps * gb)
-            position = np.tile(np.arange(steps * gb, dtype=np.int64), epochs)
-        else:
-            index = np.arange(len(self))
-            epoch_of = np.zeros(len(self), np.int64)
-            position = np.arange(len(self), dtype=np.int64)
-        batch = gb
-        if input_context is not None:
-            k, i = input_context.num_input_pipelines, input_context.input_pipeline_id
-            if training and (steps * gb) % k:
-                raise UserError(f"global batch size {gb} must be a multiple of the {k} input pipelines")
-            keep = (position % k) == i
-            index, epoch_of, position = index[keep], epoch_of[keep], position[keep]
-            batch = input_context.get_per_replica_batch_size(gb)
-        seeds = np.stack([np.full_like(position, self.seed), epoch_of * (1 << 31) + position], axis=1)
+            self.steps_per_epoch(gb)  # refuses a global batch larger than the split
+        pipelines, pipeline_id = (1, 0) if input_context is None else (input_context.num_input_pipelines,
+                                                                        input_context.input_pipeline_id)
+        index, seeds = element_plan(len(self), gb, self.seed, draw=self.epoch_indices if training else None,
+                                    start_epoch=start_epoch, epochs=epochs, pipelines=pipelines,
+                                    pipeline_id=pipeline_id)
+        batch = gb if input_context is None else input_context.get_per_replica_batch_size(gb)
+        return self._batches(index, seeds, batch, training, include_ids)
+
+    def _batches(self, index: np.ndarray, seeds: np.ndarray, batch: int, training: bool, include_ids: bool):
+        """The tf.data graph over a plan of :func:`element_plan`: read (or gather from memory), batch, augment."""
+        import tensorflow as tf
 
         paths = tf.constant(self.paths)
         labels = tf.constant(self.labels)
         ids = tf.constant(self.image_ids)
         augment = training and self.augment is not None
-        ds = tf.data.Dataset.from_tensor_slices((index.astype(np.int64), seeds.astype(np.int64)))
+        ds = tf.data.Dataset.from_tensor_slices((index, seeds))
 
         memory = tf.constant(self._load_all()) if self.in_memory else None
 
         def load(i, seed):
             image = tf.cast(tf.gather(memory, i), tf.float32) if memory is not None else self._decode(tf.gather(paths, i))
-            return {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i), "seed": seed}
+            element = {"image": image, "label": tf.gather(labels, i), "id": tf.gather(ids, i)}
+            if augment:  # each element's draw here, in the parallel map, rather than in a loop over the batch
+                element["uniforms"], element["normals"] = draw(seed)
+            return element
 
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch, drop_remainder=training, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -336,14 +253,15 @@ class CacheInput:
         def finish(b):
             images = b["image"]
             if augment:
-                images = self.augment_batch(images, b["seed"])
+                images = augment_drawn(images, b["uniforms"], b["normals"], self.augment, self.pca_vectors,
+                                       self.pca_std, **self._augment_options())
             if include_ids:
                 return images, b["label"], b["id"]
             return images, b["label"]
 
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
-        # Sharding is done above, by element, before any file is read.
+        # Sharding is done by element_plan, before any file is read.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         options.deterministic = True
         # One thread per input op: on a small CPU, parallelism inside ops only steals cores from the model.
@@ -355,13 +273,3 @@ class CacheInput:
         """The dataset distributed over ``strategy``'s replicas and workers (one input pipeline per worker)."""
         return strategy.distribute_datasets_from_function(
             lambda ctx: self.dataset(global_batch_size, input_context=ctx, **kwargs))
-
-
-def make_dataset(cache_dir, size: int, global_batch_size: int, strategy=None, training: bool = True,
-                 start_epoch: int = 0, epochs: int = 1, include_ids: bool = False, **kwargs):
-    """One-call form: a :class:`CacheInput`'s dataset, distributed over ``strategy`` when given."""
-    inp = CacheInput(cache_dir, size, **kwargs)
-    opts = dict(training=training, start_epoch=start_epoch, epochs=epochs, include_ids=include_ids)
-    if strategy is not None:
-        return inp.distribute(strategy, global_batch_size, **opts)
-    return inp.dataset(global_batch_size, **opts)

@@ -38,7 +38,7 @@ import numpy as np
 
 from retina_scale.config import FORMATS, GRADES, SPLIT_NAMES
 from retina_scale.utils.errors import UserError
-from retina_scale.utils.fileio import atomic_path
+from retina_scale.utils.fileio import write_csv
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -375,12 +375,9 @@ def write_splits(splits: dict[str, str], records: list[Record], path) -> Path:
     """Write ``image,patient,eye,label,split`` to ``path`` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "patient", "eye", "label", "split"])
-        for r in records:
-            if r.image_id in splits:
-                w.writerow([r.image_id, r.patient, r.eye or "", "" if r.label is None else r.label, splits[r.image_id]])
+    rows = [[r.image_id, r.patient, r.eye or "", "" if r.label is None else r.label, splits[r.image_id]]
+            for r in records if r.image_id in splits]
+    write_csv(path, ["image", "patient", "eye", "label", "split"], rows)
     return path
 
 

@@ -202,3 +202,63 @@ def test_prepare_reads_the_synthetic_data_set_of_retina_scale_synth(tmp_path, fr
     assert (abs(m["disc_r"].astype(float) - 80) <= 2).all(), m["disc_r"].tolist()
     if framing is None:
         assert (abs(m["disc_cx"].astype(float) - 80) <= 2).all() and (abs(m["disc_cy"].astype(float) - 80) <= 2).all()
+
+
+# ------------------------------------------------------------------------------- the what-to-redo planner
+
+def _plan(records, state, sizes=(32, 64), sources=None, broken=()):
+    """plan_cache with a fake file system: ``sources`` {path: (bytes, mtime)}, ``broken`` {(key, size)}."""
+    from retina_scale.data.cache import plan_cache
+
+    sources = {r.path: (100, 7) for r in records} if sources is None else sources
+
+    def stat(path):
+        if path not in sources:
+            raise FileNotFoundError(2, "No such file or directory")
+        return sources[path]
+
+    return plan_cache(records, state, sizes, stat, lambda key, size, rec: (key, size) not in broken)
+
+
+def _entry(path, files, source_bytes=100, mtime=7):
+    return {"source": path, "source_bytes": source_bytes, "source_mtime_ns": mtime, "files": files,
+            "disc": [1.0, 2.0, 3.0], "width": 10, "height": 10}
+
+
+def test_planner_redoes_only_what_is_new_changed_missing_or_damaged():
+    from retina_scale.data.sources import Record
+
+    recs = [Record(f"{i}_left", f"/d/{i}_left.jpeg", 0, str(i), "left") for i in range(6)]
+    both = {"32": [10, 1], "64": [20, 2]}
+    state = {
+        "0_left": _entry("/d/0_left.jpeg", dict(both)),  # intact: kept
+        "1_left": _entry("/d/1_left.jpeg", {"32": [10, 1]}),  # a size is missing: only it is made
+        "2_left": _entry("/d/2_left.jpeg", dict(both), mtime=6),  # the source changed: every size
+        "3_left": _entry("/d/3_left.jpeg", dict(both)),  # its 64 px file is damaged: only that size
+        "4_left": _entry("/elsewhere/4_left.jpeg", dict(both)),  # same id, another source file: every size
+    }  # 5_left is new
+    plan = _plan(recs, state, broken={("3_left", "64")})
+    assert list(plan.keep) == ["0_left"] and plan.keep["0_left"] is state["0_left"]
+    redo = {r.image: r for r in plan.redo}
+    assert sorted(redo) == ["1_left", "2_left", "3_left", "4_left", "5_left"]
+    assert redo["1_left"].sizes == (64,) and redo["1_left"].kept_files == {"32": [10, 1]}
+    assert redo["3_left"].sizes == (64,) and redo["3_left"].kept_files == both
+    for image in ("2_left", "4_left", "5_left"):
+        assert redo[image].sizes == (32, 64) and redo[image].kept_files == {}, image
+    assert (redo["5_left"].source_bytes, redo["5_left"].source_mtime_ns) == (100, 7)
+    assert plan.vanished == [] and plan.keys == {r.image_id: r.image_id for r in recs}
+
+
+def test_planner_reports_a_vanished_source_and_adds_new_sizes():
+    from retina_scale.data.sources import Record
+
+    recs = [Record("a b", "/d/a b.jpeg", 1, "a", None), Record("gone", "/d/gone.jpeg", 2, "g", None)]
+    state = {"a b": _entry("/d/a b.jpeg", {"32": [10, 1]})}
+    plan = _plan(recs, state, sizes=(32, 48), sources={"/d/a b.jpeg": (100, 7)})
+    assert [(f.image, f.reason.split(" (")[0]) for f in plan.vanished] == [("gone", "file not found")]
+    assert [(r.image, r.sizes) for r in plan.redo] == [("a b", (48,))]
+    assert plan.keys["a b"] != "a b" and " " not in plan.keys["a b"]  # a file-name-safe key
+    assert "gone" in plan.keys and not plan.keep
+    # nothing cached yet: everything is made, nothing kept
+    fresh = _plan(recs[:1], {}, sizes=(32, 48), sources={"/d/a b.jpeg": (100, 7)})
+    assert [(r.image, r.sizes, r.kept_files) for r in fresh.redo] == [("a b", (32, 48), {})]

@@ -16,7 +16,7 @@ import pytest
 from fundus_fixtures import draw_fundus, write_csv, write_jpeg
 from retina_scale.data.cache import prepare_cache, read_config
 from retina_scale.config import O_O_R, O_O_W0, O_O_WF, AugmentConfig, ResampleConfig
-from retina_scale.data.pipeline import CacheInput, class_weights, draw_epoch
+from retina_scale.data.pipeline import CacheInput, class_weights, draw_epoch, element_plan
 from retina_scale.data.sources import read_dataset
 
 SIZE = 32
@@ -71,6 +71,37 @@ def test_resampling_draw_is_deterministic_and_rebalances():
     assert first.max() < 0.25
     plain = draw_epoch(labels, 3, 0, None)
     assert sorted(plain) == list(range(len(labels)))
+
+
+def _draw(epoch):
+    """A stand-in for CacheInput.epoch_indices: 10 images, a different order each epoch."""
+    return np.random.default_rng(epoch).permutation(10)
+
+
+def test_element_plan_of_training_cuts_epochs_to_whole_batches_and_seeds_each_position():
+    index, seeds = element_plan(10, 4, seed=7, draw=_draw, start_epoch=3, epochs=2)
+    assert index.dtype == np.int64 and seeds.dtype == np.int64 and seeds.shape == (16, 2)
+    # 2 batches of 4 per epoch; the last 2 images of each epoch's draw are left out
+    assert list(index) == list(_draw(3)[:8]) + list(_draw(4)[:8])
+    assert (seeds[:, 0] == 7).all()
+    assert list(seeds[:, 1]) == [3 * 2**31 + p for p in range(8)] + [4 * 2**31 + p for p in range(8)]
+    assert len({tuple(s) for s in seeds}) == 16  # every element its own seed
+    # a resumed plan is the tail of the uninterrupted one, seeds included
+    later, later_seeds = element_plan(10, 4, seed=7, draw=_draw, start_epoch=4, epochs=1)
+    assert np.array_equal(later, index[8:]) and np.array_equal(later_seeds, seeds[8:])
+
+
+def test_element_plan_shards_positions_over_pipelines():
+    whole, whole_seeds = element_plan(10, 4, seed=1, draw=_draw, epochs=2)
+    parts = [element_plan(10, 4, seed=1, draw=_draw, epochs=2, pipelines=2, pipeline_id=i) for i in range(2)]
+    assert np.array_equal(parts[0][0], whole[0::2]) and np.array_equal(parts[1][0], whole[1::2])
+    assert np.array_equal(parts[1][1], whole_seeds[1::2])  # an element's seed does not depend on the sharding
+    with pytest.raises(ValueError, match="multiple of the 3 input pipelines"):
+        element_plan(10, 4, seed=1, draw=_draw, pipelines=3)
+    # evaluation: every image once, in order, whatever the batch; sharded by position too
+    index, seeds = element_plan(10, 4, seed=1)
+    assert list(index) == list(range(10)) and list(seeds[:, 1]) == list(range(10))
+    assert list(element_plan(10, 4, seed=1, pipelines=3, pipeline_id=2)[0]) == [2, 5, 8]
 
 
 def test_a_resumed_run_draws_exactly_what_an_uninterrupted_one_would(cache):
@@ -133,6 +164,21 @@ def test_augmentation_identity_and_effect(cache):
     assert xa.numpy()[:, 0, 0].max() == 0  # corners stay black (fill 0, outside the disc)
 
 
+def test_the_input_augments_each_element_as_augment_batch_does_with_its_seed(cache):
+    import tensorflow as tf
+
+    inp = CacheInput(cache, SIZE, resample=None, seed=4)
+    plain = CacheInput(cache, SIZE, resample=None, seed=4, augment=None)
+    x, _, ids = next(iter(inp.dataset(8, start_epoch=2, include_ids=True)))
+    raw, _, raw_ids = next(iter(plain.dataset(8, start_epoch=2, include_ids=True)))
+    assert list(ids.numpy()) == list(raw_ids.numpy())
+    _, seeds = element_plan(len(inp), 8, 4, draw=inp.epoch_indices, start_epoch=2)
+    expected = inp.augment_batch(raw, tf.constant(seeds[:8])).numpy()
+    assert np.abs(x.numpy() - expected).max() < 1e-3  # drawn per element in the input, in a batch here
+    assert np.abs(x.numpy() - raw.numpy()).mean() > 1  # and augmented
+
+
+@pytest.mark.slow  # a subprocess that imports TensorFlow: about 7 s
 def test_distributed_over_two_replicas_in_a_mirrored_strategy(cache):
     code = textwrap.dedent(f"""
         import tensorflow as tf
@@ -169,26 +215,3 @@ def test_in_memory_and_file_reading_give_the_same_batches(cache, tmp_path, fmt):
     assert len(a) == len(b) == 3
     for (x1, y1, i1), (x2, y2, i2) in zip(a, b):
         assert np.array_equal(i1, i2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
-
-
-def test_rotation_and_flips_preserve_the_disc():
-    import tensorflow as tf
-
-    from retina_scale.data.pipeline import augment_batch, element_uniforms
-
-    u = element_uniforms(tf.constant([[1, 2], [1, 3], [1, 2]], tf.int64), 1000).numpy()
-    assert np.array_equal(u[0], u[2]) and not np.array_equal(u[0], u[1])
-    assert abs(u.mean() - 0.5) < 0.02 and u.min() >= 0 and u.max() < 1
-    img = cv2.resize(draw_fundus(width=200, height=200, r=100, seed=4), (64, 64), interpolation=cv2.INTER_AREA)
-    x = tf.constant(np.repeat(img[None, :, :, ::-1].astype(np.float32), 6, axis=0))
-    seeds = tf.constant([[0, i] for i in range(6)], tf.int64)
-    geo = AugmentConfig(zoom=1.0, translation=0.0, color_sigma=0.0)
-    for jit in (True, False):
-        y = augment_batch(x, seeds, geo, np.eye(3), np.zeros(3), jit=jit).numpy()
-        # A rotation or flip about the centre keeps the disc where it is: same total brightness, black corners.
-        assert np.allclose(y.sum(axis=(1, 2, 3)), x.numpy().sum(axis=(1, 2, 3)), rtol=0.03)
-        assert (y[:, :3, :3] == 0).all()
-        assert np.abs(y - x.numpy()).mean() > 1  # but the content moved
-    y1 = augment_batch(x, seeds, AugmentConfig(), np.eye(3), np.full(3, 30.0), jit=True).numpy()
-    y2 = augment_batch(x, seeds, AugmentConfig(), np.eye(3), np.full(3, 30.0), jit=False).numpy()
-    assert np.abs(y1 - y2).max() < 0.1  # XLA and plain TF agree

@@ -279,7 +279,7 @@ def test_microaneurysm_contrast_and_profile_match_the_real_detail():
     for r in ref:
         # a drawn microaneurysm of the same width and depth, at a sub-pixel position, on a flat background
         img = np.full((48, 48, 3), 0.4, np.float32)
-        painter = syn._LesionPainter(np.random.default_rng(0), img, anat)
+        painter = syn.LesionPainter(np.random.default_rng(0), img, anat)
         painter.microaneurysm(24.3, 23.6, diameter_px=r["fwhm"], depth=r["depth"])
         m = syn.measure_dark_spot(img[..., 1], 24, 24)
         assert abs(m["depth"] - r["depth"]) < 0.05
@@ -339,8 +339,10 @@ def test_non_empty_folder_is_refused_without_overwrite(synth_cli, tmp_path, caps
 
 
 def test_a_failure_midway_leaves_no_trainlabels(tmp_path, monkeypatch):
+    from retina_scale.data.synthetic import writer
+
     calls = {"n": 0}
-    real = syn._render_one
+    real = writer._render_one
 
     def flaky(job):
         calls["n"] += 1
@@ -348,11 +350,38 @@ def test_a_failure_midway_leaves_no_trainlabels(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(job)
 
-    monkeypatch.setattr(syn, "_render_one", flaky)
+    monkeypatch.setattr(writer, "_render_one", flaky)
     with pytest.raises(RuntimeError):
         syn.generate_dataset(tmp_path / "out", count=5, size=96, progress=False)
     assert not (tmp_path / "out" / "trainLabels.csv").exists()
     assert not list((tmp_path / "out").rglob("*.tmp"))
+    assert not list((tmp_path / "out").rglob("*.tmp*"))  # atomic_path's temporary names end in .tmp.jpeg
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["1_left.jpeg", "1_right.jpeg"]
+
+
+def test_stale_photos_and_temporary_files_are_removed_and_nothing_else(tmp_path):
+    from retina_scale.data.synthetic.writer import remove_stale_photos
+
+    names = ["1_left.jpeg", "1_right.jpeg", "2_left.jpeg", "2_left.jpeg.tmp", ".2_right.jpeg.k3_x9abc.tmp.jpeg",
+             "notes.txt", "1_left.png", "x_left.jpeg", ".hidden.jpeg"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_photos(str(tmp_path), ["1_left", "1_right"])
+    assert removed == [".2_right.jpeg.k3_x9abc.tmp.jpeg", "2_left.jpeg", "2_left.jpeg.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - set(removed))
+
+
+def test_dataset_summary_counts_grades_and_lesion_kinds():
+    from retina_scale.data.synthetic.writer import dataset_summary
+
+    specs = syn.plan_dataset(7, seed=2, prior="balanced")
+    rows = [{"kind": "microaneurysm"}] * 3 + [{"kind": "nvd"}]
+    s = dataset_summary("/d", specs, rows, size=96, seed=2, probs=[0.2] * 5, label_noise=0.0, framing=None,
+                        real_fraction=0.3)
+    assert s["count"] == 7 and sum(s["levels"]) == 7
+    assert s["levels"] == [sum(sp.level == g for sp in specs) for g in range(5)]
+    assert s["lesions"] == {"microaneurysm": 3, "nvd": 1}
+    assert s["labels"] == os.path.join("/d", "trainLabels.csv") and s["prior"] == [0.2] * 5
 
 
 def test_cli_writes_the_set_and_prints_a_table_and_json(synth_cli, tmp_path, capsys):

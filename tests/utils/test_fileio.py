@@ -29,3 +29,18 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_write_bytes_and_write_csv_replace_the_file_whole(tmp_path):
+    from retina_scale.utils.fileio import write_bytes, write_csv
+
+    target = tmp_path / "data.bin"
+    target.write_bytes(b"older and longer")
+    write_bytes(target, b"\x00new")
+    assert target.read_bytes() == b"\x00new"
+    table = tmp_path / "t.csv"
+    write_csv(table, ["image", "reason"], [["1_left", "a, b"], ["é", ""]])
+    assert table.read_bytes() == 'image,reason\r\n1_left,"a, b"\r\né,\r\n'.encode("utf-8")
+    write_csv(table, ["image"], [["x"]], lineterminator="\n")
+    assert table.read_bytes() == b"image\nx\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin", "t.csv"]
