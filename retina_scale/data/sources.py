@@ -393,15 +393,15 @@ def read_splits(path) -> dict[str, str]:
     return out
 
 
-def ensure_splits(run_dir, records: list[Record], val_fraction: float = 0.1, test_fraction: float = 0.1,
-                  seed: int = 0, name: str = "splits.csv") -> dict[str, str]:
-    """The run's split: read ``run_dir/splits.csv`` when it exists (a resumed or repeated run), else make it
-    with :func:`split_by_patient` and write it there.
+def ensure_splits(path, records: list[Record], val_fraction: float = 0.1, test_fraction: float = 0.1,
+                  seed: int = 0) -> dict[str, str]:
+    """The run's split: read the split file ``path`` (a run's ``splits.csv``, see ``RunLayout.splits``) when
+    it exists (a resumed or repeated run), else make it with :func:`split_by_patient` and write it there.
 
     Raises:
         ValueError: the existing file does not cover the records, or puts a patient's images in two splits.
     """
-    path = Path(run_dir) / name
+    path = Path(path)
     if path.is_file():
         splits = read_splits(path)
         missing = [r.image_id for r in records if r.image_id not in splits]

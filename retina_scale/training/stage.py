@@ -98,8 +98,8 @@ def prepare_run_data(config: TrainConfig, layout: RunLayout, log: Callable[[str]
     log(result.summary())
     if result.prepared + result.skipped == 0:
         raise UserError(f"no usable image in {data_dir}; see {cache_dir / 'failures.csv'}")
-    splits = ensure_splits(layout.splits.parent, dataset.records, cfg.val_fraction, cfg.test_fraction,
-                           seed=cfg.split_seed, name=layout.splits.name)
+    splits = ensure_splits(layout.splits, dataset.records, cfg.val_fraction, cfg.test_fraction,
+                           seed=cfg.split_seed)
     _check_splits(splits, {r.image_id: r.label for r in dataset.records})
     return cache_dir, layout.splits
 

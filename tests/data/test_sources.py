@@ -143,10 +143,10 @@ def test_split_keeps_patients_whole_and_is_stratified_and_seeded(tmp_path):
 
 def test_ensure_splits_writes_once_then_reuses_and_checks(tmp_path):
     records = _population(50)
-    first = ensure_splits(tmp_path / "run", records, 0.2, 0.2, seed=1)
+    first = ensure_splits(tmp_path / "run" / "splits.csv", records, 0.2, 0.2, seed=1)
     assert (tmp_path / "run" / "splits.csv").is_file()
     # A second call (a resumed run) reads the file, whatever seed it is given.
-    assert ensure_splits(tmp_path / "run", records, 0.2, 0.2, seed=99) == first
+    assert ensure_splits(tmp_path / "run" / "splits.csv", records, 0.2, 0.2, seed=99) == first
     extra = records + [Record("new_left", "/x/new_left.jpeg", 0, "new", "left")]
     with pytest.raises(ValueError, match="no split for 1 image"):
-        ensure_splits(tmp_path / "run", extra)
+        ensure_splits(tmp_path / "run" / "splits.csv", extra)
