@@ -42,7 +42,7 @@ from retina_scale.grading.kappa import as_grades, kappa_from_confusion
 from retina_scale.grading.thresholds import apply_thresholds, validate_thresholds
 from retina_scale.utils.errors import UserError
 
-__all__ = ["evaluate_predictions", "format_evaluation"]
+__all__ = ["all_statistics", "evaluate_predictions", "format_evaluation"]
 
 # The one-vs-rest rows of the paper's Table IV: name -> (label, grades counted as positive).
 TABLE_IV_ROWS = {
@@ -269,7 +269,7 @@ def format_evaluation(result: dict[str, Any]) -> str:
         lines.append(f"  {label:20}{_cell(result['referable'][key])}")
 
     partial = [
-        name for name, stat in _all_statistics(result)
+        name for name, stat in all_statistics(result)
         if boot["n_boot"] and stat["n_valid"] < boot["n_boot"]
     ]
     if partial:
@@ -286,7 +286,8 @@ def format_evaluation(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _all_statistics(result: dict[str, Any]):
+def all_statistics(result: dict[str, Any]):
+    """Every ``(name, statistic)`` of an ``evaluate_predictions`` result: kappa, the Table IV rows, referable DR."""
     yield "kappa", result["kappa"]
     for name, row in result["table_iv"].items():
         for metric, stat in row.items():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
+from retina_scale.grading.evaluation import all_statistics, evaluate_predictions, format_evaluation
 
 # The paper's Fig. 3: confusion matrix of its large model on the EyePACS test set (rows true grade).
 PAPER_FIG3 = np.array([
@@ -23,15 +23,6 @@ def synthetic(n, seed):
     y = rng.choice(5, size=n, p=[0.6, 0.12, 0.16, 0.06, 0.06])
     scores = np.round(y + rng.normal(0.0, 0.8, size=n), 1)  # rounded: ties for the AUC
     return y, scores
-
-
-def every_statistic(result):
-    yield "kappa", result["kappa"]
-    for row, stats in result["table_iv"].items():
-        for name, stat in stats.items():
-            yield f"{row}.{name}", stat
-    for name, stat in result["referable"].items():
-        yield f"referable.{name}", stat
 
 
 def test_point_estimates_equal_sklearn():
@@ -102,7 +93,7 @@ def test_paper_fig3_reproduces_table_iv_with_precision_and_recall_swapped():
 def test_intervals_contain_the_estimate_and_narrow_with_more_data():
     small = evaluate_predictions(*synthetic(300, seed=1), n_boot=300, seed=0)
     large = evaluate_predictions(*synthetic(3000, seed=1), n_boot=300, seed=0)
-    for (name, s), (_, l) in zip(every_statistic(small), every_statistic(large)):
+    for (name, s), (_, l) in zip(all_statistics(small), all_statistics(large)):
         for stat in (s, l):
             assert stat["ci_low"] <= stat["value"] <= stat["ci_high"], name
         assert l["n_valid"] == 300, name
@@ -131,7 +122,7 @@ def test_patient_bootstrap_resamples_patients():
     assert by_patient["bootstrap"]["unit"] == "patient"
     assert by_patient["n_patients"] == 500 and by_patient["n_images"] == 1000
     for (name, p), (_, i), (_, o) in zip(
-        every_statistic(by_patient), every_statistic(by_image), every_statistic(one_eye)
+        all_statistics(by_patient), all_statistics(by_image), all_statistics(one_eye)
     ):
         # Resampling patients of the doubled set is resampling the single eyes.
         assert p["ci_low"] == pytest.approx(o["ci_low"], abs=1e-12), name
