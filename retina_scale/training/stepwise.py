@@ -41,6 +41,7 @@ from retina_scale.training.stage import (
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
+from retina_scale.utils.locking import holding, run_folder_lock
 from retina_scale.utils.tables import number, text_table
 from retina_scale.utils.typed_config import dump_config
 
@@ -134,6 +135,8 @@ class StepwiseScaler:
         return is_chief(self.strategy)
 
     # -------------------------------------------------------------------------------------- run
+    # One trainer per run folder: a second one stops at once, naming this one's pid and host (utils.locking).
+    @holding(lambda self: run_folder_lock(self.layout.root))
     def run(self) -> dict:
         """Runs (or resumes) every stage; returns the run report (also in report.json / report.md)."""
         from retina_scale.models.convnet import get_stage

@@ -1,0 +1,113 @@
+"""One process per run folder (issue 16, defect 3): a second ``retina-scale train`` or ``tune`` of the same run
+folder stops at once with one line naming the holder's pid and host, and a lock left by a process killed with
+-9 does not block the rerun."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from retina_scale.cli import main
+from retina_scale.utils.errors import UserError
+from retina_scale.utils.locking import holder_of
+
+HOLDER = """
+import sys
+from retina_scale.utils.locking import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _overrides(tmp_path, small_cache, epochs=1):
+    data, cache = small_cache
+    return [f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"export_dir={json.dumps(str(tmp_path / 'export'))}",
+            "name=t", "model.width=0.125", f"data.data={json.dumps(str(data))}",
+            f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
+            "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", "tune.enabled=false",
+            f"stages=[{{stage: tiny, epochs: {epochs}, lr: 0.003}}]"]
+
+
+@pytest.fixture
+def holder(subprocess_env):
+    """A separate process holding a run folder's lock (as a running trainer does) until it is killed."""
+    procs = []
+
+    def start(folder):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], env=subprocess_env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _no_data_work(monkeypatch):
+    """Past the lock, the trainer and the search stop at their first piece of work (no training here)."""
+    from retina_scale.training import stepwise, tuning
+
+    def stop(*args, **kwargs):
+        raise UserError("reached the data preparation")
+
+    monkeypatch.setattr(stepwise, "prepare_run_data", stop)
+    monkeypatch.setattr(tuning, "prepare_run_data", stop)
+
+
+@pytest.mark.parametrize("command", [["train"], ["tune", "--stage", "tiny"]])
+def test_a_second_process_is_refused_then_a_killed_holder_does_not_block(tmp_path, small_cache, holder,
+                                                                         monkeypatch, capsys, command):
+    _no_data_work(monkeypatch)
+    run_dir = tmp_path / "runs" / "t"
+    proc = holder(run_dir)
+    code = main([*command, "--quiet", *_overrides(tmp_path, small_cache)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"run folder {run_dir} is in use by pid {proc.pid} on host {socket.gethostname()}" in err
+    assert "use another run name" in err
+    assert not (run_dir / "config.yaml").exists()  # refused before writing anything
+
+    os.kill(proc.pid, signal.SIGKILL)  # its lock file stays behind, naming it
+    proc.wait()
+    assert holder_of(run_dir)["pid"] == proc.pid
+    code = main([*command, "--quiet", *_overrides(tmp_path, small_cache)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "reached the data preparation" in err, err  # went past the stale lock
+
+
+@pytest.mark.slow
+def test_two_real_trainers_of_one_run_folder(tmp_path, small_cache, subprocess_env):
+    """The audit's case: B started while A trains the same run; B must not train alongside A."""
+    args = [sys.executable, "-m", "retina_scale", "train", "--quiet", *_overrides(tmp_path, small_cache, epochs=30)]
+    run_dir = tmp_path / "runs" / "t"
+    first = subprocess.Popen(args, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while holder_of(run_dir).get("pid") != first.pid and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stdout.read()[-2000:]
+        second = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and second.stdout == "", second.stdout[-2000:] + second.stderr[-2000:]
+        assert "Traceback" not in second.stderr  # TensorFlow's start-up lines, then ours
+        assert second.stderr.strip().splitlines()[-1:] == [
+            f"retina-scale train: error: run folder {run_dir} is in use by pid {first.pid} on host "
+            f"{socket.gethostname()}, since {holder_of(run_dir)['since']}; another retina-scale train or tune is "
+            "writing it: wait for it to end, or use another run name (--name, name=...)"]
+    finally:
+        first.kill()
+        first.wait()
+    # Killed with -9, A leaves its lock file behind; the rerun resumes and finishes.
+    assert holder_of(run_dir)["pid"] == first.pid
+    rerun = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=500)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert json.loads((run_dir / "stages" / "1-tiny" / "state.json").read_text())["status"] == "done"
