@@ -111,3 +111,27 @@ def test_two_real_trainers_of_one_run_folder(tmp_path, small_cache, subprocess_e
     rerun = subprocess.run(args, env=subprocess_env, capture_output=True, text=True, timeout=500)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     assert json.loads((run_dir / "stages" / "1-tiny" / "state.json").read_text())["status"] == "done"
+
+
+def test_prepare_cache_waits_for_the_process_writing_the_cache(tmp_path, small_cache, holder, capsys):
+    import shutil
+    import threading
+
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.sources import read_dataset
+
+    data, cache = small_cache
+    shutil.copytree(cache, tmp_path / "cache")
+    proc = holder(tmp_path / "cache")  # another process writing this cache
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        prepare_cache(read_dataset(data), tmp_path / "cache", sizes=(112, 224), workers=1, progress=False)))
+    thread.start()
+    try:
+        thread.join(1.0)
+        assert not results, "wrote a cache another process holds"
+        assert f"waiting for cache {tmp_path / 'cache'}: in use by pid {proc.pid}" in capsys.readouterr().err
+    finally:
+        proc.stdin.close()
+        thread.join(120)
+    assert results[0].skipped == 48 and results[0].prepared == 0  # then it reuses what the other one wrote
