@@ -347,12 +347,15 @@ class StepwiseScaler:
         """The best epoch's thresholds on validation, its test evaluation, best.keras and the export."""
         from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
         from retina_scale.grading.kappa import quadratic_weighted_kappa
-        from retina_scale.grading.thresholds import apply_thresholds, optimize_thresholds
+        from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
 
         files, spec, state, model = run.files, run.spec, run.state, run.model
         restore_checkpoint(model, None, files.best)
         labels, scores = predict_input(run.trainer, val_input)
-        thresholds = [float(t) for t in optimize_thresholds(labels, scores)]
+        fit = fit_thresholds(labels, scores)
+        thresholds = [float(t) for t in fit.thresholds]
+        if fit.note:  # a cut-off the validation split cannot place keeps its default (also in evaluation.json)
+            self.log(f"Stage {run.index} {spec.name}: {fit.note}")
         val_kappa_opt = quadratic_weighted_kappa(labels, apply_thresholds(scores, thresholds))
         evaluation = None
         test_input = stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
@@ -362,6 +365,7 @@ class StepwiseScaler:
             groups = patients_of(splits_file, test_input.image_ids[keys])
             evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
                                               seed=self.config.seed, groups=groups)
+            evaluation["thresholds_fit"] = fit.to_dict()
             write_json(files.evaluation_json, evaluation)
             write_text(files.evaluation_md, format_evaluation(evaluation) + "\n")
             self.log(format_evaluation(evaluation))
@@ -384,6 +388,7 @@ class StepwiseScaler:
             "val_kappa": state["best_kappa"],
             "val_kappa_optimized_thresholds": _finite(val_kappa_opt),
             "thresholds": thresholds,
+            "thresholds_fit": fit.to_dict(),
             "test_kappa": evaluation["kappa"]["value"] if evaluation else None,
             "test_images": evaluation["n_images"] if evaluation else 0,
             "seconds": round(state["seconds"], 1),
