@@ -195,7 +195,7 @@ class StepwiseScaler:
         self._make_trainer(run)
         if resumed:  # this process built the model afresh: start from the stage's own weights
             self._restore_last_good(run)
-            self.log(f"Stage {run.index} {spec.name}: resuming at epoch {run.state['epoch'] + 1} of {run.cfg.epochs}")
+            self.log(_resume_line(run))
         hparams = run.state.get("hparams") or {}
         if hparams:
             self.log(f"Stage {run.index} {spec.name}: search's choices {hparams} (with lr {run.state['lr']:.3g})")
@@ -417,6 +417,19 @@ class StepwiseScaler:
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _resume_line(run: _StageRun) -> str:
+    """What a resumed stage says: the epoch it resumes at, or that its epochs are all done (a stage killed
+    after its last epoch, or stopped by its time budget, is only finished: thresholds, test, export)."""
+    done, planned = run.state["epoch"], run.cfg.epochs
+    where = f"Stage {run.index} {run.spec.name}"
+    if run.state.get("stopped_by_time"):
+        return f"{where}: its time budget was spent after {done} of {planned} epochs; finishing the stage"
+    if done >= planned:
+        return (f"{where}: all {planned} epochs were trained earlier; finishing the stage (thresholds, test "
+                "evaluation, export)")
+    return f"{where}: resuming at epoch {done + 1} of {planned}"
+
+
 def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
     val_loss, kappa = validation_scores(labels, scores)
     return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),
