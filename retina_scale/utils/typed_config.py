@@ -291,7 +291,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # a __post_init__ check of the concrete config
-        raise ConfigError(f"{where}: {exc}") from None
+        text = str(exc)
+        if _prefix and text.partition(" ")[0] in fields:  # "r must be ..." -> "resample.r must be ..."
+            raise ConfigError(f"{_prefix}.{text}") from None
+        raise ConfigError(f"{where}: {text}") from None
 
 
 def to_dict(config: Any) -> Any:
