@@ -13,7 +13,7 @@ def test_a_validation_set_of_one_grade_keeps_the_default_cut_offs():
     # The audit's case: every validation image is grade 0, kappa is undefined there, and the search used to move
     # the first cut-off below every score (-0.297), so that every grade-0 test image was graded 1.
     rng = np.random.default_rng(0)
-    scores = rng.normal(0.2, 0.3, size=40)
+    scores = rng.uniform(-0.4, 0.45, size=40)  # every image graded 0 at the defaults: kappa undefined there
     assert optimize_thresholds(np.zeros(40, int), scores) == DEFAULT_THRESHOLDS
     fit = fit_thresholds(np.zeros(40, int), scores)
     assert fit.thresholds == DEFAULT_THRESHOLDS and fit.kept == (0, 1, 2, 3) and fit.grades == (0,)
@@ -21,8 +21,8 @@ def test_a_validation_set_of_one_grade_keeps_the_default_cut_offs():
     record = fit.to_dict()
     assert record["optimized"] == [False] * 4 and record["kept"] == [0.5, 1.5, 2.5, 3.5]
     assert record["grades_present"] == [0] and record["note"] == fit.note
-    # Graded with these cut-offs, the test images of grade 0 stay grade 0.
-    assert (apply_thresholds(np.clip(scores, -1, 0.49), fit.thresholds) == 0).all()
+    # Graded with these cut-offs, the grade-0 images stay grade 0 (the search used to grade them all 1).
+    assert (apply_thresholds(scores, fit.thresholds) == 0).all()
 
 
 def test_cut_offs_above_the_highest_grade_present_keep_their_defaults():
