@@ -16,14 +16,6 @@ from retina_scale.cli import main
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.locking import holder_of
 
-HOLDER = """
-import sys
-from retina_scale.utils.locking import run_folder_lock
-with run_folder_lock(sys.argv[1]):
-    print("locked", flush=True)
-    sys.stdin.readline()
-"""
-
 
 def _overrides(tmp_path, small_cache, epochs=1):
     data, cache = small_cache
@@ -32,25 +24,6 @@ def _overrides(tmp_path, small_cache, epochs=1):
             f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
             "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", "tune.enabled=false",
             f"stages=[{{stage: tiny, epochs: {epochs}, lr: 0.003}}]"]
-
-
-@pytest.fixture
-def holder(subprocess_env):
-    """A separate process holding a run folder's lock (as a running trainer does) until it is killed."""
-    procs = []
-
-    def start(folder):
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], env=subprocess_env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "locked"
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _no_data_work(monkeypatch):
@@ -65,11 +38,11 @@ def _no_data_work(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["train"], ["tune", "--stage", "tiny"]])
-def test_a_second_process_is_refused_then_a_killed_holder_does_not_block(tmp_path, small_cache, holder,
+def test_a_second_process_is_refused_then_a_killed_holder_does_not_block(tmp_path, small_cache, lock_holder,
                                                                          monkeypatch, capsys, command):
     _no_data_work(monkeypatch)
     run_dir = tmp_path / "runs" / "t"
-    proc = holder(run_dir)
+    proc = lock_holder(run_dir)
     code = main([*command, "--quiet", *_overrides(tmp_path, small_cache)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -113,7 +86,7 @@ def test_two_real_trainers_of_one_run_folder(tmp_path, small_cache, subprocess_e
     assert json.loads((run_dir / "stages" / "1-tiny" / "state.json").read_text())["status"] == "done"
 
 
-def test_prepare_cache_waits_for_the_process_writing_the_cache(tmp_path, small_cache, holder, capsys):
+def test_prepare_cache_waits_for_the_process_writing_the_cache(tmp_path, small_cache, lock_holder, capsys):
     import shutil
     import threading
 
@@ -122,7 +95,7 @@ def test_prepare_cache_waits_for_the_process_writing_the_cache(tmp_path, small_c
 
     data, cache = small_cache
     shutil.copytree(cache, tmp_path / "cache")
-    proc = holder(tmp_path / "cache")  # another process writing this cache
+    proc = lock_holder(tmp_path / "cache")  # another process writing this cache
     results = []
     thread = threading.Thread(target=lambda: results.append(
         prepare_cache(read_dataset(data), tmp_path / "cache", sizes=(112, 224), workers=1, progress=False)))

@@ -13,37 +13,9 @@ import pytest
 
 from retina_scale.utils.locking import LOCK_FILE, LockedError, folder_lock, holder_of, locked_folder
 
-HOLDER = """
-import sys
-from retina_scale.utils.locking import folder_lock
-with folder_lock(sys.argv[1], "run folder"):
-    print("locked", flush=True)
-    sys.stdin.readline()
-print("released", flush=True)
-"""
 
-
-@pytest.fixture
-def holder(subprocess_env):
-    """``holder(folder)``: a separate Python process holding ``folder``'s lock until its stdin is closed."""
-    procs = []
-
-    def start(folder):
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], env=subprocess_env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "locked"
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def test_a_second_process_is_refused_with_the_holders_pid_and_host(tmp_path, holder):
-    proc = holder(tmp_path / "run")
+def test_a_second_process_is_refused_with_the_holders_pid_and_host(tmp_path, lock_holder):
+    proc = lock_holder(tmp_path / "run")
     with pytest.raises(LockedError) as info:
         with folder_lock(tmp_path / "run", "run folder", hint="use another name (name=...)"):
             pass
@@ -54,8 +26,8 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_host(tmp_path, hol
     assert isinstance(info.value, ValueError)  # a UserError: one line at the command line
 
 
-def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, holder):
-    proc = holder(tmp_path / "run")
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, lock_holder):
+    proc = lock_holder(tmp_path / "run")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "run" / LOCK_FILE).exists() and holder_of(tmp_path / "run")["pid"] == proc.pid  # stale
@@ -64,8 +36,8 @@ def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path, holder):
     assert holder_of(tmp_path / "run") == {}  # released: the file names nobody
 
 
-def test_wait_waits_for_the_holder_and_says_whom_it_waits_for(tmp_path, holder):
-    proc = holder(tmp_path / "cache")
+def test_wait_waits_for_the_holder_and_says_whom_it_waits_for(tmp_path, lock_holder):
+    proc = lock_holder(tmp_path / "cache")
     lines, done = [], threading.Event()
 
     def second():
@@ -84,25 +56,26 @@ def test_wait_waits_for_the_holder_and_says_whom_it_waits_for(tmp_path, holder):
     assert done.is_set() and proc.wait(60) == 0
 
 
-def test_a_process_may_take_its_own_lock_again(tmp_path, holder, subprocess_env):
+def test_a_process_may_take_its_own_lock_again(tmp_path, lock_holder, subprocess_env):
     folder = tmp_path / "run"
     with folder_lock(folder, "run folder"):
         with folder_lock(folder, "run folder"):
             pass
         # Still held after the inner block: another process is refused.
-        code = subprocess.run([sys.executable, "-c", HOLDER, str(folder)], env=subprocess_env, input="", capture_output=True, text=True, timeout=120)
+        code = subprocess.run([sys.executable, "-c", lock_holder.script, str(folder)], env=subprocess_env, input="",
+                              capture_output=True, text=True, timeout=120)
         assert code.returncode == 1 and f"is in use by pid {os.getpid()}" in code.stderr
-    holder(folder)  # released now: another process takes it
+    lock_holder(folder)  # released now: another process takes it
 
 
-def test_locked_folder_names_the_argument_to_lock(tmp_path, holder):
+def test_locked_folder_names_the_argument_to_lock(tmp_path, lock_holder):
     @locked_folder("out", "cache")
     def prepare(data, out, sizes=(112,)):
         """Docstring kept."""
         return holder_of(out)["pid"]
 
     assert prepare(1, tmp_path / "c") == os.getpid() and prepare.__doc__ == "Docstring kept."
-    holder(tmp_path / "c")
+    lock_holder(tmp_path / "c")
     with pytest.raises(LockedError, match="cache .* is in use by pid"):
         prepare(1, out=tmp_path / "c")
 
