@@ -8,6 +8,7 @@ Each subcommand lives in its own module under ``retina_scale.commands`` and expo
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -28,6 +29,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("retina_scale.commands.report", "the resolution report of a run or study: tables, figures, REPORT.md"),
     "study": ("retina_scale.commands.study", "the resolution study: the ladder, the top stage from scratch, throughput, report"),
 }
+
+
+# OSErrors that the person running the command fixes (a full disk, a read-only or forbidden folder), by errno:
+# one line, exit 2, like a UserError. Any other OSError keeps its traceback.
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: ("write", "the disk is full: free some space or write elsewhere"),
+    getattr(errno, "EDQUOT", -1): ("write", "the disk quota is used up: free some space or write elsewhere"),
+    errno.EROFS: ("write", "the file system is read-only: write elsewhere"),
+    errno.EACCES: ("access", "no permission: fix the folder's permissions or write elsewhere"),
+    errno.EPERM: ("access", "operation not permitted: fix the folder's permissions or write elsewhere"),
+    errno.ENOTDIR: ("access", "a part of the path is a file, not a folder"),
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """The one line for an OSError the user can fix (disk full, read-only, no permission, a file in the path),
+    or None for any other.
+
+    >>> os_error_line(OSError(errno.ENOSPC, "No space left on device", "runs/quick/last.npz"))
+    'cannot write runs/quick/last.npz: No space left on device (ENOSPC: the disk is full: free some space or write elsewhere)'
+    """
+    if exc.errno not in _OS_ERROR_HINTS:
+        return None
+    verb, hint = _OS_ERROR_HINTS[exc.errno]
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    return f"cannot {verb}{where}: {exc.strerror or exc} ({errno.errorcode.get(exc.errno, exc.errno)}: {hint})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError, FileExistsError) as exc:
         # One clear line for a user error; any other exception is a bug and keeps its traceback.
         print(f"retina-scale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:  # a bug or a broken machine: keep the traceback
+            raise
+        print(f"retina-scale {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"retina-scale {args.command}: interrupted", file=sys.stderr)

@@ -147,14 +147,14 @@ class AugmentConfig:
     color_sigma: float = 0.2
 
     def __post_init__(self):
-        if self.strength < 0:
-            raise UserError(f"augmentation strength must be >= 0, got {self.strength}")
-        if self.zoom < 1:
-            raise UserError(f"zoom must be >= 1 (a factor such as 1.15), got {self.zoom}")
+        if not 0 <= self.strength < math.inf:
+            raise UserError(f"strength must be a finite number >= 0 (augmentation strength), got {self.strength}")
+        if not 1 <= self.zoom < math.inf:
+            raise UserError(f"zoom must be a finite number >= 1 (a factor such as 1.15), got {self.zoom}")
         if not 0 <= self.translation < 0.5:
             raise UserError(f"translation must be a fraction of the side in [0, 0.5), got {self.translation}")
-        if self.color_sigma < 0:
-            raise UserError(f"color_sigma must be >= 0, got {self.color_sigma}")
+        if not 0 <= self.color_sigma < math.inf:
+            raise UserError(f"color_sigma must be a finite number >= 0, got {self.color_sigma}")
 
 
 # o_O's schedule of class weights.
@@ -183,10 +183,15 @@ class ResampleConfig:
         if isinstance(self.w0, str):
             if self.w0 != "balanced":
                 raise UserError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
-        elif len(self.w0) != 5 or min(self.w0) < 0:
-            raise UserError(f"w0 must be 5 non-negative weights, got {self.w0}")
-        if len(self.wf) != 5 or min(self.wf) < 0:
-            raise UserError(f"wf must be 5 non-negative weights, got {self.wf}")
+        elif not _weights(self.w0):
+            raise UserError(f"w0 must be 5 non-negative weights (finite, not all 0) or 'balanced', got {self.w0}")
+        if not _weights(self.wf):
+            raise UserError(f"wf must be 5 non-negative weights (finite, not all 0), got {self.wf}")
+
+
+def _weights(values) -> bool:
+    """Five finite non-negative class weights, not all zero (a draw needs some weight)."""
+    return len(values) == 5 and all(0 <= v < math.inf for v in values) and sum(values) > 0
 
 
 @dataclasses.dataclass
@@ -443,7 +448,8 @@ def load_train_config(source=None, overrides=()) -> TrainConfig:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuses, before any work, a ladder the architecture cannot run."""
+    """Refuses, before any work, a ladder the architecture cannot run, and any value out of its range."""
+    check_values(config)
     if not config.stages:
         raise ConfigError("stages is empty; give at least one stage, e.g. stages=[{stage: tiny, epochs: 5}]")
     sizes = []
@@ -479,6 +485,118 @@ def check_config(config: TrainConfig) -> None:
     check_tune_config(config.tune, config.global_batch_size)
 
 
+# ------------------------------------------------------------------------- every value's range
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+"""An export's model name: one folder name (TF Serving's ``--model_name``), as ``serving.export`` checks it."""
+SYNTH_PRIORS = ("eyepacs", "balanced")
+"""The named class priors of the synthetic data set (``data.synthetic.plan.PRIORS``), besides ``a,b,c,d,e``."""
+MAX_WIDTH = 16.0
+"""The widest net accepted (``model.width``): 16 times the paper's filters is already ~250 times its weights."""
+_SEED = ("an integer in [0, 2**31 - 1]", lambda v: 0 <= v < 2**31)
+
+# Every number of a run and the values it accepts: key -> (the range as the error says it, the test).
+# A null value (an Optional field left unset) is not checked; NaN and infinity fail every range.
+VALUE_RANGES = {
+    "stages.*.epochs": (">= 1", lambda v: v >= 1),
+    "stages.*.lr": ("> 0", lambda v: v > 0),
+    "stages.*.augment_strength": (">= 0 (or null for augment.strength)", lambda v: v >= 0),
+    "stages.*.max_seconds": ("> 0 (or null for no limit)", lambda v: v > 0),
+    "model.width": (f"in (0, {MAX_WIDTH:g}]", lambda v: 0 < v <= MAX_WIDTH),
+    "model.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "model.leaky_slope": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "model.l2": (">= 0", lambda v: v >= 0),
+    "model.seed": _SEED,
+    "optim.lr": ("> 0", lambda v: v > 0),
+    "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.weight_decay": (">= 0", lambda v: v >= 0),
+    "optim.lr_drop_at": ("in [0, 1] (a fraction of the stage's epochs)", lambda v: 0 <= v <= 1),
+    "optim.lr_drop_factor": ("in (0, 1] (1: no drop)", lambda v: 0 < v <= 1),
+    "optim.reference_batch_size": (">= 1 (or null for no scaling)", lambda v: v >= 1),
+    "optim.clipnorm": ("> 0 (or null for no clipping)", lambda v: v > 0),
+    "data.val_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+    "data.test_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.split_seed": _SEED,
+    "data.synth_count": (">= 1", lambda v: v >= 1),
+    "data.synth_size": ("in [64, 4096] pixels", lambda v: 64 <= v <= 4096),
+    "data.synth_seed": _SEED,
+    "data.workers": (">= 0 (0: every core)", lambda v: v >= 0),
+    "nan.max_events": (">= 0", lambda v: v >= 0),
+    "nan.lr_factor": ("in (0, 1)", lambda v: 0 < v < 1),
+    "global_batch_size": (">= 1", lambda v: v >= 1),
+    "seed": _SEED,
+    "eval_bootstrap": (">= 0 (0: no intervals)", lambda v: v >= 0),
+}
+
+
+def _values_at(config, key: str):
+    """``(full key, value)`` for a key of ``VALUE_RANGES`` (``stages.*.lr``: one per stage)."""
+    head, _, rest = key.partition(".")
+    if head == "stages":
+        field_name = rest.partition(".")[2]
+        return [(f"stages.{i}.{field_name}", getattr(stage, field_name)) for i, stage in enumerate(config.stages)]
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return [(key, node)]
+
+
+def check_values(config: TrainConfig) -> None:
+    """Checks every value of a run against its accepted range and every name against its rule; each
+    failure is a one-line ``ConfigError`` naming the key and what it accepts (``VALUE_RANGES``).
+
+    >>> check_values(dataclasses.replace(quick_preset(), optim=OptimConfig(lr_drop_factor=-1)))
+    Traceback (most recent call last):
+    ...
+    retina_scale.utils.typed_config.ConfigError: optim.lr_drop_factor must be in (0, 1] (1: no drop); got -1
+    """
+    for pattern, (accepted, ok) in VALUE_RANGES.items():
+        for key, value in _values_at(config, pattern):
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number {accepted}; got {value}")
+            if not ok(value):
+                raise ConfigError(f"{key} must be {accepted}; got {value:g}")
+    if config.data.val_fraction + config.data.test_fraction >= 1:
+        raise ConfigError(f"data.val_fraction + data.test_fraction must be < 1 (the rest trains); got "
+                          f"{config.data.val_fraction:g} + {config.data.test_fraction:g}")
+    _check_names(config)
+
+
+def _check_names(config: TrainConfig) -> None:
+    """The run's names and folders: what becomes a path, an export's name or a choice of a list."""
+    import re
+
+    name = config.name
+    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name.encode("utf-8")) > 255:
+        raise ConfigError(f"name must be a plain folder name (no '/', not '.' or '..', at most 255 bytes); got "
+                          f"{name[:80]!r}")
+    if not re.fullmatch(MODEL_NAME_PATTERN, config.model_name) or len(config.model_name) > 255:
+        raise ConfigError(f"model_name must be one folder name of letters, digits, '.', '_' or '-' not starting "
+                          f"with '.', '_' or '-'; got {config.model_name[:80]!r}")
+    for key in ("runs_dir", "export_dir", "data.data", "data.labels", "data.cache", "data.image_col",
+                "data.label_col"):
+        value = _values_at(config, key)[0][1]
+        if value is not None and (not value.strip() or "\0" in value):
+            raise ConfigError(f"{key} must be a non-empty string without NUL bytes (or null); got {value[:80]!r}")
+    if config.data.format is not None and config.data.format not in FORMATS:
+        raise ConfigError(f"data.format: unknown format {config.data.format!r}; accepted: {', '.join(FORMATS)} "
+                          "(or null to detect it)")
+    prior = config.data.synth_prior
+    if prior.strip().lower() not in SYNTH_PRIORS and not _is_prior(prior):
+        raise ConfigError(f"data.synth_prior must be {' or '.join(SYNTH_PRIORS)} or five fractions a,b,c,d,e "
+                          f"summing to 1; got {prior[:80]!r}")
+
+
+def _is_prior(text: str) -> bool:
+    """``a,b,c,d,e``: five finite non-negative fractions summing to 1 (within 1e-3, as the synthetic set reads it)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        return False
+    return len(values) == 5 and all(0 <= v < math.inf for v in values) and abs(sum(values) - 1) <= 1e-3
+
+
 def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) -> None:
     """Refuses, before any trial, a search space or budget that cannot run (one-line ConfigError)."""
     if tune.tuner not in TUNERS:
@@ -486,6 +604,9 @@ def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) ->
     if not tune.lr_min > 0 or not tune.lr_max > 0:
         raise ConfigError(f"tune.lr_min and tune.lr_max must be > 0 for log sampling; got "
                           f"lr_min={tune.lr_min}, lr_max={tune.lr_max}")
+    if not math.isfinite(tune.lr_min) or not math.isfinite(tune.lr_max):
+        raise ConfigError(f"tune.lr_min and tune.lr_max must be finite numbers; got lr_min={tune.lr_min}, "
+                          f"lr_max={tune.lr_max}")
     if tune.lr_min >= tune.lr_max:
         raise ConfigError(f"tune.lr_min must be < tune.lr_max; got lr_min={tune.lr_min} >= lr_max={tune.lr_max}")
     if tune.max_trials < 1:
@@ -516,6 +637,8 @@ def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) ->
             if dim.step is not None and not dim.step > 0:
                 raise ConfigError(f"{where}.step must be > 0; got {dim.step}")
             values = [dim.min, dim.max]
+        if not all(math.isfinite(v) for v in [*values, *([dim.step] if dim.step is not None else [])]):
+            raise ConfigError(f"{where}: values must be finite numbers; got {values}")
         if name == "batch_size":
             if any(v != int(v) or v < 1 for v in values) or (dim.step is not None and dim.step != int(dim.step)):
                 raise ConfigError(f"{where}: batch sizes must be whole numbers >= 1; got {values}")

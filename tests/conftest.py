@@ -62,3 +62,36 @@ def small_cache(tmp_path_factory):
     result = prepare_cache(read_dataset(data), cache, sizes=(112, 224), workers=1, progress=False)
     assert result.prepared == 48
     return data, cache
+
+
+_LOCK_HOLDER = """
+import sys
+from retina_scale.utils.locking import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def lock_holder(subprocess_env):
+    """``lock_holder(folder)``: a separate Python process holding ``folder``'s lock (as a running trainer holds its
+    run folder) until its stdin is closed or it is killed; ``lock_holder.script`` is that process's code."""
+    import subprocess
+    import sys
+
+    procs = []
+
+    def start(folder):
+        proc = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder)], env=subprocess_env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    start.script = _LOCK_HOLDER
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -78,3 +78,124 @@ def test_command_line_choices_come_from_the_schema():
     assert _choices("prepare", "--normalize") == NORMALIZATIONS == ("none", "graham")
     assert TUNERS == ("random", "bayesian", "hyperband")
     assert load_train_config("quick").strategy in STRATEGIES
+
+
+# ------------------------------------------------------------------ every value checked (issue 16, defect 9)
+# (override, the start of the one-line error: the key, then the accepted values). The first group trained (with a
+# negative learning rate for lr_drop_factor=-1) or failed only after training before issue 16.
+BAD_VALUES = [
+    ("optim.lr_drop_factor=-1", "optim.lr_drop_factor must be in (0, 1] (1: no drop); got -1"),
+    ("optim.lr=.inf", "optim.lr must be a finite number > 0; got inf"),
+    ("model.width=.inf", "model.width must be a finite number in (0, 16]; got inf"),
+    ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0; got -0.0001"),
+    ("optim.clipnorm=-1", "optim.clipnorm must be > 0 (or null for no clipping); got -1"),
+    ("model.l2=-5e-4", "model.l2 must be >= 0; got -0.0005"),
+    ("resample.r=1.5", "resample.r must be in [0, 1], got 1.5"),
+    ("nan.max_events=-1", "nan.max_events must be >= 0; got -1"),
+    ("optim.lr_drop_at=5", "optim.lr_drop_at must be in [0, 1] (a fraction of the stage's epochs); got 5"),
+    ("model_name=../../..", "model_name must be one folder name of letters, digits, '.', '_' or '-'"),
+    ("eval_bootstrap=-5", "eval_bootstrap must be >= 0 (0: no intervals); got -5"),
+    # Further gaps found going through config.py field by field.
+    ("stages.0.lr=.inf", "stages.0.lr must be a finite number > 0; got inf"),
+    ("stages.1.augment_strength=-1", "stages.1.augment_strength must be >= 0 (or null for augment.strength)"),
+    ("stages.0.max_seconds=.inf", "stages.0.max_seconds must be a finite number > 0 (or null for no limit)"),
+    ("model.width=100", "model.width must be in (0, 16]; got 100"),
+    ("model.dropout=1", "model.dropout must be in [0, 1); got 1"),
+    ("model.leaky_slope=-0.01", "model.leaky_slope must be in [0, 1]; got -0.01"),
+    ("model.seed=-1", "model.seed must be an integer in [0, 2**31 - 1]; got -1"),
+    ("optim.momentum=1", "optim.momentum must be in [0, 1); got 1"),
+    ("optim.reference_batch_size=0", "optim.reference_batch_size must be >= 1 (or null for no scaling); got 0"),
+    ("data.format=jpeg", "data.format: unknown format 'jpeg'; accepted: eyepacs, aptos, folders, csv"),
+    ("data.val_fraction=0", "data.val_fraction must be in (0, 1); got 0"),
+    ("data.test_fraction=-0.1", "data.test_fraction must be in [0, 1); got -0.1"),
+    ("data.val_fraction=0.9", "data.val_fraction + data.test_fraction must be < 1 (the rest trains); got 0.9 + 0.15"),
+    ("data.split_seed=-3", "data.split_seed must be an integer in [0, 2**31 - 1]; got -3"),
+    ("data.synth_count=0", "data.synth_count must be >= 1; got 0"),
+    ("data.synth_size=100000", "data.synth_size must be in [64, 4096] pixels; got 100000"),
+    ("data.synth_prior=uniform", "data.synth_prior must be eyepacs or balanced or five fractions a,b,c,d,e"),
+    ("data.synth_prior='0.5,0.5,0.5,0,0'", "data.synth_prior must be eyepacs or balanced or five fractions"),
+    ("data.synth_seed=2147483648", "data.synth_seed must be an integer in [0, 2**31 - 1]; got 2.14748e+09"),
+    ("data.workers=-1", "data.workers must be >= 0 (0: every core); got -1"),
+    ("data.cache=''", "data.cache must be a non-empty string without NUL bytes (or null); got ''"),
+    ("data.label_col=' '", "data.label_col must be a non-empty string without NUL bytes (or null)"),
+    ("runs_dir=''", "runs_dir must be a non-empty string without NUL bytes (or null); got ''"),
+    ("export_dir=\"a\\0b\"", "export_dir must be a non-empty string without NUL bytes"),
+    ("augment.strength=.nan", "augment.strength must be a finite number >= 0 (augmentation strength), got nan"),
+    ("augment.zoom=.inf", "augment.zoom must be a finite number >= 1 (a factor such as 1.15), got inf"),
+    ("augment.color_sigma=-1", "augment.color_sigma must be a finite number >= 0, got -1.0"),
+    ("resample.w0=[.nan, 1, 1, 1, 1]", "resample.w0 must be 5 non-negative weights (finite, not all 0)"),
+    ("resample.wf=[0, 0, 0, 0, 0]", "resample.wf must be 5 non-negative weights (finite, not all 0)"),
+    ("tune.lr_max=.inf", "tune.lr_min and tune.lr_max must be finite numbers; got lr_min=0.0001, lr_max=inf"),
+    ("tune.extra={momentum: {values: [.nan]}}", "tune.extra.momentum: values must be finite numbers; got [nan]"),
+    ("seed=-1", "seed must be an integer in [0, 2**31 - 1]; got -1"),
+    ("name=" + "n" * 300, "name must be a plain folder name (no '/', not '.' or '..', at most 255 bytes)"),
+    # Refused before issue 16 already (kept in the table so that they stay refused).
+    ("optim.lr=.nan", "optim.lr must be a finite number > 0; got nan"),
+    ("resample.r=-1", "resample.r must be in [0, 1], got -1.0"),
+    ("stages.0.epochs=0", "stages.0.epochs must be >= 1; got 0"),
+    ("stages.0.max_seconds=-1", "stages.0.max_seconds must be > 0 (or null for no limit); got -1"),
+    ("global_batch_size=0", "global_batch_size must be >= 1; got 0"),
+    ("nan.lr_factor=1", "nan.lr_factor must be in (0, 1); got 1"),
+    ("name=a/b", "name must be a plain folder name"),
+    ("name=..", "name must be a plain folder name"),
+    ("tune.lr_min=0", "tune.lr_min and tune.lr_max must be > 0 for log sampling; got lr_min=0.0"),
+    ("tune.data_fraction=2", "tune.data_fraction must be in (0, 1]; got 2.0"),
+    ("tune.seed=0", "tune.seed must be >= 1 (Keras Tuner reads 0 as 'random'); got 0"),
+    ("strategy=gpu", "config key 'strategy': expected one of 'auto', 'default'"),
+    ("optim.name=rmsprop", "config key 'optim.name': expected one of 'sgd', 'adam', 'adamw'"),
+    ("data.normalize=clahe", "config key 'data.normalize': expected one of 'none', 'graham'"),
+    ("export=1", "config key 'export': expected bool, got int 1"),
+    ("stages.0.epochs=1.5", "config key 'stages[0].epochs': expected int, got float 1.5"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o[:40] for o, _ in BAD_VALUES])
+def test_every_bad_value_is_a_one_line_error_naming_the_key_and_the_accepted_values(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_train_config("quick", [override])
+    text = str(info.value)
+    assert text.startswith(message) and "\n" not in text and len(text) < 400, text
+
+
+def _leaves(cls, prefix=""):
+    """Every field of a config class, recursively (``stages.*.lr`` for a list of sections)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        key = f"{prefix}{f.name}" if typing.get_origin(tp) is not list else f"{prefix}{f.name}.*"
+        if dataclasses.is_dataclass(inner):
+            yield from _leaves(inner, key + ".")
+        else:
+            yield key, tp
+
+
+def test_every_field_of_a_run_has_a_check():
+    from typing import Literal, get_origin
+
+    from retina_scale.config import VALUE_RANGES, TrainConfig
+
+    by_rule = {
+        # _check_names: paths, names, choices
+        "name", "runs_dir", "export_dir", "model_name", "data.data", "data.labels", "data.cache", "data.image_col",
+        "data.label_col", "data.format", "data.synth_prior",
+        "stages.*.stage",  # stage_index and the increasing sizes
+        "augment.strength", "augment.zoom", "augment.translation", "augment.color_sigma",  # AugmentConfig
+        "resample.r", "resample.w0", "resample.wf",  # ResampleConfig
+        "tune.tuner", "tune.lr_min", "tune.lr_max", "tune.max_trials", "tune.epochs", "tune.data_fraction", "tune.extra", "tune.seed",  # check_tune_config
+    }
+    unchecked = [key for key, tp in _leaves(TrainConfig)
+                 if key not in VALUE_RANGES and key not in by_rule and tp is not bool and get_origin(tp) is not Literal]
+    assert unchecked == []
+    assert not set(VALUE_RANGES) & by_rule
+
+
+def test_the_synthetic_priors_named_in_the_schema_are_those_the_generator_knows():
+    from retina_scale.config import SYNTH_PRIORS
+    from retina_scale.data.synthetic.plan import PRIORS
+
+    assert set(SYNTH_PRIORS) == set(PRIORS)
+    assert load_train_config("quick", ["data.synth_prior='0.5,0.5,0,0,0'"]).data.synth_prior == "0.5,0.5,0,0,0"

@@ -49,6 +49,7 @@ from retina_scale.data.fundus import BadImage
 from retina_scale.data.sources import Dataset, Failure, Record
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import write_bytes, write_csv, write_json
+from retina_scale.utils.locking import locked_folder
 from retina_scale.utils.parallel import parallel_map, worker_count
 
 CACHE_VERSION = 1
@@ -326,6 +327,7 @@ def _manifest_rows(records: Iterable[Record], keys: dict[str, str], entries: dic
     return header, rows
 
 
+@locked_folder("out", "cache", wait=True)  # one writer at a time; another waits, then reuses what it wrote
 def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: PreprocessConfig = PreprocessConfig(),
                   workers: int | None = None, verify: bool = False, progress: bool = True,
                   image_format: str = "jpeg") -> PrepareResult:

@@ -21,6 +21,11 @@ recall of No DR, any DR and mild DR is 0.932 / 0.842 / 0.466 and the precision 0
 0.312: the paper's Table IV prints these two columns the other way round. We use the standard
 definitions (precision = TP / predicted positives), as scikit-learn does.
 
+The stepwise trainer adds ``thresholds_fit`` to the result it writes as a stage's ``evaluation.json``:
+which cut-offs were optimised on validation and which kept their defaults because the validation split
+could not place them (``retina_scale.grading.thresholds.ThresholdFit``), with a ``note`` that
+:func:`format_evaluation` repeats.
+
 The result holds only plain ints, floats, strings, lists, dicts and ``None``: ``json.dumps`` it as
 it is. :func:`format_evaluation` renders it as a table a person can read.
 
@@ -248,6 +253,9 @@ def format_evaluation(result: dict[str, Any]) -> str:
         + "; thresholds "
         + " / ".join(f"{t:.3f}" for t in result["thresholds"]),
     ]
+    note = (result.get("thresholds_fit") or {}).get("note")
+    if note:  # added by the trainer: cut-offs the validation split could not place kept their defaults
+        lines.append(f"Thresholds: {note}")
     if boot["n_boot"]:
         lines.append(
             f"Intervals in brackets: {boot['confidence']:.0%} percentile bootstrap over "

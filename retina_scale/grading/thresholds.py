@@ -9,6 +9,7 @@ tunes them for kappa on a validation set, as team o_O and B. Graham did.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -19,7 +20,10 @@ from retina_scale.utils.errors import UserError
 
 DEFAULT_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 
-__all__ = ["DEFAULT_THRESHOLDS", "apply_thresholds", "optimize_thresholds", "validate_thresholds"]
+__all__ = [
+    "DEFAULT_THRESHOLDS", "ThresholdFit", "apply_thresholds", "fit_thresholds", "optimize_thresholds",
+    "unidentifiable_cuts", "validate_thresholds",
+]
 
 
 def validate_thresholds(thresholds: Iterable[float] | None, num_classes: int = NUM_GRADES) -> tuple:
@@ -124,6 +128,11 @@ def optimize_thresholds(
     deterministic. New cut-offs are put halfway between the two scores they separate (half a grade
     beyond the scores at the ends). Passes stop when none moves, or after ``max_passes``.
 
+    A cut-off between grades ``g`` and ``g + 1`` moves only when the data holds a grade ``<= g`` and a
+    grade ``> g`` (:func:`unidentifiable_cuts`): otherwise kappa says nothing about where it belongs (with
+    a single grade, kappa is undefined) and it keeps its starting value. :func:`fit_thresholds` also
+    says which cut-offs were kept.
+
     Coordinate ascent finds a point no single threshold can improve, not always the global optimum;
     starting from the usual cut-offs it is what o_O and Graham did by hand. Thresholds tuned on a
     small validation set overfit it: tune on the whole validation set, report on a test set.
@@ -154,9 +163,10 @@ def optimize_thresholds(
 
     best = quadratic_weighted_kappa(true, np.searchsorted(thresholds, values, side="right"), num_classes)
     best = -np.inf if np.isnan(best) else best
+    movable = [g for g in range(num_classes - 1) if g not in unidentifiable_cuts(true, num_classes)]
     for _ in range(max_passes):
         moved = False
-        for g in range(num_classes - 1):
+        for g in movable:
             move = _best_move(thresholds, g, values, true, weights, row_totals)
             if move is None or move[0] <= best + 1e-12:
                 continue
@@ -165,6 +175,66 @@ def optimize_thresholds(
         if not moved:
             break
     return validate_thresholds(thresholds, num_classes)
+
+
+def unidentifiable_cuts(y_true, num_classes: int = NUM_GRADES) -> tuple[int, ...]:
+    """The (0-based) cut-offs that the grades ``y_true`` cannot place: those without a grade on each side.
+
+    Cut-off ``g`` (between grades ``g`` and ``g + 1``) trades errors between the examples graded ``<= g``
+    and those graded ``> g``; with none on one side, kappa is undefined (a single grade) or only pushes the
+    cut-off past every score, which says nothing about images of the missing grades.
+
+    >>> unidentifiable_cuts([0, 0, 1, 2]), unidentifiable_cuts([3, 3]), unidentifiable_cuts([0, 4])
+    ((2, 3), (0, 1, 2, 3), ())
+    """
+    true = as_grades(y_true, "y_true", num_classes)
+    if true.size == 0:
+        return tuple(range(num_classes - 1))
+    low, high = int(true.min()), int(true.max())
+    return tuple(g for g in range(num_classes - 1) if not low <= g < high)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdFit:
+    """The cut-offs :func:`fit_thresholds` found, and those it had to keep at their starting values."""
+
+    thresholds: tuple
+    kept: tuple  # 0-based indices of the cut-offs kept (unidentifiable from the data)
+    grades: tuple  # the grades present in the data
+    where: str = "validation"
+
+    @property
+    def note(self) -> str:
+        """One line for the log, ``""`` when every cut-off was optimised."""
+        if not self.kept:
+            return ""
+        values = ", ".join(f"{self.thresholds[g]:g}" for g in self.kept)
+        if len(self.grades) == 1:
+            return (f"the {self.where} set holds only grade {self.grades[0]}, where kappa is undefined: the "
+                    f"cut-offs were not optimised and keep their starting values {values}")
+        return (f"the {self.where} set holds grades {', '.join(map(str, self.grades))} only: cut-off(s) "
+                f"{values} have no {self.where} image on one side, so they keep their starting values")
+
+    def to_dict(self) -> dict:
+        """The record for ``evaluation.json``: which cut-offs were optimised, on which grades, and the note."""
+        return {"optimized_on": self.where, "grades_present": list(self.grades),
+                "optimized": [g not in self.kept for g in range(len(self.thresholds))],
+                "kept": [self.thresholds[g] for g in self.kept], "note": self.note}
+
+
+def fit_thresholds(y_true, scores, initial: Sequence[float] | None = None, num_classes: int = NUM_GRADES,
+                   where: str = "validation") -> ThresholdFit:
+    """:func:`optimize_thresholds`, with the record of which cut-offs it could not place.
+
+    >>> fit = fit_thresholds([0, 0, 0], [0.1, 0.7, 0.9])
+    >>> fit.thresholds, fit.kept
+    ((0.5, 1.5, 2.5, 3.5), (0, 1, 2, 3))
+    >>> print(fit.note[:60])
+    the validation set holds only grade 0, where kappa is undefi
+    """
+    thresholds = optimize_thresholds(y_true, scores, initial, num_classes)
+    grades = tuple(int(g) for g in np.unique(as_grades(y_true, "y_true", num_classes)))
+    return ThresholdFit(thresholds, unidentifiable_cuts(y_true, num_classes), grades, where)
 
 
 def _search_input(y_true, scores, num_classes: int, max_passes) -> tuple[np.ndarray, np.ndarray]:

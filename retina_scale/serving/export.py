@@ -515,10 +515,76 @@ def run_preprocessing(run_dir) -> dict:
     return record
 
 
+def _graph_metadata(path: Path) -> dict:
+    """The metadata record ``get_metadata`` returns, read from ``saved_model.pb`` as data, without running it.
+
+    The record is a string constant behind the ``get_metadata`` signature: one of the functions it calls, or a
+    constant they capture (kept as a ``Const`` node of the graph). Every string constant reachable from the
+    signature's outputs is parsed, and the one JSON object whose ``format`` is ours is the record.
+
+    Raises:
+        UserError: no ``get_metadata`` signature, no such record, or more than one.
+    """
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    except DecodeError as err:
+        raise UserError(f"not a retina_scale SavedModel: {path / 'saved_model.pb'} cannot be parsed ({err})") from None
+    records = []
+    for graph in proto.meta_graphs:
+        if "get_metadata" not in graph.signature_def:
+            continue
+        functions = {f.signature.name: f for f in graph.graph_def.library.function}
+        nodes = {n.name: n for n in graph.graph_def.node}
+        objects, saved = graph.object_graph_def.nodes, graph.object_graph_def.concrete_functions
+        outputs = graph.signature_def["get_metadata"].outputs.values()
+        todo = [nodes[t.name.split(":")[0]] for t in outputs if t.name.split(":")[0] in nodes]
+        seen = set()
+        while todo:
+            node = todo.pop()
+            records += _metadata_constants_of(node)
+            called = [a.func.name for a in node.attr.values() if a.HasField("func")]
+            called += [f.name for a in node.attr.values() if a.HasField("list") for f in a.list.func]
+            for name in called:
+                if name in functions and name not in seen:
+                    seen.add(name)
+                    todo.extend(functions[name].node_def)
+                    captured = [objects[i].constant.operation for i in (saved[name].bound_inputs if name in saved
+                                                                        else ()) if objects[i].HasField("constant")]
+                    todo.extend(nodes[op] for op in captured if op in nodes)
+    distinct = {json.dumps(r, sort_keys=True): r for r in records}  # a captured constant is reached once per caller
+    if len(distinct) != 1:
+        raise UserError(f"not a retina_scale SavedModel: the get_metadata function of {path} holds "
+                        f"{len(distinct)} metadata records, expected one")
+    return next(iter(distinct.values()))
+
+
+def _metadata_constants_of(node) -> list[dict]:
+    """The JSON objects of our ``format`` among the string constants of one graph node."""
+    if node.op != "Const":
+        return []
+    found = []
+    for raw in node.attr["value"].tensor.string_val:
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and record.get("format") == FORMAT:
+            found.append(record)
+    return found
+
+
 def load_export(path, signature: str = "serving_default"):
     """Loads one version folder written by :func:`export_saved_model`.
 
-    Needs TensorFlow only (no Keras, no retina_scale model code).
+    Needs TensorFlow only (no Keras, no retina_scale model code). The metadata comes from the version's
+    ``metadata.json``, checked against the record in ``saved_model.pb`` read as data: loading never runs
+    the export's ``get_metadata``. A SavedModel is code all the same: calling the returned signature runs
+    the export's graph (and ``tf.saved_model.load`` may run functions it holds, such as a table's
+    initialiser), so load only exports you trust.
 
     Args:
         path: a version folder, ``<base_dir>/<model_name>/<version>``.
@@ -566,11 +632,12 @@ def load_export(path, signature: str = "serving_default"):
 
     import tensorflow as tf
 
+    # The graph's own record is read from saved_model.pb as data: get_metadata is never run (issue 16).
+    embedded = _graph_metadata(path)
     loaded = tf.saved_model.load(str(path))
     missing = {"serving_default", "get_metadata", signature} - set(loaded.signatures)
     if missing:
         raise UserError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
-    embedded = json.loads(loaded.signatures["get_metadata"]()["metadata_json"].numpy().decode("utf-8"))
     for key in ("stage", "input_size", "thresholds", "preprocessing"):
         if embedded.get(key) != metadata.get(key):
             raise UserError(

@@ -41,6 +41,7 @@ from retina_scale.training.stage import (
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
+from retina_scale.utils.locking import holding, run_folder_lock
 from retina_scale.utils.tables import number, text_table
 from retina_scale.utils.typed_config import dump_config
 
@@ -134,6 +135,8 @@ class StepwiseScaler:
         return is_chief(self.strategy)
 
     # -------------------------------------------------------------------------------------- run
+    # One trainer per run folder: a second one stops at once, naming this one's pid and host (utils.locking).
+    @holding(lambda self: run_folder_lock(self.layout.root))
     def run(self) -> dict:
         """Runs (or resumes) every stage; returns the run report (also in report.json / report.md)."""
         from retina_scale.models.convnet import get_stage
@@ -192,7 +195,7 @@ class StepwiseScaler:
         self._make_trainer(run)
         if resumed:  # this process built the model afresh: start from the stage's own weights
             self._restore_last_good(run)
-            self.log(f"Stage {run.index} {spec.name}: resuming at epoch {run.state['epoch'] + 1} of {run.cfg.epochs}")
+            self.log(_resume_line(run))
         hparams = run.state.get("hparams") or {}
         if hparams:
             self.log(f"Stage {run.index} {spec.name}: search's choices {hparams} (with lr {run.state['lr']:.3g})")
@@ -344,12 +347,15 @@ class StepwiseScaler:
         """The best epoch's thresholds on validation, its test evaluation, best.keras and the export."""
         from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
         from retina_scale.grading.kappa import quadratic_weighted_kappa
-        from retina_scale.grading.thresholds import apply_thresholds, optimize_thresholds
+        from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
 
         files, spec, state, model = run.files, run.spec, run.state, run.model
         restore_checkpoint(model, None, files.best)
         labels, scores = predict_input(run.trainer, val_input)
-        thresholds = [float(t) for t in optimize_thresholds(labels, scores)]
+        fit = fit_thresholds(labels, scores)
+        thresholds = [float(t) for t in fit.thresholds]
+        if fit.note:  # a cut-off the validation split cannot place keeps its default (also in evaluation.json)
+            self.log(f"Stage {run.index} {spec.name}: {fit.note}")
         val_kappa_opt = quadratic_weighted_kappa(labels, apply_thresholds(scores, thresholds))
         evaluation = None
         test_input = stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
@@ -359,6 +365,7 @@ class StepwiseScaler:
             groups = patients_of(splits_file, test_input.image_ids[keys])
             evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
                                               seed=self.config.seed, groups=groups)
+            evaluation["thresholds_fit"] = fit.to_dict()
             write_json(files.evaluation_json, evaluation)
             write_text(files.evaluation_md, format_evaluation(evaluation) + "\n")
             self.log(format_evaluation(evaluation))
@@ -381,6 +388,7 @@ class StepwiseScaler:
             "val_kappa": state["best_kappa"],
             "val_kappa_optimized_thresholds": _finite(val_kappa_opt),
             "thresholds": thresholds,
+            "thresholds_fit": fit.to_dict(),
             "test_kappa": evaluation["kappa"]["value"] if evaluation else None,
             "test_images": evaluation["n_images"] if evaluation else 0,
             "seconds": round(state["seconds"], 1),
@@ -409,6 +417,19 @@ class StepwiseScaler:
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _resume_line(run: _StageRun) -> str:
+    """What a resumed stage says: the epoch it resumes at, or that its epochs are all done (a stage killed
+    after its last epoch, or stopped by its time budget, is only finished: thresholds, test, export)."""
+    done, planned = run.state["epoch"], run.cfg.epochs
+    where = f"Stage {run.index} {run.spec.name}"
+    if run.state.get("stopped_by_time"):
+        return f"{where}: its time budget was spent after {done} of {planned} epochs; finishing the stage"
+    if done >= planned:
+        return (f"{where}: all {planned} epochs were trained earlier; finishing the stage (thresholds, test "
+                "evaluation, export)")
+    return f"{where}: resuming at epoch {done + 1} of {planned}"
+
+
 def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
     val_loss, kappa = validation_scores(labels, scores)
     return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),

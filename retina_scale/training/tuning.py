@@ -73,6 +73,7 @@ from retina_scale.training.stage import (
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
+from retina_scale.utils.locking import holding, run_folder_lock
 from retina_scale.utils.typed_config import ConfigError, dump_config, to_dict
 
 OBJECTIVE = "val_kappa"
@@ -410,6 +411,10 @@ class LearningRateSearch:
         if self.verbose:
             self._log(text)
 
+    # A search in one process holds its run folder (the trainer calling it holds it already: re-entrant); the
+    # processes of a distributed search share it.
+    @holding(lambda self, context: None if _search_role() else run_folder_lock(
+        process_layout(context.config, context.strategy).root))
     def __call__(self, context: StageContext) -> SearchResult | None:
         tune, files = context.config.tune, context.layout
         hp = build_search_space(tune)  # a bad space fails here, before any trial
@@ -491,20 +496,21 @@ def stage_context(config: TrainConfig, stage: str, *, strategy=None, verbose: in
     spec = specs[index - 1]
     strategy = strategy if strategy is not None else choose_strategy(config.strategy)
     layout = process_layout(config, strategy)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    check_same_config(layout, config)
-    if not layout.config.exists():
-        dump_config(config, layout.config)
-    files = layout.stage(index, spec.name)
-    previous = layout.stage(index - 1, specs[index - 2].name).best if index > 1 else None
-    if not files.initial.exists() and previous is not None and not previous.exists():
-        raise UserError(f"stage {spec.name} starts from stage {specs[index - 2].name}'s best weights, which "
-                        f"{layout.root} does not have yet; train the earlier stages first (retina-scale train)")
-    cache_dir, splits_file = prepare_run_data(config, layout, log if verbose else None, progress=bool(verbose))
-    if not files.initial.exists():
-        with strategy.scope():
-            model = build_stage_model(config, spec)
-        save_initial_weights(model, previous, files)
+    # The processes of a distributed search share the run folder: they take turns here; anyone else is refused.
+    with run_folder_lock(layout.root, wait=_search_role() is not None, log=log):
+        check_same_config(layout, config)
+        if not layout.config.exists():
+            dump_config(config, layout.config)
+        files = layout.stage(index, spec.name)
+        previous = layout.stage(index - 1, specs[index - 2].name).best if index > 1 else None
+        if not files.initial.exists() and previous is not None and not previous.exists():
+            raise UserError(f"stage {spec.name} starts from stage {specs[index - 2].name}'s best weights, which "
+                            f"{layout.root} does not have yet; train the earlier stages first (retina-scale train)")
+        cache_dir, splits_file = prepare_run_data(config, layout, log if verbose else None, progress=bool(verbose))
+        if not files.initial.exists():
+            with strategy.scope():
+                model = build_stage_model(config, spec)
+            save_initial_weights(model, previous, files)
     return StageContext(index, spec, files.dir, files.initial, stage_learning_rate(config, config.stages[index - 1]),
                         config, strategy, cache_dir, splits_file)
 

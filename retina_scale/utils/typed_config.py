@@ -43,6 +43,7 @@ import difflib
 import json
 import os
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -104,13 +105,53 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The largest config file or override read (1 MiB; a run's config is a few kB)."""
+MAX_YAML_NODES = 100_000
+"""The most values a YAML document may hold once its aliases (``*name``) are expanded: a "billion laughs"
+document of a few hundred bytes expands to 10**9 values, which any later walk over it (an error message's
+``repr`` included) would build."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict) -> int:
+    """The number of values ``node`` holds with every alias expanded (``sizes`` memoises shared nodes, so a
+    document that expands to 10**9 values is measured in as many steps as it has nodes)."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] is None:
+            raise ConfigError("an alias refers to a value that contains it (a recursive YAML structure)")
+        return sizes[key]
+    sizes[key] = None  # in progress
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[key] = min(size, MAX_YAML_NODES + 1)
+    return sizes[key]
+
+
 def _parse_yaml(text: str, where: str) -> Any:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters; a config holds at most {MAX_CONFIG_BYTES}")
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"more than {MAX_YAML_NODES} values once its aliases (*name) are expanded; a "
+                              "config is not that large (a 'billion laughs' document?)")
+        return loader.construct_document(node)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())[:500]}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: values nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def load_mapping(path: str | os.PathLike) -> dict:
@@ -127,6 +168,8 @@ def load_mapping(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {path} must end in .yaml, .yml or .json")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file holds at most {MAX_CONFIG_BYTES}")
     text = path.read_text(encoding="utf-8")
     if suffix == ".json":
 
@@ -141,6 +184,8 @@ def load_mapping(path: str | os.PathLike) -> dict:
             data = json.loads(text, object_pairs_hook=no_duplicates) if text.strip() else None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: values nested too deeply") from None
     else:
         data = _parse_yaml(text, str(path))
     if data is None:
@@ -173,8 +218,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 4, 4, 4, 4
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """The type and the start of a value, for an error message: bounded, whatever the value's size (a
+    plain ``repr`` of a value with shared parts, such as YAML aliases make, can be exponentially long).
+
+    >>> laughs = ["lol"] * 9
+    >>> for _ in range(8):
+    ...     laughs = [laughs] * 9  # 9**9 "lol"s, shared: repr() would be 2.7 GB
+    >>> _describe(laughs)
+    'list [[[[...], [...], [...], [...], ...], [[...], [...], [...]...'
+    """
+    text = _SHORT.repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
@@ -291,7 +350,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, _prefix: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # a __post_init__ check of the concrete config
-        raise ConfigError(f"{where}: {exc}") from None
+        text = str(exc)
+        if _prefix and text.partition(" ")[0] in fields:  # "r must be ..." -> "resample.r must be ..."
+            raise ConfigError(f"{_prefix}.{text}") from None
+        raise ConfigError(f"{where}: {text}") from None
 
 
 def to_dict(config: Any) -> Any:

@@ -33,6 +33,8 @@ class FakeServing:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 owner.requests.append((self.path, json.loads(body)))
+                if callable(owner.mode):  # a test's own answer: mode(handler, request)
+                    return owner.mode(self, json.loads(body))
                 if owner.mode == "slow":
                     time.sleep(2)
                 if owner.mode == "bad":
@@ -61,7 +63,7 @@ class FakeServing:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -166,3 +168,108 @@ def test_bad_arguments_and_missing_grpc_dependency(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_serving.apis", None)
     with pytest.raises(ImportError, match=r"pip install 'retina_scale\[serving\]'"):
         ServingClient().predict_grpc([b"\x01"])
+
+
+# ------------------------------------------------------------------ hostile answers (issue 16, defect 11)
+def _answer(body: bytes, content_type="application/json", status=200, length=None):
+    """A mode for FakeServing: answers every request with ``body`` as it is."""
+
+    def answer(handler, request):
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(body) if length is None else length))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+GOOD_ROW = {"grade": 1, "grade_continuous": 1.2, "referable": False, "valid": True, "error": ""}
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{\"predictions\": [", "answered HTTP 200 with something that is not JSON"),
+    (b"<html><body>502 Bad Gateway</body></html>", "answered HTTP 200 with something that is not JSON: b'<html>"),
+    (b"\xff\xfe\x00garbage", "answered HTTP 200 with something that is not JSON"),
+    (b"[1, 2]", "answered HTTP 200 with [1, 2], not a JSON object with 'predictions'"),
+    (b"\"predictions\"", "answered HTTP 200 with 'predictions', not a JSON object"),
+    (b"{\"outputs\": {}}", "no 'predictions' list of 1"),
+    (b"{\"predictions\": [[1, 2, 3]]}", "row 0 is [1, 2, 3], not an object of outputs"),
+    (b"{\"predictions\": [{}]}", "row 0 has no grade, grade_continuous, referable, valid, error"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "grade": "2"}]}).encode(), "row 0 has grade '2'; expected an integer"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "grade": 7}]}).encode(), "row 0 has grade 7; expected an integer in -1..4"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "grade": True}]}).encode(), "row 0 has grade True; expected an integer"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "grade_continuous": None}]}).encode(),
+     "row 0 has grade_continuous None; expected a number"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "referable": "yes"}]}).encode(), "row 0 has referable 'yes'"),
+    (json.dumps({"predictions": [{**GOOD_ROW, "error": ["x"]}]}).encode(), "row 0 has error ['x']; expected a string"),
+    (b"[" * 100_000 + b"]" * 100_000, "answered HTTP 200 with something that is not JSON"),
+], ids=["truncated", "html", "binary", "list", "string", "no-predictions", "row-list", "empty-row", "grade-str",
+        "grade-7", "grade-bool", "score-null", "referable-str", "error-list", "deep"])
+def test_an_answer_that_is_not_tf_servings_is_a_serving_error(serving, body, message):
+    server = serving(_answer(body))
+    client = ServingClient(f"http://127.0.0.1:{server.port}", "retina", timeout=10, retries=2, sleep=lambda s: None)
+    with pytest.raises(ServingError) as info:
+        client.predict([b"\x01photo"])
+    assert message in str(info.value) and len(str(info.value)) < 700 and "\n" not in str(info.value)
+    assert len(server.requests) == 1  # a malformed answer is not retried
+
+
+def test_an_answer_over_the_size_cap_is_refused_unread(serving):
+    big = json.dumps({"predictions": [GOOD_ROW], "padding": "x" * 5000}).encode()
+    server = serving(_answer(big))
+    client = ServingClient(f"http://127.0.0.1:{server.port}", "retina", max_response_bytes=4096)
+    with pytest.raises(ServingError, match=f"answer from .* is {len(big)} bytes; the client reads at most 4096"):
+        client.predict([b"\x01"])
+    # A server that does not say how long its answer is (no Content-Length) is cut at the cap too.
+    def no_length(handler, request):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(big)
+
+    server = serving(no_length)
+    with pytest.raises(ServingError, match="is over 4096 bytes; the client reads at most 4096"):
+        ServingClient(f"http://127.0.0.1:{server.port}", "retina", max_response_bytes=4096).predict([b"\x01"])
+    assert ServingClient(f"http://127.0.0.1:{server.port}", "retina").predict([b"\x01"])[0]["grade"] == 1
+
+
+def test_a_server_that_drips_its_answer_is_cut_off_at_the_calls_deadline(serving):
+    answer = json.dumps({"predictions": [GOOD_ROW]}).encode()
+
+    def drip(handler, request):  # a complete, valid answer, one byte every 0.1 s (about 10 s in all)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(answer)))
+        handler.end_headers()
+        try:
+            for i in range(len(answer)):
+                handler.wfile.write(answer[i:i + 1])
+                handler.wfile.flush()
+                time.sleep(0.1)
+        except OSError:  # the client hung up
+            pass
+
+    server = serving(drip)
+    client = ServingClient(f"http://127.0.0.1:{server.port}", "retina", timeout=1, retries=3, sleep=lambda s: None)
+    with pytest.raises(ServingError, match=r"did not answer within the call's deadline of 1 s \(timed out\)"):
+        client.predict([b"\x01"])  # each byte comes well within 1 s: a per-read timeout never fires
+    assert len(server.requests) == 1  # a call past its deadline is not retried
+
+
+def test_retries_stop_at_the_calls_deadline(serving):
+    server = serving("unavailable")
+    waits = []
+    client = ServingClient(f"http://127.0.0.1:{server.port}", "retina", timeout=1, retries=5, backoff=0.4,
+                           sleep=waits.append)
+    with pytest.raises(ServingError, match=r"HTTP 503 .*gave up after 3 attempts: the call's 1 s deadline"):
+        client.predict([b"\x01"])
+    assert waits == [0.4, 0.8]  # the next wait (1.6 s) would pass the deadline: no waiting for nothing
+
+
+def test_bad_client_settings_are_refused():
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        ServingClient(timeout=float("inf"))
+    with pytest.raises(ValueError, match="max_response_bytes must be a positive integer"):
+        ServingClient(max_response_bytes=0)

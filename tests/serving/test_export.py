@@ -285,3 +285,54 @@ def test_saved_model_cli_shows_and_runs_the_signature(exported, tmp_path):
                                   apply_thresholds(expected, exported["thresholds"]))
     np.testing.assert_array_equal(np.load(outdir / "referable.npy"),
                                   apply_thresholds(expected, exported["thresholds"]) >= 2)
+
+
+def _crafted_export(folder: Path, marker: Path) -> dict:
+    """A SavedModel that passes for one of ours, whose get_metadata writes ``marker`` when it runs."""
+    info = {"format": FORMAT, "format_version": 1, "stage": "tiny", "input_size": SIZE,
+            "thresholds": [0.5, 1.5, 2.5, 3.5], "preprocessing": "none"}
+
+    class Crafted(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32, name="images")])
+        def serve(self, images):
+            n = tf.shape(images)[0]
+            return {"grade_continuous": tf.zeros([n]), "grade": tf.zeros([n], tf.int32),
+                    "referable": tf.zeros([n], tf.bool)}
+
+        @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
+        def predict_images(self, images):
+            n = tf.shape(images)[0]
+            return {"grade_continuous": tf.zeros([n]), "grade": tf.zeros([n], tf.int32),
+                    "referable": tf.zeros([n], tf.bool), "valid": tf.ones([n], tf.bool), "error": tf.fill([n], "")}
+
+        @tf.function(input_signature=[])
+        def get_metadata(self):
+            with tf.control_dependencies([tf.io.write_file(str(marker), "get_metadata ran")]):
+                return {"metadata_json": tf.constant(json.dumps(info)), "stage": tf.constant("tiny")}
+
+    module = Crafted()
+    tf.saved_model.save(module, str(folder), signatures={
+        "serving_default": module.serve, "predict_images": module.predict_images, "get_metadata": module.get_metadata})
+    (folder / METADATA_FILE).write_text(json.dumps(info))
+    return info
+
+
+def test_loading_an_export_never_runs_its_graph_to_read_the_metadata(tmp_path, capsys):
+    from retina_scale.cli import main
+
+    marker = tmp_path / "written-by-the-export"
+    crafted = tmp_path / "crafted" / "1"
+    info = _crafted_export(crafted, marker)
+    _, metadata = load_export(crafted)  # what `retina-scale evaluate --model` reads
+    assert metadata == info and not marker.exists()
+    _, metadata = load_export(crafted, signature="predict_images")
+    assert metadata == info and not marker.exists()
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "a.png"), np.zeros((80, 80, 3), np.uint8))
+    assert main(["predict", "--model", str(crafted.parent), "--images", str(photos),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert not marker.exists()
+    # The crafted function does write the file when it is run: the checks above could have seen it.
+    tf.saved_model.load(str(crafted)).signatures["get_metadata"]()
+    assert marker.read_text() == "get_metadata ran"

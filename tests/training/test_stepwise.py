@@ -274,3 +274,62 @@ def test_evaluate_command_reproduces_the_stage_test_evaluation(uninterrupted, sm
     assert result["n_images"] == stored["n_images"] == stage["test_images"]
     assert result["confusion_matrix"] == stored["confusion_matrix"]
     assert result["kappa"]["value"] == pytest.approx(stored["kappa"]["value"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_stage_killed_after_its_last_epoch_is_finished_not_resumed_past_its_end(uninterrupted, tmp_path,
+                                                                                   small_cache):
+    import shutil
+
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    # kill -9 after the last epoch's checkpoint and before the stage was marked done (issue 16): its state says
+    # "training" at epoch 3 of 3, and the rerun said "resuming at epoch 4 of 3".
+    run_dir, _ = uninterrupted
+    copy = tmp_path / "runs" / "t"
+    shutil.copytree(run_dir, copy)
+    state = _state(copy, "2-small")
+    state["status"] = "training"
+    del state["result"]
+    (copy / "stages" / "2-small" / "state.json").write_text(json.dumps(state))
+    lines = []
+    StepwiseScaler(_config(tmp_path, small_cache), log=lines.append).run()
+    assert not [line for line in lines if "resuming at epoch" in line], lines
+    assert ("Stage 2 small: all 3 epochs were trained earlier; finishing the stage (thresholds, test evaluation, "
+            "export)") in lines
+    final = _state(copy, "2-small")
+    assert final["status"] == "done" and [row["epoch"] for row in final["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_validation_split_of_one_grade_keeps_the_default_thresholds(tmp_path, small_cache):
+    from retina_scale.data.sources import read_dataset, write_splits
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    # The audit's case (issue 16, defect 6): every validation image is grade 0, so kappa is undefined there.
+    data, _ = small_cache
+    records = read_dataset(data).records
+    grades = {}
+    for r in records:
+        grades.setdefault(r.patient, set()).add(r.label)
+    healthy = sorted(p for p, g in grades.items() if g == {0})
+    assert len(healthy) >= 2
+    splits = {r.image_id: "val" if r.patient in healthy[:2] else "test" if r.patient in healthy[2:4] else "train"
+              for r in records}
+    config = _config(tmp_path, small_cache, extra=["stages=[{stage: tiny, epochs: 1, lr: 0.003}]"])
+    run_dir = tmp_path / "runs" / "t"
+    write_splits(splits, records, run_dir / "splits.csv")
+    lines = []
+    report = StepwiseScaler(config, log=lines.append).run()
+    stage = report["stages"][0]
+    assert stage["thresholds"] == [0.5, 1.5, 2.5, 3.5]
+    assert any("Stage 1 tiny: the validation set holds only grade 0, where kappa is undefined" in line
+               for line in lines), lines
+    evaluation = json.loads((run_dir / "stages" / "1-tiny" / "evaluation.json").read_text())
+    assert evaluation["thresholds"] == [0.5, 1.5, 2.5, 3.5]
+    assert evaluation["thresholds_fit"]["optimized"] == [False] * 4 and "only grade 0" in evaluation[
+        "thresholds_fit"]["note"]
+    assert "Thresholds: the validation set holds only grade 0" in (
+        run_dir / "stages" / "1-tiny" / "evaluation.md").read_text()
+    meta = json.loads((Path(stage["export_path"]) / "metadata.json").read_text())
+    assert meta["thresholds"] == [0.5, 1.5, 2.5, 3.5]  # what the export ships

@@ -286,3 +286,81 @@ def test_override_indexes_into_a_list_of_sections():
         load_config(Ladder, None, ["stages.2.epochs=3"])
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config(Ladder, None, ["stages.0.epoch=3"])
+
+
+# ------------------------------------------------------------------------ hostile files (issue 16, defect 8)
+# 10**9 "lol"s once expanded, in a few hundred bytes: each anchor holds nine aliases of the one before.
+LAUGHS = ", ".join(["&a [" + ", ".join(["lol"] * 9) + "]"]
+                   + [f"&{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")])
+BILLION_LAUGHS = f"name: [{LAUGHS}]\n"
+
+BOMB_IN_A_SUBPROCESS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: the expansion needs far more
+from retina_scale.utils.typed_config import load_config
+from dataclasses import dataclass
+
+@dataclass
+class Run:
+    name: str = "quick"
+
+try:
+    load_config(Run, sys.argv[1])
+except ValueError as exc:
+    print("refused:", exc)
+"""
+
+
+def test_a_billion_laughs_file_is_refused_without_expanding_it(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 1000  # 10**9 "lol"s once expanded
+    # In a process limited to 1 GiB: building the error message used to repr() the whole expansion.
+    proc = subprocess.run([sys.executable, "-c", BOMB_IN_A_SUBPROCESS, str(path)], env=subprocess_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert proc.stdout.strip() == (f"refused: {path}: more than 100000 values once its aliases (*name) are "
+                                   "expanded; a config is not that large (a 'billion laughs' document?)")
+    with pytest.raises(ConfigError, match="more than 100000 values once its aliases"):
+        parse_override(f"name=[{LAUGHS}]")  # the same bomb as a command-line override
+
+
+def test_the_error_message_of_a_huge_shared_value_stays_small():
+    import tracemalloc
+
+    laughs = ["lol"] * 9
+    for _ in range(7):
+        laughs = [laughs] * 9  # 9**8 items through shared lists: a repr() of 50 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            from_dict(Run, {"name": laughs})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value).startswith("config key 'name': expected str, got list [[[[...]")
+    assert len(str(info.value)) < 150 and peak < 1 << 20
+
+
+@pytest.mark.parametrize("content, message", [
+    ("name: &a [*a]\n", "an alias refers to a value that contains it"),
+    ("name: " + "[" * 5000 + "]" * 5000 + "\n", "values nested too deeply"),
+], ids=["recursive", "deep"])
+def test_recursive_and_deeply_nested_yaml_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(Run, path)
+
+
+def test_a_config_file_over_a_mebibyte_is_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match=r"big.yaml: 1200008 bytes; a config file holds at most 1048576"):
+        load_config(Run, path)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_mapping(tmp_path / "deep.json")
