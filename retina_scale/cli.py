@@ -71,19 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="show TensorFlow's own (C++) log lines and per-step progress, hidden by default")
         p.set_defaults(_module=module)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    # TensorFlow's C++ start-up chatter (no CUDA driver found, CPU instruction sets) is noise to a
-    # person at a terminal; a user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def main(argv: list[str] | None = None, *, console: bool | None = None) -> int:
+    """Runs ``retina-scale <subcommand>``; returns the exit status.
+
+    Args:
+        argv: the arguments (default: the command line's).
+        console: filter TensorFlow's C++ log lines out of this process's standard error (file descriptor 2,
+            see ``retina_scale.utils.console``); default: when ``argv`` is None, i.e. when run as a program
+            (not when a test or a script calls ``main([...])`` inside its own process).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
+    if args.verbose:
+        os.environ["RETINA_SCALE_VERBOSE"] = "1"  # child processes too
+    else:
+        # TensorFlow's C++ chatter (no CUDA driver, oneDNN, grappler's remapper) is noise to a person.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if console if console is not None else argv is None:
+            from retina_scale.utils.console import quiet_native_logs
+
+            quiet_native_logs()
     from retina_scale.utils.errors import UserError
 
     try:
