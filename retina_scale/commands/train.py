@@ -33,6 +33,8 @@ def add_arguments(parser):
                              "on in the quick preset); --no-tune uses the config's learning rates")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
+    parser.add_argument("--no-report", dest="report", action="store_false",
+                        help="do not write the run's report (REPORT.md and figures in <run>/report/) at the end")
     parser.add_argument("positional_overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, same as --set")
 
@@ -72,9 +74,24 @@ def run(args) -> int:
 
     verbose = 0 if args.quiet else 1
     # A TrainingError (the loss kept diverging) is a UserError: the CLI prints it as one line.
-    report = StepwiseScaler(config, lr_search=search_hook(config, verbose=verbose), verbose=verbose).run()
+    scaler = StepwiseScaler(config, lr_search=search_hook(config, verbose=verbose), verbose=verbose)
+    report = scaler.run()
+    summary = write_run_report(report) if args.report and scaler.is_chief else None
     if args.quiet:
-        print(json.dumps({"run_dir": report["run_dir"], "stages": [
+        print(json.dumps({"run_dir": report["run_dir"], "report": summary and summary["report_md"], "stages": [
             {k: s[k] for k in ("stage", "size", "val_kappa", "test_kappa", "seconds", "export_path")}
             for s in report["stages"]]}))
+    elif summary is not None:
+        from retina_scale.evidence.report import format_closing
+
+        print("\n" + format_closing(summary, report["stages"][-1].get("export_path")))
     return 0
+
+
+def write_run_report(report: dict) -> dict | None:
+    """REPORT.md and figures in ``<run>/report/`` (``retina-scale report``), when the test split was evaluated."""
+    from retina_scale.evidence.report import write_report
+
+    if not any(s.get("test_images") for s in report["stages"]):
+        return None  # no test split: nothing to report beyond report.md
+    return write_report(report["run_dir"])

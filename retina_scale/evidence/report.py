@@ -30,7 +30,7 @@ from retina_scale.run_layout import ReportLayout, RunLayout
 from retina_scale.utils.fileio import atomic_path, write_json
 from retina_scale.utils.fileio import read_json as _read_json
 from retina_scale.utils.fileio import write_text as _write_text
-from retina_scale.utils.tables import markdown_table
+from retina_scale.utils.tables import markdown_table, text_table
 
 # The paper's Table III (EyePACS test set, full width, 200 epochs per stage).
 PAPER_TABLE_III = {"tiny": 0.63978, "small": 0.77646, "median": 0.83879, "large": 0.85114}
@@ -532,3 +532,31 @@ def _throughput_section(throughput) -> list[str]:
                     f"{throughput['stages'][0]['train']['batch']}); input img/s is the cached, augmented, resampled "
                     "training input alone; predict is the exported SavedModel's serving_default; the run's epochs include "
                     "input, training and validation.", ""]
+
+
+def format_closing(summary: dict, export_path: str | None = None) -> str:
+    """The main job's last words: per stage test kappa with its interval, mild-DR F1, referable sensitivity
+    and specificity and seconds, then where the report is and what to do next with the export.
+
+    Args:
+        summary: what :func:`write_report` returned (``report_md`` included).
+        export_path: the last stage's SavedModel version folder, if it was exported.
+    """
+    rows = []
+    for s in summary["stages"]:
+        mild = ((s.get("table_iv") or {}).get("mild_dr") or {}).get("f1")
+        referable = s.get("referable") or {}
+        rows.append((s["stage"], str(s["size"]), _cell(s.get("test_kappa")), _cell(mild, 2),
+                     _cell(referable.get("sensitivity"), 2), _cell(referable.get("specificity"), 2),
+                     f"{s['seconds']:.0f}"))
+    table = text_table(("stage", "px", "test kappa [95 % CI]", "mild-DR F1", "referable sensitivity",
+                        "referable specificity", "seconds"), rows, right=(1, 6))
+    report = Path(summary["report_md"])
+    model = str(Path(export_path).parent) if export_path else "saved_models/<model>"
+    return "\n".join([
+        table,
+        f"Report: {report} (tables and figures: {report.parent / 'figures'})",
+        f"Evaluate the export on new photos: retina-scale evaluate --model {model} --data PHOTOS --format folders",
+        f"Serve it: TF Serving on {Path(model).parent} (README, 'Run TF Serving'), or grade a folder without a "
+        f"server: retina-scale predict --model {model} --images PHOTOS --out predictions.csv",
+    ])

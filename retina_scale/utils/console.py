@@ -31,6 +31,9 @@ NATIVE_LOG = re.compile(
 )
 """A line of TensorFlow's C++ logging (absl/glog format), or absl's notice that logging is not initialised."""
 
+CONTINUATIONS = (b"To enable the following instructions:",)
+"""Second lines of multi-line native messages (cpu_feature_guard's), dropped right after a native line."""
+
 _HOLD_LIMIT = 512
 """A partial line that starts like a native log line ([IWEF]) and is shorter than this waits for its end."""
 
@@ -42,6 +45,7 @@ class NativeLogFilter:
     def __init__(self):
         self._saved: int | None = None
         self._thread: threading.Thread | None = None
+        self._after_native = False
         self.dropped = 0
 
     def start(self) -> "NativeLogFilter":
@@ -91,10 +95,13 @@ class NativeLogFilter:
         *lines, rest = data.split(b"\n")
         out = []
         for line in lines:
-            if NATIVE_LOG.match(line.lstrip(b"\r")):
+            bare = line.lstrip(b"\r")
+            if NATIVE_LOG.match(bare) or (self._after_native and bare.startswith(CONTINUATIONS)):
                 self.dropped += 1
+                self._after_native = True
             else:
                 out.append(line + b"\n")
+                self._after_native = False
         # A partial line passes at once (a progress bar redrawn with \r never ends with a newline), unless
         # it may be the beginning of a native log line, which then waits for the rest.
         if rest and not (rest[:1] in (b"I", b"W", b"E", b"F") and len(rest) < _HOLD_LIMIT):

@@ -333,3 +333,26 @@ def test_a_validation_split_of_one_grade_keeps_the_default_thresholds(tmp_path, 
         run_dir / "stages" / "1-tiny" / "evaluation.md").read_text()
     meta = json.loads((Path(stage["export_path"]) / "metadata.json").read_text())
     assert meta["thresholds"] == [0.5, 1.5, 2.5, 3.5]  # what the export ships
+
+
+@pytest.mark.slow
+def test_train_ends_with_the_report_and_a_closing_table(uninterrupted, small_cache, capsys, tmp_path):
+    import shutil
+
+    run_dir, report = uninterrupted
+    shutil.copytree(run_dir, tmp_path / "runs" / "t")  # a finished run: train resumes nothing, then reports
+    data, cache = small_cache
+    assert main(["train", *_overrides(tmp_path, data, cache)]) == 0
+    out = capsys.readouterr().out
+    closing = out[out.index("test kappa [95 % CI]"):].splitlines()
+    report_md = tmp_path / "runs" / "t" / "report" / "REPORT.md"
+    assert report_md.is_file() and (report_md.parent / "figures" / "kappa_vs_stage.png").is_file()
+    for stage, line in zip(report["stages"], closing[2:4]):
+        evaluation = json.loads((tmp_path / "runs" / "t" / "stages" / f"{stage['index']}-{stage['stage']}"
+                                 / "evaluation.json").read_text())
+        kappa = evaluation["kappa"]
+        assert line.split()[:2] == [stage["stage"], str(stage["size"])]
+        assert f"{kappa['value']:.3f} [{kappa['ci_low']:.3f}, {kappa['ci_high']:.3f}]" in line
+    assert closing[4] == f"Report: {report_md} (tables and figures: {report_md.parent / 'figures'})"
+    assert closing[5].startswith("Evaluate the export on new photos: retina-scale evaluate --model ")
+    assert closing[6].startswith("Serve it: ")
