@@ -118,9 +118,7 @@ def _process(task: dict) -> dict:
     out = {"image": task["image"]}
     try:
         config = PreprocessConfig(**task["config"])
-        with open(task["path"], "rb") as fh:
-            data = fh.read()
-        result = preprocess_file(task["path"], task["sizes"], config, data=data)
+        result = preprocess_file(task["path"], task["sizes"], config)
     except BadImage as exc:
         out["reason"] = str(exc)
         return out
