@@ -178,6 +178,39 @@ def test_a_cache_keeps_its_preprocessing(eyepacs_dir, tmp_path, prepare):
     assert code == 2 and "holds png files, not jpeg" in err
 
 
+def _interrupt_before_the_end(monkeypatch, prepare, *args):
+    """Run prepare until every image is made and journalled, then stop it as ``kill -9`` would before the
+    manifest and cache.json are written."""
+    import retina_scale.data.cache as cache_module
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "_manifest_rows", killed)
+        assert prepare(*args)[0] == 130  # the CLI's exit status for an interrupted command
+
+
+def test_an_interrupted_cache_rerun_with_other_options_is_refused_not_mixed(eyepacs_dir, tmp_path, prepare,
+                                                                             monkeypatch):
+    """Issue 16: kill -9 during prepare, rerun with --normalize graham: 'none' images must not be kept as
+    graham ones (cache.json, written at the end, cannot tell: the journal's entries record it)."""
+    cache = tmp_path / "cache"
+    common = ("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--workers", 1)
+    _interrupt_before_the_end(monkeypatch, prepare, *common)
+    assert (cache / ".journal.jsonl").is_file() and not (cache / "cache.json").exists()
+    code, _, err = prepare(*common, "--normalize", "graham")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds 20 image(s) from an interrupted run made with" in err and "'normalize': 'none'" in err
+    code, _, err = prepare(*common, "--image-format", "png")
+    assert code == 2 and "'image_format': 'jpeg'" in err
+    assert not (cache / "manifest.csv").exists()  # nothing was mixed in
+    code, out, _ = prepare(*common)  # the same options finish it
+    assert code == 0 and "prepared 0, skipped 20" in out
+    img = cv2.imread(str(cache / "32" / "100_left.jpg"))
+    assert img[0, 0].max() <= 10  # black outside the disc: 'none', not Graham's grey
+
+
 def test_prepare_refuses_bombs_fifos_and_oversized_photos_and_uses_the_rest(tmp_path, prepare):
     from hostile_fixtures import png_claiming
 
