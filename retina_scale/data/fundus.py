@@ -409,6 +409,16 @@ def find_disc(img: np.ndarray, work_side: int = 1024) -> Disc:
     return Disc(cx, cy, r)
 
 
+def check_square(disc: Disc, max_pixels: int) -> None:
+    """Refuse a disc whose bounding square (at the decoded resolution) would hold more than twice
+    ``max_pixels``: only a crafted photo fits such a disc (a 20000x1000 strip with a 9800-px arc is 20 Mpx,
+    under the limit, and its square 384 Mpx); real photos stay far below (a 16:9 photo at the limit with its
+    disc cut at the top and bottom: 1.8 times the limit at full resolution, and reduced decoding shrinks it)."""
+    side = max(2, int(round(2 * disc.r)))
+    if side * side > 2 * max_pixels:
+        raise BadImage(f"no fundus found (its bounding square, {side}x{side} px, would hold more than twice max_pixels)")
+
+
 def crop_square(img: np.ndarray, disc: Disc) -> np.ndarray:
     """The disc's bounding square (side ``2r``), padded with black where it leaves the photo."""
     side = max(2, int(round(2 * disc.r)))
@@ -496,6 +506,7 @@ def preprocess_file(path, sizes, config: PreprocessConfig = PreprocessConfig(), 
             r *= 2
         img = decode(data, k)
         disc = find_disc(img)
+    check_square(disc, config.max_pixels)
     images, disc = preprocess_image(img, sizes, config, disc)
     full = Disc(disc.cx * k, disc.cy * k, disc.r * k)
     return Preprocessed(images, full, info, k)

@@ -472,10 +472,24 @@ def _crop_square(tf, img, cx, cy, r):
     y0 = tf.cast(tf.round(cy - tf.cast(side, tf.float64) / 2), tf.int32)
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
-    top, left = tf.maximum(-y0, 0), tf.maximum(-x0, 0)
-    bottom, right = tf.maximum(y0 + side - h, 0), tf.maximum(x0 + side - w, 0)
-    padded = tf.pad(img, [[top, bottom], [left, right], [0, 0]])
-    return padded[y0 + top : y0 + top + side, x0 + left : x0 + left + side]
+    # Crop the part inside the photo, then pad it to the square (padding the whole photo first would cost a
+    # photo-wide copy as large as the square is tall).
+    ya, xa = tf.clip_by_value(y0, 0, h), tf.clip_by_value(x0, 0, w)
+    yb, xb = tf.clip_by_value(y0 + side, ya, h), tf.clip_by_value(x0 + side, xa, w)
+    inside = img[ya:yb, xa:xb]
+    return tf.pad(inside, [[ya - y0, y0 + side - yb], [xa - x0, x0 + side - xb], [0, 0]])
+
+
+def _check_square(tf, r, max_pixels):
+    """``""``, or the reason when the disc's bounding square (side ``2r`` at the decoded resolution) would hold
+    more than twice ``max_pixels``: a crafted photo under the limit whose fitted disc is huge (a 20000x1000
+    strip with a 9800-px arc) would otherwise cost gigabytes here (as
+    :func:`retina_scale.data.fundus.check_square`)."""
+    side = tf.maximum(tf.constant(2, tf.int64), tf.cast(tf.round(2 * r), tf.int64))
+    s = tf.strings.as_string(side)
+    return tf.where(side * side > 2 * max_pixels, tf.strings.join(
+        ["no fundus found (its bounding square, ", s, "x", s, " px, would hold more than twice max_pixels)"]),
+        ERROR_NONE)
 
 
 def _circle(tf, side, fraction):
@@ -506,7 +520,7 @@ def _gaussian_blur(tf, img, sigma: float):
 def _finish(tf, square, spec: PreprocessSpec):
     """Resize the uint8 square to the stage size, then normalise / mask; float32 RGB in [0, 255]."""
     size = spec.size
-    square = tf.cast(square[None], tf.float32)
+    square = square[None]  # uint8: the resize ops read it as it is, without a float32 copy of the square
     source = square
     for i, s in enumerate(spec.sizes):
         # As preprocess_image: each size from the previous (larger) one when that is at least twice as big.
@@ -563,6 +577,7 @@ def preprocess_one(tf, data, spec: PreprocessSpec):
             maximum_iterations=2,
         )
 
+        err = tf.where(tf.equal(err, ERROR_NONE), _check_square(tf, r, spec.max_pixels), err)
         found = tf.equal(err, ERROR_NONE)
         one = tf.constant(1.0, tf.float64)
         square = _crop_square(tf, img, tf.where(found, cx, one), tf.where(found, cy, one), tf.where(found, r, one))

@@ -240,3 +240,20 @@ def test_only_regular_files_are_read_and_up_to_a_size(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_image_file(tmp_path / "missing.jpeg", 100)
     assert file_size_limit(40_000_000) > 3 * 40_000_000  # an uncompressed PNG under the limit still fits
+
+
+def _strip_with_a_huge_disc():
+    """A 2000x100 photo holding the middle of a 980-px disc: a crafted fit whose bounding square (1961 px a
+    side, 3.8 Mpx) dwarfs the photo (0.2 Mpx)."""
+    img = np.zeros((100, 2000, 3), np.uint8)
+    cv2.circle(img, (1000, 50), 980, (60, 100, 200), -1)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def test_a_disc_whose_square_would_dwarf_the_pixel_limit_is_refused():
+    """The pixel limit alone does not bound memory: the crop square of a crafted photo under it can be far
+    larger (a 20000x1000 strip: 384 Mpx). Its square may hold at most twice max_pixels."""
+    data = _strip_with_a_huge_disc()
+    with pytest.raises(BadImage, match=r"its bounding square, 1961x1961 px, would hold more than twice max_pixels"):
+        preprocess_file("a.png", (112,), PreprocessConfig(max_pixels=1_000_000), data=data)
+    assert preprocess_file("a.png", (112,), PreprocessConfig(max_pixels=2_000_000), data=data).disc.r > 900

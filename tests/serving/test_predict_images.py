@@ -185,6 +185,21 @@ def test_the_pixel_limit_comes_from_the_exports_record():
         preprocess_spec({"normalize": "none", "max_pixels": "many"}, SIZE)
 
 
+def test_a_crafted_disc_whose_square_dwarfs_the_limit_is_refused_as_in_the_cache():
+    """A 20000x1000 PNG (20 Mpx) holding the middle of a 9800-px disc made the graph use 8 GB for its crop
+    square; the square may hold at most twice max_pixels (the same photo, scaled down, against a lower limit)."""
+    img = np.zeros((100, 2000, 3), np.uint8)
+    cv2.circle(img, (1000, 50), 980, (60, 100, 200), -1)
+    data = _png(img)
+    low = preprocess_spec({"normalize": "none", "max_pixels": 1_000_000}, SIZE)
+    high = preprocess_spec({"normalize": "none", "max_pixels": 2_000_000}, SIZE)
+    assert _in_graph(low, [data])[1] == [
+        "no fundus found (its bounding square, 1961x1961 px, would hold more than twice max_pixels)"]
+    assert _in_graph(high, [data])[1] == [""]
+    with pytest.raises(BadImage, match="its bounding square, 1961x1961 px"):
+        preprocess_file("a.png", (SIZE,), PreprocessConfig(max_pixels=1_000_000), data=data)
+
+
 def test_a_jpeg_cut_short_with_an_end_marker_is_an_error_row_as_in_the_cache(photos):
     """Defect 4: the first half of a JPEG plus FF D9 was graded (libjpeg fills grey and only warns)."""
     spec = preprocess_spec({"normalize": "none", "sizes": LADDER}, SIZE)
