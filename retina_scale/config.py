@@ -40,6 +40,10 @@ GRADES = (0, 1, 2, 3, 4)
 NUM_GRADES = len(GRADES)
 MIN_SIDE = 64
 """An image smaller than this on a side cannot hold a gradable fundus (cache and serving graph)."""
+MAX_PIXELS = 40_000_000
+"""Default pixel limit (width x height, read from the header before decoding) of the cache and the serving
+graph: fundus cameras make 5-25 Mpx photos and a 36-Mpx full-frame camera back still fits; a bigger image
+(a decompression bomb: a 20000x20000 PNG is 1.4 MB on disk) is refused before it costs any memory."""
 
 StrategyName = Literal["auto", "default", "one_device", "mirrored", "multi_worker"]
 TunerName = Literal["random", "bayesian", "hyperband"]
@@ -106,21 +110,33 @@ class PreprocessConfig:
             outside 90 % of the radius) is always applied with ``"graham"``.
         reduced_decode: allow ``IMREAD_REDUCED_COLOR_*`` decoding when the sizes allow it.
         min_side: smallest accepted image side in pixels.
+        max_pixels: largest accepted width x height, checked from the header before decoding (not part of
+            :meth:`as_dict`: it refuses images but changes no cached pixel).
     """
 
     normalize: str = "none"
     mask: bool = True
     reduced_decode: bool = True
     min_side: int = MIN_SIDE
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:
             raise UserError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {self.normalize!r}")
         if self.min_side < 8:
             raise UserError(f"min_side must be >= 8, got {self.min_side}")
+        check_max_pixels(self.max_pixels, self.min_side)
 
     def as_dict(self) -> dict:
         return {"normalize": self.normalize, "mask": self.mask}
+
+
+def check_max_pixels(value, min_side: int = MIN_SIDE) -> int:
+    """``value`` if it is a valid pixel limit: an integer from ``min_side**2`` to 2**30 (OpenCV's own limit)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not min_side * min_side <= value <= 2**30:
+        raise UserError(f"max_pixels must be an integer from {min_side * min_side} to {2**30} "
+                        f"(width x height; default {MAX_PIXELS}); got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,10 +4,16 @@ Runs the export's predict_images signature: the photos are decoded and preproces
 exactly as TF Serving would, so batch results and served results agree. The folder is walked lazily
 and read batch by batch (memory stays constant whatever its size); a photo that cannot be used gets
 its reason in the error column and the run goes on. predictions.csv (image, grade, grade_continuous,
-referable, error) is written under a temporary name and renamed into place when the run finishes.
+referable, error) is written under a temporary name and renamed into place when the run finishes; a
+text cell that a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage
+return, e.g. a file named "=cmd|calc.jpeg") is written with a leading apostrophe.
 
 --images takes a folder (searched recursively for .jpg/.jpeg/.png/.tif/.tiff/.bmp files) or a CSV
 file whose 'image' column (else its first column) lists photo paths, relative to the CSV's folder.
+Only regular files are read (not a FIFO, a device or a link to one), up to a size set by the export's
+pixel limit. The content decides the format, as in TF Serving, which gets no file name: a PNG named
+.jpeg is graded. TIFF and BMP files are listed so that every photo of the folder has a row, but the
+graph decodes JPEG and PNG only (TensorFlow has no TIFF decoder), so their row says so.
 
 Example:
     retina-scale predict --model saved_models/retina --images photos/ --out predictions.csv
@@ -26,6 +32,39 @@ from retina_scale.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 COLUMNS = ["image", "grade", "grade_continuous", "referable", "error"]
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(text: str) -> str:
+    """``text`` as a spreadsheet shows it and never runs it: a leading apostrophe before = + - @ tab CR.
+
+    >>> csv_safe("=cmd|' /C calc'!A0.jpeg"), csv_safe("photos/a.jpeg")
+    ("'=cmd|' /C calc'!A0.jpeg", 'photos/a.jpeg')
+    """
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def decode_error_reason(message: str, limit: int = 300) -> str:
+    """The reason in a TensorFlow error message, without its node names, op names and Python stack.
+
+    >>> decode_error_reason("Graph execution error:\\n\\nDetected at node map/DecodeJpeg defined at (most recent "
+    ...     "call last):\\n<stack traces unavailable>\\njpeg::Uncompress failed. Invalid JPEG data or crop window."
+    ...     "\\n\\t [[{{node map/DecodeJpeg}}]] [Op:__inference_signature_wrapper_predict_images_12332]")
+    'jpeg::Uncompress failed. Invalid JPEG data or crop window.'
+    """
+    import re
+
+    kept = []
+    for line in message.splitlines():
+        line = re.sub(r"\{\{(function_)?node [^}]*\}\}|\[\[.*?\]\]|\[Op:[^\]]*\]", "", line).strip()
+        if not line or line.startswith(("Graph execution error", "Detected at node", "File ", "Traceback",
+                                        "<stack traces unavailable>")):
+            continue
+        if line.endswith("(most recent call last):"):
+            continue
+        kept.append(line)
+    text = "; ".join(kept) or message.strip().splitlines()[0] if message.strip() else "unknown error"
+    return text[:limit]
 
 
 def add_arguments(parser):
@@ -107,23 +146,49 @@ def _batches(items, size):
         yield batch
 
 
-def predict_rows(predict, batch):
-    """Rows for one batch of ``(path, error)``: reads the files, calls the signature.
+def max_file_bytes(meta: dict) -> int:
+    """The largest file read for an export: from the pixel limit its graph applies (its record's
+    ``max_pixels``, else the default)."""
+    from retina_scale.config import MAX_PIXELS
+    from retina_scale.data.fundus import file_size_limit
 
-    When the whole call fails (a photo corrupt beyond what the graph's header checks catch), each photo is
-    retried alone so only the bad one gets an error row.
+    record = meta.get("preprocessing")
+    limit = record.get("max_pixels", MAX_PIXELS) if isinstance(record, dict) else MAX_PIXELS
+    return file_size_limit(limit if isinstance(limit, int) else MAX_PIXELS)
+
+
+def _read(path, max_bytes: int):
+    """``(bytes, None)`` or ``(None, reason)``: only a regular file of at most ``max_bytes`` is read."""
+    from retina_scale.data.fundus import BadImage, read_image_file
+
+    try:
+        return read_image_file(path, max_bytes), None
+    except BadImage as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"cannot read file ({err.strerror or err})"
+
+
+def predict_rows(predict, batch, max_bytes: int | None = None):
+    """Rows for one batch of ``(path, error)``: reads the files (regular files of at most ``max_bytes``,
+    default the default pixel limit's), calls the signature.
+
+    When the whole call fails (a photo corrupt beyond what the graph's header checks catch, or out of memory
+    with an export made before the graph had a pixel limit), each photo is retried alone so only the bad one
+    gets an error row.
     """
     import tensorflow as tf
 
+    max_bytes = max_file_bytes({}) if max_bytes is None else max_bytes
     rows, data, where = [], [], []
     for path, error in batch:
         row = {"image": str(path), "grade": "", "grade_continuous": "", "referable": "", "error": error or ""}
         if not error:
-            try:
-                data.append(path.read_bytes())
+            payload, row["error"] = _read(path, max_bytes)
+            if payload is not None:
+                data.append(payload)
                 where.append(len(rows))
-            except OSError as err:
-                row["error"] = f"cannot read file ({err.strerror or err})"
+                row["error"] = ""
         rows.append(row)
     if not data:
         return rows
@@ -137,14 +202,15 @@ def predict_rows(predict, batch):
             else:
                 rows[i].update(grade=int(g), grade_continuous=f"{float(c):.6f}", referable=int(bool(r)))
 
+    failures = (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError)
     try:
         fill(where, data)
-    except tf.errors.InvalidArgumentError:
+    except failures:
         for i, payload in zip(where, data):
             try:
                 fill([i], [payload])
-            except tf.errors.InvalidArgumentError as err:
-                rows[i]["error"] = "cannot decode: " + err.message.strip().splitlines()[0][:200]
+            except failures as err:
+                rows[i]["error"] = "cannot decode: " + decode_error_reason(err.message)
     return rows
 
 
@@ -168,9 +234,10 @@ def run(args) -> int:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         with tqdm(total=total, unit="img", desc="predict", file=sys.stderr) as bar:
+            max_bytes = max_file_bytes(meta)
             for batch in _batches(items, args.batch_size):
-                for row in predict_rows(predict, batch):
-                    writer.writerow(row)
+                for row in predict_rows(predict, batch, max_bytes):
+                    writer.writerow({**row, "image": csv_safe(row["image"]), "error": csv_safe(row["error"])})
                     counts["images"] += 1
                     counts["errors"] += bool(row["error"])
                     counts["referable"] += row["referable"] == 1

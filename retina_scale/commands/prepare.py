@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from retina_scale.config import FORMATS, NORMALIZATIONS
+from retina_scale.config import FORMATS, MAX_PIXELS, NORMALIZATIONS
 from retina_scale.utils.errors import UserError
 
 
@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the pixels outside the disc's circle (default: black them out)")
     parser.add_argument("--image-format", choices=("jpeg", "png"), default="jpeg",
                         help="cached files: JPEG quality 95, or lossless PNG (5x larger, slower) (default: jpeg)")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help="refuse photos of more pixels than this (width x height, read from the header before "
+                             "decoding) (default: %(default)s)")
     parser.add_argument("--verify", action="store_true",
                         help="check every cached file's CRC-32 on resume, not only its size")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -47,9 +50,9 @@ def run(args) -> int:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.format == "csv" and not (args.image_col and args.label_col and args.labels):
         raise UserError("--format csv needs --labels, --image-col and --label-col")
+    config = PreprocessConfig(normalize=args.normalize, mask=args.mask, max_pixels=args.max_pixels)
     dataset = read_dataset(args.data, labels=args.labels, format=args.format,
                            image_col=args.image_col, label_col=args.label_col)
-    config = PreprocessConfig(normalize=args.normalize, mask=args.mask)
     result = prepare_cache(dataset, args.out, sizes=sizes, config=config, workers=args.workers,
                            verify=args.verify, progress=args.progress, image_format=args.image_format)
     if result.failures:

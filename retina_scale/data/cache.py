@@ -9,10 +9,13 @@ Layout of a cache folder::
     CACHE/<size>/<key>.jpg    uint8 RGB squares: JPEG quality 95 (default) or lossless PNG (``.png``)
 
 Every file is written under a temporary name and renamed into place, so an interrupted run leaves no half
-file behind. While it runs, each finished image is appended to ``CACHE/.journal.jsonl``; the next run reads the
-manifest and the journal and skips an image when its source file is unchanged and every requested size is
-present with the recorded byte count (and, with ``verify=True``, the recorded CRC-32). Anything else is
-remade: a deleted, truncated or (with ``verify``) altered output is repaired.
+file behind. While it runs, each finished image is appended to ``CACHE/.journal.jsonl`` with the preprocessing
+and file format that made it; the next run reads the manifest and the journal and skips an image when its
+source file is unchanged and every requested size is present with the recorded byte count (and, with
+``verify=True``, the recorded CRC-32). Anything else is remade: a deleted, truncated or (with ``verify``)
+altered output is repaired. A cache keeps the preprocessing it was started with, finished or not: a rerun with
+other options after an interrupted run is refused with one line (``cache.json``, written at the end, cannot
+tell, so the journal does).
 
 Per-image files rather than TFRecord shards: resuming and repairing work per image and tf.data reads them in
 parallel. JPEG at quality 95 by default: at 896 px it encodes 20x and decodes 5x faster than PNG and takes a
@@ -119,9 +122,7 @@ def _process(task: dict) -> dict:
     out = {"image": task["image"]}
     try:
         config = PreprocessConfig(**task["config"])
-        with open(task["path"], "rb") as fh:
-            data = fh.read()
-        result = preprocess_file(task["path"], task["sizes"], config, data=data)
+        result = preprocess_file(task["path"], task["sizes"], config)
     except BadImage as exc:
         out["reason"] = str(exc)
         return out
@@ -157,8 +158,40 @@ def _process(task: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ the cache
 
-def _read_state(out: Path) -> dict[str, dict]:
-    """Previous runs' entries: manifest rows, then journal lines (later wins)."""
+def _made_with(config: PreprocessConfig, image_format: str) -> dict:
+    """What a journal entry records about how its files were made."""
+    return {"preprocess": config.as_dict(), "image_format": image_format}
+
+
+def _check_journal(entries: list[dict], made_with: dict, trusted: bool, out: Path) -> list[dict]:
+    """The journal ``entries`` made as this run makes them (see :func:`_read_state`).
+
+    Raises:
+        UserError: an interrupted run made some entries with other preprocessing or another file format.
+    """
+    kept, other = [], []
+    for entry in entries:
+        record = {k: entry[k] for k in made_with if k in entry}
+        if record == made_with or (not record and trusted):
+            kept.append(entry)
+        elif record:
+            other.append(record)
+    if other:
+        raise UserError(
+            f"cache {out} holds {len(other)} image(s) from an interrupted run made with {other[0]}, not "
+            f"{made_with}; rerun with the same options to finish it, or use another --out"
+        )
+    return kept
+
+
+def _read_state(out: Path, made_with: dict | None = None) -> dict[str, dict]:
+    """Previous runs' entries: manifest rows, then journal lines (later wins).
+
+    With ``made_with`` (what :func:`_made_with` returns for this run), journal entries made otherwise by an
+    interrupted run are refused (UserError), and entries that record nothing (written before journals
+    recorded it) are used only when ``cache.json`` exists, i.e. when the run that wrote them was checked
+    against it; otherwise they are remade.
+    """
     state: dict[str, dict] = {}
     manifest = out / MANIFEST
     if manifest.is_file():
@@ -176,17 +209,21 @@ def _read_state(out: Path) -> dict[str, dict]:
                     "width": int(row["width"]), "height": int(row["height"]),
                 }
     journal = out / JOURNAL
+    entries = []
     if journal.is_file():
         for line in journal.read_text(encoding="utf-8").splitlines():
             try:
-                entry = json.loads(line)
+                entries.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # a line torn by an interruption
-            prev = state.get(entry["image"])
-            if prev and prev["source"] == entry["source"] and prev["source_mtime_ns"] == entry["source_mtime_ns"]:
-                prev["files"].update(entry["files"])
-                entry = {**entry, "files": prev["files"]}
-            state[entry["image"]] = entry
+    if made_with is not None:
+        entries = _check_journal(entries, made_with, (out / CONFIG).is_file(), out)
+    for entry in entries:
+        prev = state.get(entry["image"])
+        if prev and prev["source"] == entry["source"] and prev["source_mtime_ns"] == entry["source_mtime_ns"]:
+            prev["files"].update(entry["files"])
+            entry = {**entry, "files": prev["files"]}
+        state[entry["image"]] = entry
     return state
 
 
@@ -304,7 +341,8 @@ def _make_images(redo: list[Redo], out: Path, config: PreprocessConfig, image_fo
             r = by_image[res["image"]]
             entry = {"image": r.image, "source": r.path, "source_bytes": r.source_bytes,
                      "source_mtime_ns": r.source_mtime_ns, "files": {**r.kept_files, **res["files"]},
-                     "disc": res["disc"], "width": res["width"], "height": res["height"]}
+                     "disc": res["disc"], "width": res["width"], "height": res["height"],
+                     **_made_with(config, image_format)}
             journal.write(json.dumps(entry) + "\n")
             journal.flush()
             entries[r.image] = entry
@@ -353,19 +391,21 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
     for s in sizes:
         (out / str(s)).mkdir(exist_ok=True)
     output_ok = functools.partial(_output_ok, out, verify=verify, ext=ext)
-    plan = plan_cache(dataset.records, _read_state(out), sizes, _source_stat, output_ok)
+    plan = plan_cache(dataset.records, _read_state(out, _made_with(config, image_format)), sizes, _source_stat,
+                      output_ok)
     failures = list(dataset.failures) + plan.vanished
     entries = dict(plan.keep)
     prepared = _make_images(plan.redo, out, config, image_format, workers, progress, entries, failures)
 
     header, rows = _manifest_rows(dataset.records, plan.keys, entries, [str(s) for s in cfg["sizes"]])
-    write_csv(out / MANIFEST, header, rows, lineterminator="\n")
     write_csv(out / FAILURES, ["image", "reason"], [[f.image, f.reason] for f in failures], lineterminator="\n")
     if rows:
         cfg["color_pca"] = color_pca(out, min(int(s) for s in cfg["sizes"]), [r[1] for r in rows], ext=ext)
     cfg["data"] = {"root": dataset.root, "format": dataset.format}
     cfg["counts"] = {"images": len(rows), "failed": len(failures)}
+    # cache.json before the manifest: a manifest (whose rows record no preprocessing) never exists without it.
     write_json(out / CONFIG, cfg)
+    write_csv(out / MANIFEST, header, rows, lineterminator="\n")
     (out / JOURNAL).unlink(missing_ok=True)
     return PrepareResult(prepared, len(plan.keep), len(failures), failures, out)
 

@@ -2,12 +2,19 @@
 
 One call, :func:`preprocess_file`, turns a photo into one uint8 RGB square per requested size:
 
+0. :func:`read_image_file` reads only a regular file (not a FIFO, a device or a link to one), and at most
+   :func:`file_size_limit` bytes.
 1. :func:`probe` reads the file's header (no decoding) and refuses what cannot be a colour fundus photo: an
-   empty file, a truncated JPEG/PNG, content that does not match the extension (a PNG named ``.jpeg``), a
-   grayscale, CMYK or 16-bit image, or one too small to hold a fundus. Each refusal is a :class:`BadImage`
-   with a one-line reason.
+   empty file, a truncated JPEG/PNG, a grayscale, CMYK or 16-bit image, one too small to hold a fundus, or
+   one with more pixels than ``max_pixels`` (a decompression bomb). The content decides the format, not
+   the file name (a PNG named ``.jpeg`` is read as the PNG it is), as in the serving graph, which gets no
+   file name. Each refusal is a :class:`BadImage` with a one-line reason.
 2. :func:`decode` decodes at 1/2, 1/4 or 1/8 of the resolution (``cv2.IMREAD_REDUCED_COLOR_*``, which for
    JPEG skips most of the inverse DCT work) whenever the largest requested size still fits in the result.
+   The pixels are taken as stored: EXIF orientation is ignored, as TensorFlow's decoders (and so the
+   serving graph) ignore it. A JPEG whose image data stops before its end marker (a cut file with
+   ``FF D9`` appended: libjpeg fills the rest with grey and only warns) is refused (:func:`jpeg_suspect`,
+   :func:`jpeg_truncated`).
 3. :func:`find_disc` finds the fundus disc: threshold relative to the photo's own dark and bright levels (so
    dark photos work), keep the largest blob, fit a circle to its outline by least squares while dropping
    points on the image border (discs cut at the top and bottom) and outliers (notches, tabs).
@@ -29,13 +36,15 @@ out.images[224].shape   # (224, 224, 3), uint8 RGB
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import stat
 import struct
 
 import cv2
 import numpy as np
 
-from retina_scale.config import PreprocessConfig
+from retina_scale.config import MAX_PIXELS, PreprocessConfig
 from retina_scale.utils.errors import UserError
 
 
@@ -73,10 +82,58 @@ class Preprocessed:
     reduction: int
 
 
+# ------------------------------------------------------------------------------------------------ read
+
+def file_size_limit(max_pixels: int = MAX_PIXELS) -> int:
+    """The largest file accepted for a pixel limit: 4 bytes per pixel plus 16 MiB of metadata.
+
+    An 8-bit RGB photo under the limit needs at most 3 bytes per pixel as PNG (deflate stores what it
+    cannot compress) and less as JPEG, so every usable photo fits; a bigger file is not one.
+
+    >>> file_size_limit(40_000_000)
+    176777216
+    """
+    return 4 * int(max_pixels) + (16 << 20)
+
+
+def read_image_file(path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (or a link to one) of at most ``max_bytes``.
+
+    The file is opened non-blocking, so a FIFO does not hang the caller, and checked with ``fstat`` on the
+    open descriptor (no race between the check and the read); a device (``/dev/zero``), FIFO, socket or
+    folder is refused, and so is a file over ``max_bytes``, before anything is read.
+
+    Raises:
+        BadImage: not a regular file, or too large.
+        FileNotFoundError, OSError: the file is missing or unreadable.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or
+                    stat.S_ISBLK(st.st_mode) else "folder" if stat.S_ISDIR(st.st_mode) else "socket or other")
+            raise BadImage(f"not a regular file ({kind}); only regular files are read")
+        if st.st_size > max_bytes:
+            raise BadImage(f"file too large ({st.st_size} bytes; the limit is {max_bytes}, from max_pixels)")
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew while being read
+        raise BadImage(f"file too large (over {max_bytes} bytes, the limit from max_pixels)")
+    return data
+
+
 # ----------------------------------------------------------------------------------------------- probe
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_EXT_FORMAT = {".jpeg": "JPEG", ".jpg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
 def _sniff(data: bytes) -> str | None:
@@ -129,27 +186,61 @@ def _probe_png(data: bytes) -> ImageInfo:
     return ImageInfo("PNG", width, height, channels, depth)
 
 
-def probe(data: bytes, name: str = "") -> ImageInfo:
-    """Check a file's bytes without decoding the pixels.
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first IFD of a TIFF (tags 256 and 257), without decoding."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(order + "I", data[4:8])
+        (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+        size = {}
+        for i in range(min(count, 4096)):
+            entry = data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
+            tag, kind = struct.unpack(order + "HH", entry[:4])
+            if tag in (256, 257):
+                size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8 : 10 if kind == 3 else 12])[0]
+        return size[256], size[257]
+    except (struct.error, KeyError):
+        raise BadImage("corrupt TIFF (no image size in its first directory)") from None
+
+
+def _header_size(fmt: str, data: bytes) -> tuple[int, int]:
+    """(width, height) of a TIFF or BMP from its header."""
+    if fmt == "TIFF":
+        return _tiff_size(data)
+    if len(data) < 26:
+        raise BadImage("corrupt BMP (header cut short)")
+    if struct.unpack("<I", data[14:18])[0] == 12:  # the old OS/2 header: 16-bit sizes
+        return struct.unpack("<HH", data[18:22])
+    width, height = struct.unpack("<ii", data[18:26])
+    return abs(width), abs(height)
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels (its header's size), before it is decoded."""
+    if width * height > max_pixels:
+        raise BadImage(f"image too large ({width}x{height} = {width * height / 1e6:.1f} Mpx; "
+                       f"the limit is {max_pixels / 1e6:g} Mpx, max_pixels)")
+
+
+def probe(data: bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Check a file's bytes without decoding the pixels (a TIFF or BMP is decoded only once its header's
+    size is known to be under ``max_pixels``). The content decides the format; ``name`` is not used.
 
     Raises:
-        BadImage: with the reason (empty, truncated, mislabelled, grayscale, CMYK, 16-bit, too small).
+        BadImage: with the reason (empty, truncated, grayscale, CMYK, 16-bit, too small, too large).
     """
     if len(data) == 0:
         raise BadImage("empty file (0 bytes)")
     fmt = _sniff(data)
-    ext = os.path.splitext(name)[1].lower()
     if fmt is None:
         raise BadImage("not an image (unknown file signature; accepted: JPEG, PNG, TIFF, BMP)")
-    expected = _EXT_FORMAT.get(ext)
-    if expected and expected != fmt:
-        raise BadImage(f"{fmt} content in a {ext} file (extension does not match the data)")
     if fmt == "JPEG":
         info = _probe_jpeg(data)
     elif fmt == "PNG":
         info = _probe_png(data)
     else:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        check_pixels(*_header_size(fmt, data), max_pixels)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # as stored: no EXIF rotation
         if img is None:
             raise BadImage(f"corrupt {fmt} (OpenCV cannot decode it)")
         channels = 1 if img.ndim == 2 else img.shape[2]
@@ -164,6 +255,7 @@ def probe(data: bytes, name: str = "") -> ImageInfo:
         raise BadImage(f"{info.bit_depth}-bit image (8 bits per channel expected)")
     if min(info.width, info.height) < 1:
         raise BadImage("image has no pixels")
+    check_pixels(info.width, info.height, max_pixels)
     return info
 
 
@@ -183,11 +275,53 @@ def choose_reduction(info: ImageInfo, largest_size: int, allowed: bool = True) -
     return 1
 
 
+# Bytes put before a JPEG's last end marker by jpeg_truncated: anything but 0xFF that decodes to varied values
+# (the serving graph has its own copy).
+_JPEG_PROBE = hashlib.shake_256(b"retina_scale: is this JPEG cut short?").digest(64).replace(b"\xff", b"\x7f")
+TRUNCATED_JPEG = "truncated JPEG (its image data stops before the last row; the rest would be grey)"
+
+
+def jpeg_suspect(data: bytes, img: np.ndarray) -> bool:
+    """Whether a decoded JPEG may be cut short, so :func:`jpeg_truncated` has to decide: its bottom-right pixel
+    is exactly grey (128, 128, 128), which is what libjpeg puts in every block it gets no data for, or the file
+    may be progressive (``FF C2`` in its first MiB: the coarse scans then cover the whole picture). Cheap, and
+    false for almost every complete photo (black corners), so the second decode and libjpeg's warning about the
+    probe bytes are spent only on suspects."""
+    return bool((img[-1, -1] == 128).all()) or b"\xff\xc2" in data[: 1 << 20]
+
+
+def jpeg_truncated(data: bytes, img: np.ndarray, flags: int) -> bool:
+    """Whether the decoded ``img`` (``cv2.imdecode(data, flags)``) depends on data missing from the file.
+
+    A complete JPEG's decoder finishes its last block before reaching the end marker, so bytes put just
+    before that marker are never used: decoding again with :data:`_JPEG_PROBE` there gives the same pixels.
+    A JPEG cut short and closed with ``FF D9`` makes libjpeg read those bytes as image data (then fill the
+    rest with grey, with only a warning), and the pixels change. Exact for baseline JPEGs; a progressive
+    JPEG is refused when what is missing changes the pixels decoded at this reduction.
+    """
+    end = data.rfind(b"\xff\xd9")
+    if end < 0:
+        return True
+    # A cut after the first byte of a stuffed FF 00 pair leaves FF before the marker: complete the pair, or
+    # FF + probe would read as a marker and the probe would never be decoded.
+    probe = (b"\x00" if end and data[end - 1] == 0xFF else b"") + _JPEG_PROBE
+    other = cv2.imdecode(np.frombuffer(data[:end] + probe + data[end:], np.uint8), flags)
+    return other is None or other.shape != img.shape or not np.array_equal(other, img)
+
+
 def decode(data: bytes, reduction: int = 1) -> np.ndarray:
-    """Decode to a uint8 BGR array at 1/``reduction`` of the resolution."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduction])
+    """Decode to a uint8 BGR array at 1/``reduction`` of the resolution, pixels as stored (EXIF orientation
+    ignored, as in the serving graph).
+
+    Raises:
+        BadImage: OpenCV cannot decode it, or a JPEG is cut short (:func:`jpeg_truncated`).
+    """
+    flags = _REDUCED[reduction] | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise BadImage("corrupt image (OpenCV cannot decode it)")
+    if data[:3] == b"\xff\xd8\xff" and jpeg_suspect(data, img) and jpeg_truncated(data, img, flags):
+        raise BadImage(TRUNCATED_JPEG)
     return img
 
 
@@ -275,6 +409,16 @@ def find_disc(img: np.ndarray, work_side: int = 1024) -> Disc:
     return Disc(cx, cy, r)
 
 
+def check_square(disc: Disc, max_pixels: int) -> None:
+    """Refuse a disc whose bounding square (at the decoded resolution) would hold more than twice
+    ``max_pixels``: only a crafted photo fits such a disc (a 20000x1000 strip with a 9800-px arc is 20 Mpx,
+    under the limit, and its square 384 Mpx); real photos stay far below (a 16:9 photo at the limit with its
+    disc cut at the top and bottom: 1.8 times the limit at full resolution, and reduced decoding shrinks it)."""
+    side = max(2, int(round(2 * disc.r)))
+    if side * side > 2 * max_pixels:
+        raise BadImage(f"no fundus found (its bounding square, {side}x{side} px, would hold more than twice max_pixels)")
+
+
 def crop_square(img: np.ndarray, disc: Disc) -> np.ndarray:
     """The disc's bounding square (side ``2r``), padded with black where it leaves the photo."""
     side = max(2, int(round(2 * disc.r)))
@@ -344,9 +488,8 @@ def preprocess_file(path, sizes, config: PreprocessConfig = PreprocessConfig(), 
         FileNotFoundError: the file does not exist.
     """
     if data is None:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    info = probe(data, str(path))
+        data = read_image_file(path, file_size_limit(config.max_pixels))
+    info = probe(data, str(path), config.max_pixels)
     if min(info.width, info.height) < config.min_side:
         raise BadImage(
             f"image too small to hold a fundus ({info.width}x{info.height}; needs >= {config.min_side} px a side)"
@@ -363,6 +506,7 @@ def preprocess_file(path, sizes, config: PreprocessConfig = PreprocessConfig(), 
             r *= 2
         img = decode(data, k)
         disc = find_disc(img)
+    check_square(disc, config.max_pixels)
     images, disc = preprocess_image(img, sizes, config, disc)
     full = Disc(disc.cx * k, disc.cy * k, disc.r * k)
     return Preprocessed(images, full, info, k)

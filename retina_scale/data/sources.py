@@ -10,8 +10,9 @@ Four layouts are understood, all producing the same :class:`Record`:
 - ``csv``: any CSV, with the image column and the label column named by the user.
 
 Readers never raise on a bad row: a label that is not a grade, a duplicate image id, an id that points outside
-the data folder or a missing file becomes a :class:`Failure` (image, reason) that ``retina-scale prepare``
-writes to ``failures.csv``. A labels file that cannot be read at all (wrong encoding, missing columns) is a
+the data folder (``..``, an absolute path, or a file or folder whose symbolic link leads out: every path is
+resolved to its real path and must lie inside the data folder's real path, in every layout) or a missing
+file becomes a :class:`Failure` (image, reason) that ``retina-scale prepare`` writes to ``failures.csv``. A labels file that cannot be read at all (wrong encoding, missing columns) is a
 user error for the whole command and raises ``ValueError`` with one line.
 
 Example:
@@ -149,27 +150,47 @@ def _resolve_inside(root: Path, name: str) -> tuple[Path | None, str | None]:
     if ".." in parts:
         return None, "image id points outside the data folder (refused: '..' in the path)"
     candidate = (root / name).resolve()
-    try:
-        candidate.relative_to(root.resolve())
-    except ValueError:
-        return None, "image id points outside the data folder (refused: link leads out)"
+    if not _inside(candidate, root):
+        return None, LINK_LEADS_OUT
     return candidate, None
 
 
-def _find_file(root: Path, name: str, extensions: tuple[str, ...]) -> tuple[Path | None, str | None]:
+LINK_LEADS_OUT = "image id points outside the data folder (refused: link leads out)"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether the real path of ``path`` (every symbolic link followed) lies inside the real path of ``root``."""
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+    except ValueError:
+        return False
+    return True
+
+
+def _find_file(root: Path, name: str, extensions: tuple[str, ...], confine: Path | None = None):
+    """``(path, None)`` for the file ``name`` names under ``root`` (trying ``extensions``), or ``(None, reason)``.
+
+    The file found is resolved once more and must lie inside ``confine`` (default ``root``): ``name`` itself
+    may stay inside while ``name + ".jpeg"`` is a link that leads out.
+    """
     path, reason = _resolve_inside(root, name)
     if reason:
         return None, reason
+    found = None
     if Path(name).suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-        return path, None
+        found = path
     for ext in extensions:
         p = path.with_name(path.name + ext)
-        if p.is_file():
-            return p, None
-    if path.is_file():
-        return path, None
-    tried = ", ".join(path.name + e for e in extensions) if extensions else path.name
-    return None, f"file not found (looked for {tried} in {path.parent})"
+        if found is None and p.is_file():
+            found = p
+    if found is None and path.is_file():
+        found = path
+    if found is None:
+        tried = ", ".join(path.name + e for e in extensions) if extensions else path.name
+        return None, f"file not found (looked for {tried} in {path.parent})"
+    if not _inside(found, confine or root):
+        return None, LINK_LEADS_OUT
+    return Path(os.path.realpath(found)), None
 
 
 def _records_from_rows(rows, root: Path, image_col: str, label_col: str, extensions, search_dirs=()):
@@ -196,9 +217,9 @@ def _records_from_rows(rows, root: Path, image_col: str, label_col: str, extensi
         path, reason = _find_file(root, image, extensions)
         if path is None and "refused" not in reason:
             for extra in search_dirs:
-                found, _ = _find_file(root / extra, image, extensions)
-                if found is not None:
-                    path = found
+                found, why = _find_file(root / extra, image, extensions, confine=root)
+                if found is not None or "refused" in why:
+                    path, reason = found, (why if found is None else None)
                     break
         if path is None:
             failures.append(Failure(image, reason))
@@ -255,6 +276,9 @@ def read_folders(data_dir) -> Dataset:
             image = f"{sub.name}/{f.name}"
             if reason:
                 failures.append(Failure(image, f"folder {reason}"))
+                continue
+            if not _inside(f, root):  # the file, or its grade folder, is a link that leads out
+                failures.append(Failure(image, LINK_LEADS_OUT))
                 continue
             stem = f.stem
             if stem in seen:

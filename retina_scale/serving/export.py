@@ -36,8 +36,9 @@ Signatures (no Keras needed to serve or load them):
 
     outputs ``grade_continuous``, ``grade``, ``referable`` as ``serving_default``, plus ``valid``
     (bool ``(batch,)``) and ``error`` (string ``(batch,)``, ``""`` when valid). A photo that cannot
-    be used (not JPEG/PNG, empty, truncated, grayscale, CMYK, 16-bit, too small, no fundus found)
-    does not fail the batch: its row has ``valid`` false, the reason in ``error``, ``grade`` -1,
+    be used (not JPEG/PNG, empty, truncated or cut short, grayscale, CMYK, 16-bit, too small, more
+    pixels than the record's ``max_pixels`` (checked from the header, before decoding), no fundus
+    found) does not fail the batch: its row has ``valid`` false, the reason in ``error``, ``grade`` -1,
     ``grade_continuous`` NaN and ``referable`` false. Corruption that the header checks cannot see
     (a JPEG whose frame header is damaged but whose end marker is present) makes the decoder fail
     the whole request: TF Serving answers HTTP 400 with the decoder's message. Our head is a

@@ -3,14 +3,18 @@
 TF Serving runs graphs, not Python: the OpenCV code of :mod:`retina_scale.data.fundus` cannot run there
 (no ``py_function``). This module does the same steps with ``tf.*`` ops, one photo at a time:
 
-1. **Check the header** (as :func:`retina_scale.data.fundus.probe`): empty, not JPEG/PNG, truncated (no JPEG
-   end-of-image marker / PNG ``IEND`` chunk), grayscale, CMYK, 16-bit or smaller than 64 px: the image is
-   marked invalid with a one-line reason and a black image goes on, so the rest of the batch is graded.
+1. **Check the header** (as :func:`retina_scale.data.fundus.probe`): empty, not JPEG/PNG (a TIFF or BMP is
+   named as such: TensorFlow decodes neither), truncated (no JPEG end-of-image marker / PNG ``IEND`` chunk),
+   grayscale, CMYK, 16-bit, smaller than 64 px, or more pixels than ``max_pixels`` (the header's size, read
+   before anything is decoded: a 20000x20000 PNG bomb costs nothing): the image is marked invalid with a
+   one-line reason and a black image goes on, so the rest of the batch is graded. The content decides the
+   format (the graph gets no file name).
 2. **Decode** JPEG at 1/2, 1/4 or 1/8 resolution through libjpeg's scaled IDCT (``decode_jpeg(ratio=k)``, what
    OpenCV's ``IMREAD_REDUCED_COLOR_k`` does) with the accurate integer IDCT OpenCV uses; PNG at full size,
    then area-averaged by ``k``. ``k`` is chosen as the cache chooses it, for ``decode_size`` (the largest
    size the training cache made; the stage size when unknown), and lowered when the disc is smaller than the
-   frame suggested.
+   frame suggested. Pixels are taken as stored (EXIF orientation ignored, in the cache too). A JPEG cut short
+   and closed with ``FF D9`` is refused as the cache refuses it (:func:`_jpeg_truncated`).
 3. **Find the disc** (as :func:`~retina_scale.data.fundus.find_disc`): channel maximum, shrink by a whole
    factor to at most 1024 px, 5x5 median (exactly OpenCV's), threshold at 10 % from the 1st to the 99th brightness percentile,
    morphological opening with an elliptical kernel, then a least-squares circle through the blob's outer edge
@@ -29,9 +33,10 @@ stated in the README.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
-from retina_scale.config import MIN_SIDE
+from retina_scale.config import MAX_PIXELS, MIN_SIDE, check_max_pixels
 from retina_scale.utils.errors import UserError
 
 __all__ = ["PreprocessSpec", "preprocess_spec", "preprocess_batch"]
@@ -39,37 +44,44 @@ __all__ = ["PreprocessSpec", "preprocess_spec", "preprocess_batch"]
 _ZEROS64 = b"\x00" * 64
 WORK_SIDE = 1024
 ERROR_NONE = ""
+# Put before a JPEG's last end marker to tell a complete JPEG from one cut short (see _jpeg_truncated):
+# any bytes but 0xFF that decode to varied values.
+_JPEG_PROBE = hashlib.shake_256(b"retina_scale serving: is this JPEG cut short?").digest(64).replace(b"\xff", b"\x7f")
+TRUNCATED_JPEG = "truncated JPEG (its image data stops before the last row; the rest would be grey)"
 
 
 class PreprocessSpec(tuple):
-    """``(size, sizes, normalize, mask)``: what the graph does, parsed from the export's record.
+    """``(size, sizes, normalize, mask, max_pixels)``: what the graph does, parsed from the export's record.
 
     ``sizes`` are the training cache's sizes from the stage size up (the cache decodes for the largest and makes
     each size from the one above it when that is at least twice as big: the graph repeats that chain).
+    ``max_pixels`` is the largest width x height decoded (larger photos get an error row).
     """
 
     __slots__ = ()
 
-    def __new__(cls, size, sizes, normalize, mask):
+    def __new__(cls, size, sizes, normalize, mask, max_pixels=MAX_PIXELS):
         chain = tuple(sorted({int(s) for s in sizes if int(s) >= int(size)} | {int(size)}, reverse=True))
-        return super().__new__(cls, (int(size), chain, str(normalize), bool(mask)))
+        return super().__new__(cls, (int(size), chain, str(normalize), bool(mask), int(max_pixels)))
 
     size = property(lambda self: self[0])
     sizes = property(lambda self: self[1])
     decode_size = property(lambda self: self[1][0])
     normalize = property(lambda self: self[2])
     mask = property(lambda self: self[3])
+    max_pixels = property(lambda self: self[4])
 
 
 def preprocess_spec(preprocessing, input_size: int) -> PreprocessSpec:
     """Reads the export's ``preprocessing`` record (None, ``"none"``, ``"graham"`` or the trainer's dict with
-    ``normalize``, optional ``mask`` (default True, the cache's default) and optional ``sizes`` (the cache's
-    sizes: the largest decides the reduced decode, and the sizes in between the chain of resizes)).
+    ``normalize``, optional ``mask`` (default True, the cache's default), optional ``sizes`` (the cache's
+    sizes: the largest decides the reduced decode, and the sizes in between the chain of resizes) and optional
+    ``max_pixels`` (default :data:`retina_scale.config.MAX_PIXELS`)).
 
     Raises:
         ValueError: an unknown normalisation or a malformed record.
     """
-    normalize, mask, sizes = "none", True, [int(input_size)]
+    normalize, mask, sizes, max_pixels = "none", True, [int(input_size)], MAX_PIXELS
     if preprocessing is None or preprocessing == "":
         pass
     elif isinstance(preprocessing, str):
@@ -83,11 +95,12 @@ def preprocess_spec(preprocessing, input_size: int) -> PreprocessSpec:
                 raise UserError(f"preprocessing 'sizes' must be a list of integers from 16 to 4096; got {sizes!r}")
         if not isinstance(mask, bool):
             raise UserError(f"preprocessing 'mask' must be true or false; got {mask!r}")
+        max_pixels = check_max_pixels(preprocessing.get("max_pixels", MAX_PIXELS))
     else:
         raise UserError(f"preprocessing must be a name or a dict; got {type(preprocessing).__name__}")
     if normalize not in ("none", "graham"):
         raise UserError(f"preprocessing normalize must be 'none' or 'graham'; got {normalize!r}")
-    return PreprocessSpec(input_size, sizes, normalize, mask)
+    return PreprocessSpec(input_size, sizes, normalize, mask, max_pixels)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -317,14 +330,21 @@ def _robust_circle(tf, x, y, few):
     return cx, cy, r
 
 
-def _check_header(tf, data, min_side=MIN_SIDE):
-    """``(format, height, width, error)``: format 1 JPEG, 2 PNG, 0 unusable (``error`` says why)."""
+def _check_header(tf, data, min_side=MIN_SIDE, max_pixels=MAX_PIXELS):
+    """``(format, height, width, error)``: format 1 JPEG, 2 PNG, 0 unusable (``error`` says why).
+
+    Nothing is decoded here: the size comes from the JPEG frame header or the PNG ``IHDR`` chunk, and a photo
+    of more than ``max_pixels`` pixels is refused before any decoder allocates its pixels.
+    """
     n = tf.strings.length(data)
     head = _bytes_at(tf, tf.strings.join([tf.strings.substr(data, 0, 33), _ZEROS64]), 0, 33)
     is_jpeg = (n >= 4) & tf.reduce_all(tf.equal(head[:3], [0xFF, 0xD8, 0xFF]))
     is_png = (n >= 33) & tf.reduce_all(tf.equal(head[:8], [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]))
+    is_tiff = tf.reduce_all(tf.equal(head[:4], [0x49, 0x49, 0x2A, 0])) | tf.reduce_all(tf.equal(head[:4], [0x4D, 0x4D, 0, 0x2A]))
+    is_bmp = tf.reduce_all(tf.equal(head[:2], [0x42, 0x4D]))
 
-    def be32(b):
+    def be32(b):  # in int64: a crafted header's 0xFFFFFFFF must not wrap to a negative int32
+        b = tf.cast(b, tf.int64)
         return ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
 
     jpeg_ok = is_jpeg & _tail_has(tf, data, n, [0xFF, 0xD9])
@@ -334,14 +354,18 @@ def _check_header(tf, data, min_side=MIN_SIDE):
     png_ok = png_ok & _tail_has(tf, data, n, [73, 69, 78, 68])  # IEND
     png_channels = tf.gather([1, -1, 3, 3, 2, -1, 4], tf.clip_by_value(head[25], 0, 6))
     ok = tf.where(is_jpeg, jpeg_ok, png_ok)
-    height = tf.where(is_jpeg, hwc[0], tf.where(is_png, be32(head[20:24]), 0))
-    width = tf.where(is_jpeg, hwc[1], tf.where(is_png, be32(head[16:20]), 0))
+    zero = tf.constant(0, tf.int64)
+    height = tf.where(is_jpeg, tf.cast(hwc[0], tf.int64), tf.where(is_png, be32(head[20:24]), zero))
+    width = tf.where(is_jpeg, tf.cast(hwc[1], tf.int64), tf.where(is_png, be32(head[16:20]), zero))
     channels = tf.where(is_jpeg, hwc[2], tf.where(is_png, png_channels, 0))
     depth = tf.where(is_jpeg, 8, tf.where(is_png, head[24], 0))
     fmt = tf.where(is_jpeg, 1, tf.where(is_png, 2, 0))
     s = tf.strings.as_string
+    other = "; predict_images decodes JPEG and PNG only; convert it to PNG"
     error = _first(tf, [
         (tf.equal(n, 0), "empty file (0 bytes)"),
+        (is_tiff, "TIFF image" + other),
+        (is_bmp, "BMP image" + other),
         (~is_jpeg & ~is_png, "not an image (unknown file signature; accepted: JPEG, PNG)"),
         (is_jpeg & ~ok, "truncated JPEG (no end-of-image marker)"),
         (is_png & ~ok, "truncated or corrupt PNG (no IHDR header or IEND chunk)"),
@@ -353,24 +377,79 @@ def _check_header(tf, data, min_side=MIN_SIDE):
         (tf.minimum(height, width) < min_side, tf.strings.join(
             ["image too small to hold a fundus (", s(width), "x", s(height), "; needs >= ", s(min_side),
              " px a side)"])),
+        # Either side over the limit first: two 32-bit PNG sides could overflow the int64 product.
+        ((width > max_pixels) | (height > max_pixels) | (width * height > max_pixels), tf.strings.join(
+            ["image too large (", s(width), "x", s(height), " = ",
+             s(tf.cast(width, tf.float64) * tf.cast(height, tf.float64) / 1e6, precision=1),
+             " Mpx; the limit is ", f"{max_pixels / 1e6:g}", " Mpx, max_pixels)"])),
     ], ERROR_NONE)
     fmt = tf.where(tf.equal(error, ERROR_NONE), fmt, 0)
-    return fmt, height, width, error
+    # Under the limit both fit an int32 (the decoders' and the shape ops' type).
+    return fmt, tf.cast(tf.minimum(height, 2**31 - 1), tf.int32), tf.cast(tf.minimum(width, 2**31 - 1), tf.int32), error
 
 
-def _decode(tf, data, fmt, k):
-    """uint8 RGB at 1/``k`` of the resolution (``k`` in 1, 2, 4, 8; a tensor)."""
+def _with_probe(tf, data):
+    """``data`` with :data:`_JPEG_PROBE` put before its last ``FF D9`` (in the last 64 bytes: the header
+    checks made sure), after a ``00`` when the byte before the marker is a lone ``FF`` (see
+    :func:`retina_scale.data.fundus.jpeg_truncated`)."""
+    n = tf.strings.length(data)
+    take = tf.minimum(n, 64)
+    tail = tf.cast(tf.io.decode_raw(tf.strings.substr(data, n - take, take), tf.uint8), tf.int32)
+    hits = tf.where((tail[:-1] == 0xFF) & (tail[1:] == 0xD9))[:, 0]
+    last = tf.cast(tf.reduce_max(tf.concat([hits, [0]], 0)), tf.int32)
+    end = n - take + last
+    lone_ff = tf.equal(_bytes_at(tf, data, tf.maximum(end - 1, 0), 1)[0], 0xFF)
+    return tf.strings.join([tf.strings.substr(data, 0, end), tf.where(lone_ff, "\x00", ""), _JPEG_PROBE,
+                            tf.strings.substr(data, end, n - end)])
+
+
+def _jpeg_truncated(tf, data, img, ratio, progressive):
+    """Whether the decoded JPEG ``img`` depends on data missing from the file (a file cut short and closed
+    with ``FF D9``), decided as :func:`retina_scale.data.fundus.jpeg_truncated` decides it: the photo is
+    decoded again with probe bytes before its end marker, which a complete JPEG never reads. Only suspects
+    (bottom-right pixel exactly grey, what libjpeg fills missing blocks with, or ``progressive``) pay for
+    the second decode."""
+    suspect = progressive | tf.reduce_all(tf.equal(img[-1, -1], 128))
+
+    def check():
+        again = tf.io.decode_jpeg(_with_probe(tf, data), channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+        same = tf.reduce_all(tf.equal(tf.shape(again), tf.shape(img)))
+        return tf.logical_not(same) | tf.reduce_any(tf.not_equal(again, img))
+
+    return tf.cond(suspect, check, lambda: tf.constant(False))
+
+
+def _maybe_progressive(tf, data):
+    """``FF C2`` (a progressive frame header) in the first MiB. Entropy-coded data never holds it (an ``FF``
+    there is followed by ``00`` or a restart marker); a false hit only costs a second decode."""
+    head = tf.io.decode_raw(tf.strings.substr(data, 0, 1 << 20), tf.uint8)
+    return tf.reduce_any((head[:-1] == 0xFF) & (head[1:] == 0xC2))
+
+
+def _decode(tf, data, fmt, k, progressive):
+    """``(uint8 RGB at 1/k of the resolution, truncated)`` (``k`` in 1, 2, 4, 8; a tensor); ``truncated`` is
+    true for a JPEG cut short (:func:`_jpeg_truncated`)."""
 
     def jpeg(ratio):
-        return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+        def run():
+            img = tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+            return img, _jpeg_truncated(tf, data, img, ratio, progressive)
+
+        return run
 
     def png():
         img = tf.io.decode_png(data, channels=3)
-        shape = tf.shape(img)
-        h, w = shape[0] // k, shape[1] // k
-        f = tf.cast(img[: h * k, : w * k], tf.float32)
-        f = tf.reshape(f, [h, k, w, k, 3])
-        return tf.cast(tf.round(tf.reduce_mean(f, axis=[1, 3])), tf.uint8)
+
+        def shrink():
+            # Block sums in uint16 (at most 8 * 8 * 255), one axis at a time: a third of the memory of a float32
+            # copy of a 40-Mpx photo, and the same values (the sum is exact, k * k a power of two).
+            shape = tf.shape(img)
+            h, w = shape[0] // k, shape[1] // k
+            blocks = tf.reshape(tf.cast(img[: h * k, : w * k], tf.uint16), [h, k, w, k, 3])
+            sums = tf.reduce_sum(tf.reduce_sum(blocks, axis=3), axis=1)
+            return tf.cast(tf.round(tf.cast(sums, tf.float32) / tf.cast(k * k, tf.float32)), tf.uint8)
+
+        return tf.cond(k > 1, shrink, lambda: img), tf.constant(False)
 
     index = tf.cast(tf.round(tf.math.log(tf.cast(k, tf.float32)) / math.log(2.0)), tf.int32)
     return tf.cond(
@@ -393,10 +472,24 @@ def _crop_square(tf, img, cx, cy, r):
     y0 = tf.cast(tf.round(cy - tf.cast(side, tf.float64) / 2), tf.int32)
     shape = tf.shape(img)
     h, w = shape[0], shape[1]
-    top, left = tf.maximum(-y0, 0), tf.maximum(-x0, 0)
-    bottom, right = tf.maximum(y0 + side - h, 0), tf.maximum(x0 + side - w, 0)
-    padded = tf.pad(img, [[top, bottom], [left, right], [0, 0]])
-    return padded[y0 + top : y0 + top + side, x0 + left : x0 + left + side]
+    # Crop the part inside the photo, then pad it to the square (padding the whole photo first would cost a
+    # photo-wide copy as large as the square is tall).
+    ya, xa = tf.clip_by_value(y0, 0, h), tf.clip_by_value(x0, 0, w)
+    yb, xb = tf.clip_by_value(y0 + side, ya, h), tf.clip_by_value(x0 + side, xa, w)
+    inside = img[ya:yb, xa:xb]
+    return tf.pad(inside, [[ya - y0, y0 + side - yb], [xa - x0, x0 + side - xb], [0, 0]])
+
+
+def _check_square(tf, r, max_pixels):
+    """``""``, or the reason when the disc's bounding square (side ``2r`` at the decoded resolution) would hold
+    more than twice ``max_pixels``: a crafted photo under the limit whose fitted disc is huge (a 20000x1000
+    strip with a 9800-px arc) would otherwise cost gigabytes here (as
+    :func:`retina_scale.data.fundus.check_square`)."""
+    side = tf.maximum(tf.constant(2, tf.int64), tf.cast(tf.round(2 * r), tf.int64))
+    s = tf.strings.as_string(side)
+    return tf.where(side * side > 2 * max_pixels, tf.strings.join(
+        ["no fundus found (its bounding square, ", s, "x", s, " px, would hold more than twice max_pixels)"]),
+        ERROR_NONE)
 
 
 def _circle(tf, side, fraction):
@@ -427,7 +520,7 @@ def _gaussian_blur(tf, img, sigma: float):
 def _finish(tf, square, spec: PreprocessSpec):
     """Resize the uint8 square to the stage size, then normalise / mask; float32 RGB in [0, 255]."""
     size = spec.size
-    square = tf.cast(square[None], tf.float32)
+    square = square[None]  # uint8: the resize ops read it as it is, without a float32 copy of the square
     source = square
     for i, s in enumerate(spec.sizes):
         # As preprocess_image: each size from the previous (larger) one when that is at least twice as big.
@@ -454,15 +547,18 @@ def _finish(tf, square, spec: PreprocessSpec):
 
 def preprocess_one(tf, data, spec: PreprocessSpec):
     """One encoded photo (scalar tf.string) -> ``(image float32 (size, size, 3), error string)``."""
-    fmt, height, width, error = _check_header(tf, data)
+    fmt, height, width, error = _check_header(tf, data, max_pixels=spec.max_pixels)
     blank = tf.zeros([spec.size, spec.size, 3], tf.float32)
 
     def run():
         # Decode and find the disc; when the disc is smaller than the frame suggested, decode finer and find it
         # again so no size is upscaled needlessly (as preprocess_file). One loop body: a smaller graph.
+        progressive = tf.equal(fmt, 1) & _maybe_progressive(tf, data)
+
         def body(i, k, img, cx, cy, r, err, again):
-            img = _decode(tf, data, fmt, k)
+            img, truncated = _decode(tf, data, fmt, k, progressive)
             cx, cy, r, err = find_disc(tf, img)
+            err = tf.where(truncated, TRUNCATED_JPEG, err)
             kk, rr = k, r
             for _ in range(3):
                 step = (kk > 1) & (2 * rr < spec.decode_size)
@@ -481,6 +577,7 @@ def preprocess_one(tf, data, spec: PreprocessSpec):
             maximum_iterations=2,
         )
 
+        err = tf.where(tf.equal(err, ERROR_NONE), _check_square(tf, r, spec.max_pixels), err)
         found = tf.equal(err, ERROR_NONE)
         one = tf.constant(1.0, tf.float64)
         square = _crop_square(tf, img, tf.where(found, cx, one), tf.where(found, cy, one), tf.where(found, r, one))

@@ -19,6 +19,7 @@ from retina_scale.serving.export import list_versions, load_export
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from fundus_fixtures import draw_fundus  # noqa: E402
+from hostile_fixtures import cut_jpeg, png_claiming  # noqa: E402
 
 THRESHOLDS = [0.11, 0.9, 2.2, 3.1]
 
@@ -155,6 +156,9 @@ def test_predict_grades_a_folder_and_reports_bad_photos_without_stopping(exporte
     rows = {Path(r["image"]).name: r for r in _read(out)}
     assert sorted(rows) == ["broken.jpg", "noquant.jpg", "p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg", "text.png"]
     assert rows["noquant.jpg"]["error"].startswith("cannot decode") and rows["noquant.jpg"]["grade"] == ""
+    # TensorFlow's reason, not the first line of its message ("Graph execution error:"): issue 16.
+    assert "Invalid JPEG data" in rows["noquant.jpg"]["error"], rows["noquant.jpg"]["error"]
+    assert "{{" not in rows["noquant.jpg"]["error"] and "Graph execution" not in rows["noquant.jpg"]["error"]
     assert "truncated JPEG" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["grade"] == ""
     assert "not an image" in rows["text.png"]["error"]
     predict, _ = load_export(exported["path"], signature="predict_images")
@@ -190,3 +194,57 @@ def test_predict_refuses_what_is_not_our_model_and_leaves_no_output(tmp_path, ph
                  "--batch-size", "0"]) == 2
     assert "--batch-size must be a positive integer" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 16)
+
+
+def test_predict_reads_only_regular_files(exported, tmp_path):
+    """A link to /dev/zero named z.jpeg grew memory until MemoryError; a FIFO named f.jpeg hung the run."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    ok, buf = cv2.imencode(".jpg", draw_fundus(seed=1))
+    (folder / "good.jpeg").write_bytes(buf.tobytes())
+    (folder / "z.jpeg").symlink_to("/dev/zero")
+    os.mkfifo(folder / "f.jpeg")
+    (folder / "link.jpeg").symlink_to(folder / "good.jpeg")  # a link to a regular file is read
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(exported["path"]), "--images", str(folder), "--out", str(out)]) == 0
+    rows = {Path(r["image"]).name: r for r in _read(out)}
+    assert rows["z.jpeg"]["error"] == "not a regular file (device); only regular files are read"
+    assert rows["f.jpeg"]["error"] == "not a regular file (FIFO); only regular files are read"
+    assert rows["good.jpeg"]["error"] == rows["link.jpeg"]["error"] == ""
+    assert rows["good.jpeg"]["grade"] == rows["link.jpeg"]["grade"] != ""
+
+
+def test_predict_gives_hostile_photos_an_error_row_each_and_grades_the_rest(exported, tmp_path, monkeypatch):
+    """Bomb headers, cut JPEGs, TIFF/BMP, a PNG named .jpeg and a formula-like name, in one folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = cv2.imencode(".jpg", draw_fundus(width=400, height=300, seed=2))[1].tobytes()
+    files = {
+        "good.jpeg": photo,
+        "bomb.png": png_claiming(20000, 20000),
+        "cut.jpeg": cut_jpeg(photo),
+        "scan.tif": cv2.imencode(".tif", draw_fundus())[1].tobytes(),
+        "scan.bmp": cv2.imencode(".bmp", draw_fundus())[1].tobytes(),
+        "png_named.jpeg": cv2.imencode(".png", draw_fundus(width=400, height=300, seed=2))[1].tobytes(),
+        "=cmd|calc.jpeg": photo,
+        "+1.jpeg": photo,
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.chdir(folder)  # relative paths: the image cell starts with the file name
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(exported["path"]), "--images", ".", "--out", str(out)]) == 0
+    rows = {r["image"]: r for r in _read(out)}
+    assert set(rows) == {"good.jpeg", "bomb.png", "cut.jpeg", "scan.tif", "scan.bmp", "png_named.jpeg",
+                         "'=cmd|calc.jpeg", "'+1.jpeg"}  # what a spreadsheet would run is escaped
+    assert rows["bomb.png"]["error"].startswith("image too large (20000x20000")
+    assert rows["cut.jpeg"]["error"].startswith("truncated JPEG")
+    assert rows["scan.tif"]["error"].startswith("TIFF image; predict_images decodes JPEG and PNG only")
+    assert rows["scan.bmp"]["error"].startswith("BMP image; predict_images decodes JPEG and PNG only")
+    graded = ["good.jpeg", "png_named.jpeg", "'=cmd|calc.jpeg", "'+1.jpeg"]
+    assert all(rows[n]["error"] == "" and rows[n]["grade"] != "" for n in graded)
+    assert rows["good.jpeg"]["grade"] == rows["'+1.jpeg"]["grade"]
+    assert not any(r["grade"] for n, r in rows.items() if n not in graded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import cv2
 import numpy as np
@@ -127,11 +128,12 @@ def test_every_bad_input_is_listed_with_its_own_reason(tmp_path, prepare):
     cache = tmp_path / "cache"
     code, out, _ = prepare("--data", root, "--sizes", "32", "--out", cache, "--workers", 2)
     assert code == 0
-    assert "prepared 2, skipped 0 (already cached), failed 14" in out.splitlines()[-1]
+    # 3_left, PNG content in a .jpeg file, is used: the content decides, as in the serving graph (issue 16).
+    assert "prepared 3, skipped 0 (already cached), failed 13" in out.splitlines()[-1]
     f = _failures(cache)
     expected = {
         "9_left": "file not found", "2_left": "empty file", "2_right": "truncated JPEG",
-        "3_left": "PNG content in a .jpeg file", "3_right": "grayscale image", "4_left": "CMYK JPEG",
+        "3_right": "grayscale image", "4_left": "CMYK JPEG",
         "4_right": "16-bit image", "5_left": "too small to hold a fundus", "5_right": "no fundus found",
         "6_left": "outside 0-4", "6_right": "not a number", "1_left": "duplicate image id",
         "../outside": "outside the data folder", str(tmp_path / "outside"): "absolute path",
@@ -140,7 +142,7 @@ def test_every_bad_input_is_listed_with_its_own_reason(tmp_path, prepare):
     for image, reason in expected.items():
         assert reason in f[image], (image, f[image])
     assert len(set(f.values())) == len(f)
-    assert sorted(read_manifest(cache, 32)["image"]) == ["1_left", "1_right"]
+    assert sorted(read_manifest(cache, 32)["image"]) == ["1_left", "1_right", "3_left"]
     assert prepare("--data", root, "--sizes", "32", "--out", cache, "--strict")[0] == 1
 
 
@@ -174,6 +176,60 @@ def test_a_cache_keeps_its_preprocessing(eyepacs_dir, tmp_path, prepare):
     assert code == 2 and "was prepared with preprocessing" in err
     code, _, err = prepare("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--normalize", "graham")
     assert code == 2 and "holds png files, not jpeg" in err
+
+
+def _interrupt_before_the_end(monkeypatch, prepare, *args):
+    """Run prepare until every image is made and journalled, then stop it as ``kill -9`` would before the
+    manifest and cache.json are written."""
+    import retina_scale.data.cache as cache_module
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(cache_module, "_manifest_rows", killed)
+        assert prepare(*args)[0] == 130  # the CLI's exit status for an interrupted command
+
+
+def test_an_interrupted_cache_rerun_with_other_options_is_refused_not_mixed(eyepacs_dir, tmp_path, prepare,
+                                                                             monkeypatch):
+    """Issue 16: kill -9 during prepare, rerun with --normalize graham: 'none' images must not be kept as
+    graham ones (cache.json, written at the end, cannot tell: the journal's entries record it)."""
+    cache = tmp_path / "cache"
+    common = ("--data", eyepacs_dir, "--sizes", "32", "--out", cache, "--workers", 1)
+    _interrupt_before_the_end(monkeypatch, prepare, *common)
+    assert (cache / ".journal.jsonl").is_file() and not (cache / "cache.json").exists()
+    code, _, err = prepare(*common, "--normalize", "graham")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds 20 image(s) from an interrupted run made with" in err and "'normalize': 'none'" in err
+    code, _, err = prepare(*common, "--image-format", "png")
+    assert code == 2 and "'image_format': 'jpeg'" in err
+    assert not (cache / "manifest.csv").exists()  # nothing was mixed in
+    code, out, _ = prepare(*common)  # the same options finish it
+    assert code == 0 and "prepared 0, skipped 20" in out
+    img = cv2.imread(str(cache / "32" / "100_left.jpg"))
+    assert img[0, 0].max() <= 10  # black outside the disc: 'none', not Graham's grey
+
+
+def test_prepare_refuses_bombs_fifos_and_oversized_photos_and_uses_the_rest(tmp_path, prepare):
+    from hostile_fixtures import png_claiming
+
+    root = tmp_path / "data"
+    root.mkdir()
+    write_jpeg(root / "1_left.jpeg", draw_fundus(seed=1))
+    (root / "1_right.png").write_bytes(png_claiming(20000, 20000))
+    os.mkfifo(root / "2_left.jpeg")
+    write_jpeg(root / "2_right.jpeg", draw_fundus(width=400, height=300, seed=2))  # 0.12 Mpx
+    write_csv(root / "trainLabels.csv", ["image", "level"], [["1_left", 0], ["1_right", 1], ["2_left", 1],
+                                                              ["2_right", 1]])
+    cache = tmp_path / "cache"
+    code, out, _ = prepare("--data", root, "--sizes", "32", "--out", cache, "--workers", 1, "--max-pixels", 100000)
+    assert code == 0 and "prepared 1, skipped 0 (already cached), failed 3" in out.splitlines()[-1]
+    f = _failures(cache)
+    assert "image too large (20000x20000" in f["1_right"] and "image too large (400x300" in f["2_right"]
+    assert "not found" in f["2_left"]  # a FIFO is not a file: never opened
+    code, _, err = prepare("--data", root, "--sizes", "32", "--out", tmp_path / "c2", "--max-pixels", 10)
+    assert code == 2 and "max_pixels must be an integer from 4096" in err
 
 
 def test_parse_sizes():

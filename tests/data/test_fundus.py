@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import cv2
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 import skimage.data
 
 from fundus_fixtures import draw_fundus
+from hostile_fixtures import cut_jpeg, png_claiming, tiff_claiming, with_exif_orientation
 from retina_scale.config import PreprocessConfig
 from retina_scale.data.fundus import BadImage, choose_reduction, circular_mask, crop_square, find_disc, graham_normalize, preprocess_file, probe
+from retina_scale.data.fundus import decode, file_size_limit, read_image_file
 
 
 def _retina_truth():
@@ -124,7 +127,6 @@ def _cmyk_jpeg():
     ("a.jpeg", lambda: b"", "empty file"),
     ("a.jpeg", lambda: _jpeg(draw_fundus())[:-2000], "truncated JPEG"),
     ("a.png", lambda: cv2.imencode(".png", draw_fundus())[1].tobytes()[:-30], "truncated PNG"),
-    ("a.jpeg", lambda: cv2.imencode(".png", draw_fundus())[1].tobytes(), "PNG content in a .jpeg file"),
     ("a.jpeg", lambda: _jpeg(cv2.cvtColor(draw_fundus(), cv2.COLOR_BGR2GRAY)), "grayscale image"),
     ("a.jpeg", _cmyk_jpeg, "CMYK JPEG"),
     ("a.png", lambda: cv2.imencode(".png", draw_fundus().astype(np.uint16) * 257)[1].tobytes(), "16-bit image"),
@@ -151,3 +153,107 @@ def test_too_small_and_black_photos_are_refused():
     speck[10:20, 10:20] = 200  # a bright label in a corner is not a fundus
     with pytest.raises(BadImage, match="no fundus found"):
         find_disc(speck)
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 16)
+
+
+def test_content_decides_the_format_not_the_file_name():
+    """A PNG named .jpeg is read as the PNG it is, as the serving graph (which gets no file name) reads it."""
+    png = cv2.imencode(".png", draw_fundus(width=300, height=200))[1].tobytes()
+    info = probe(png, "a.jpeg")
+    assert (info.format, info.width, info.height) == ("PNG", 300, 200)
+    as_jpeg = preprocess_file("a.jpeg", (64,), data=png).images[64]
+    assert np.array_equal(as_jpeg, preprocess_file("a.png", (64,), data=png).images[64])
+
+
+def test_the_pixel_limit_is_checked_from_the_header_before_decoding():
+    with pytest.raises(BadImage, match=r"image too large \(20000x20000 = 400.0 Mpx; the limit is 40 Mpx"):
+        probe(png_claiming(20000, 20000), "bomb.png")  # the header alone: its 1 KB of data would not decode
+    with pytest.raises(BadImage, match="image too large"):
+        probe(tiff_claiming(30000, 30000), "bomb.tif")  # no pixel data at all: refused before OpenCV is asked
+    assert probe(png_claiming(4000, 3000), "ok.png").width == 4000  # 12 Mpx: under the default limit
+    # Configurable: a 300x200 photo against a 50000-pixel limit.
+    photo = _jpeg(draw_fundus(width=300, height=200))
+    with pytest.raises(BadImage, match=r"300x200 = 0.1 Mpx; the limit is 0.05 Mpx"):
+        preprocess_file("a.jpeg", (64,), PreprocessConfig(max_pixels=50_000), data=photo)
+    assert preprocess_file("a.jpeg", (64,), PreprocessConfig(max_pixels=60_000), data=photo).images[64].shape == (64, 64, 3)
+    for bad in (0, 4095, True, 2.5e7, 2**31):
+        with pytest.raises(ValueError, match="max_pixels must be an integer from 4096 to"):
+            PreprocessConfig(max_pixels=bad)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_short_and_closed_with_an_end_marker_is_refused(fraction, progressive):
+    img = draw_fundus(width=640, height=480, seed=4)
+    data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)])[1]
+    data = data.tobytes()
+    cut = cut_jpeg(data, fraction)
+    for reduction in (1, 2, 4):  # the check is made at the reduction the photo is decoded at
+        with pytest.raises(BadImage, match="truncated JPEG"):
+            decode(cut, reduction)
+    with pytest.raises(BadImage, match="truncated JPEG"):
+        preprocess_file("a.jpeg", (112,), data=cut)
+    # The complete photo passes, and decode gives OpenCV's own pixels.
+    assert np.array_equal(decode(data, 2), cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def test_a_complete_jpeg_that_looks_cut_is_not_refused():
+    """A bottom-right corner of exactly grey (what libjpeg fills missing blocks with) only makes the check look
+    closer: the second decode shows the photo is whole."""
+    img = draw_fundus(width=320, height=240)
+    img[-40:, -40:] = 128
+    data = _jpeg(img)
+    assert (cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[-1, -1] == 128).all()  # a suspect
+    assert decode(data, 1).shape == (240, 320, 3)
+    with pytest.raises(BadImage, match="truncated JPEG"):
+        decode(cut_jpeg(data, 0.6), 1)
+
+
+@pytest.mark.parametrize("orientation", [2, 6])
+def test_exif_orientation_is_ignored_as_the_serving_graph_ignores_it(orientation):
+    """One rule on both paths: the pixels as stored (TensorFlow's decoders never read EXIF)."""
+    img = draw_fundus(width=400, height=300, cx=150, cy=140, seed=5)  # off-centre: a turn or mirror shows
+    plain = _jpeg(img)
+    tagged = with_exif_orientation(plain, orientation)
+    assert decode(tagged, 1).shape == (300, 400, 3)
+    out = preprocess_file("a.jpeg", (112,), data=tagged)
+    assert np.array_equal(out.images[112], preprocess_file("a.jpeg", (112,), data=plain).images[112])
+    assert abs(out.disc.cx - 150.5) <= 2 and abs(out.disc.cy - 140.5) <= 2  # not moved by a rotation
+
+
+def test_only_regular_files_are_read_and_up_to_a_size(tmp_path):
+    photo = tmp_path / "a.jpeg"
+    photo.write_bytes(_jpeg(draw_fundus()))
+    assert read_image_file(photo, 1 << 20) == photo.read_bytes()
+    (tmp_path / "link.jpeg").symlink_to(photo)  # a link to a regular file is read
+    assert read_image_file(tmp_path / "link.jpeg", 1 << 20) == photo.read_bytes()
+    (tmp_path / "z.jpeg").symlink_to("/dev/zero")
+    with pytest.raises(BadImage, match=r"not a regular file \(device\)"):
+        read_image_file(tmp_path / "z.jpeg", 1 << 20)
+    os.mkfifo(tmp_path / "f.jpeg")  # opened non-blocking: no writer, no hang
+    with pytest.raises(BadImage, match=r"not a regular file \(FIFO\)"):
+        read_image_file(tmp_path / "f.jpeg", 1 << 20)
+    with pytest.raises(BadImage, match="file too large"):
+        read_image_file(photo, 100)
+    with pytest.raises(FileNotFoundError):
+        read_image_file(tmp_path / "missing.jpeg", 100)
+    assert file_size_limit(40_000_000) > 3 * 40_000_000  # an uncompressed PNG under the limit still fits
+
+
+def _strip_with_a_huge_disc():
+    """A 2000x100 photo holding the middle of a 980-px disc: a crafted fit whose bounding square (1961 px a
+    side, 3.8 Mpx) dwarfs the photo (0.2 Mpx)."""
+    img = np.zeros((100, 2000, 3), np.uint8)
+    cv2.circle(img, (1000, 50), 980, (60, 100, 200), -1)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def test_a_disc_whose_square_would_dwarf_the_pixel_limit_is_refused():
+    """The pixel limit alone does not bound memory: the crop square of a crafted photo under it can be far
+    larger (a 20000x1000 strip: 384 Mpx). Its square may hold at most twice max_pixels."""
+    data = _strip_with_a_huge_disc()
+    with pytest.raises(BadImage, match=r"its bounding square, 1961x1961 px, would hold more than twice max_pixels"):
+        preprocess_file("a.png", (112,), PreprocessConfig(max_pixels=1_000_000), data=data)
+    assert preprocess_file("a.png", (112,), PreprocessConfig(max_pixels=2_000_000), data=data).disc.r > 900

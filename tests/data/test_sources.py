@@ -88,6 +88,38 @@ def test_bad_rows_each_get_their_own_reason(eyepacs_dir, tmp_path):
     assert "not found" in text["999_left"]
 
 
+def test_links_that_lead_out_of_the_data_folder_are_refused_in_every_layout(tmp_path):
+    """Issue 16: ``link_left`` whose ``train/link_left.jpeg`` points outside was accepted; the folders layout did
+    no check. Real paths are confined to the data folder's real path; links that stay inside are fine."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_jpeg(outside / "secret.jpeg", draw_fundus(seed=7))
+    root = tmp_path / "eyepacs"
+    (root / "train").mkdir(parents=True)
+    write_jpeg(root / "train" / "1_left.jpeg", draw_fundus(seed=1))
+    (root / "train" / "link_left.jpeg").symlink_to(outside / "secret.jpeg")
+    (root / "link_right.jpeg").symlink_to(outside / "secret.jpeg")
+    (root / "train" / "inside_left.jpeg").symlink_to(root / "train" / "1_left.jpeg")  # stays inside: fine
+    write_csv(root / "trainLabels.csv", ["image", "level"],
+              [["1_left", 0], ["link_left", 1], ["link_right", 1], ["inside_left", 2]])
+    ds = read_dataset(root)
+    assert sorted(r.image_id for r in ds.records) == ["1_left", "inside_left"]
+    reasons = {f.image: f.reason for f in ds.failures}
+    assert set(reasons) == {"link_left", "link_right"}
+    assert all("outside the data folder (refused: link leads out)" in r for r in reasons.values())
+    assert all(str(outside) not in r.path for r in ds.records)
+
+    folders = tmp_path / "folders"
+    (folders / "1").mkdir(parents=True)
+    write_jpeg(folders / "1" / "a_left.jpeg", draw_fundus(seed=2))
+    (folders / "1" / "b_left.jpeg").symlink_to(outside / "secret.jpeg")
+    (folders / "2").symlink_to(outside, target_is_directory=True)  # a whole grade folder leading out
+    ds = read_dataset(folders)
+    assert [r.image_id for r in ds.records] == ["a_left"]
+    reasons = {f.image: f.reason for f in ds.failures}
+    assert set(reasons) == {"1/b_left.jpeg", "2/secret.jpeg"} and all("link leads out" in r for r in reasons.values())
+
+
 def test_csv_in_another_encoding_or_without_its_columns_is_a_clear_error(eyepacs_dir):
     write_csv(eyepacs_dir / "trainLabels.csv", ["image", "level"], [["100_left", "0"], ["é_left", "1"]], encoding="latin-1")
     with pytest.raises(ValueError, match="not UTF-8"):

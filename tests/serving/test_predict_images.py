@@ -13,7 +13,7 @@ import skimage.data
 import tensorflow as tf
 
 from retina_scale.config import PreprocessConfig
-from retina_scale.data.fundus import preprocess_file
+from retina_scale.data.fundus import BadImage, preprocess_file
 from retina_scale.data.synthetic import render_fundus
 from retina_scale.models import build_model
 from retina_scale.serving.export import export_saved_model, load_export
@@ -21,6 +21,7 @@ from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from fundus_fixtures import draw_fundus  # noqa: E402
+from hostile_fixtures import cut_jpeg, png_claiming, with_exif_orientation  # noqa: E402
 
 SIZE = 112
 LADDER = [112, 224, 448, 896]  # the cache's sizes in a full stepwise run
@@ -149,6 +150,103 @@ def test_a_bad_preprocessing_record_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="normalize must be 'none' or 'graham'"):
         export_saved_model(model, tmp_path, "m", metadata={"preprocessing": {"normalize": "clahe"}})
     assert not any((tmp_path / "m").glob("[0-9]*"))
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 16)
+
+
+def _in_graph(spec, batch):
+    images, errors = tf.function(lambda x: preprocess_batch(x, spec))(tf.constant(batch))
+    return images.numpy(), [e.decode() for e in errors.numpy()]
+
+
+def test_too_many_pixels_is_an_error_row_read_from_the_header_and_the_rest_is_graded(exported, photos):
+    """A 20000x20000 PNG made predict use 7 GB and abort the batch: the header's size is now checked before
+    decoding (these PNGs claim the size in their header; their data would not even decode)."""
+    predict, _ = load_export(exported["path"], signature="predict_images")
+    good = photos[0][1]
+    batch = [good, png_claiming(20000, 20000), png_claiming(0xFFFFFFFF, 0xFFFFFFFF), png_claiming(8000, 5001), good]
+    out = predict(images=tf.constant(batch))
+    errors = [e.decode() for e in out["error"].numpy()]
+    assert out["valid"].numpy().tolist() == [True, False, False, False, True], errors
+    assert errors[1].startswith("image too large (20000x20000 = 400.0 Mpx; the limit is 40 Mpx")
+    assert errors[2].startswith("image too large (4294967295x4294967295")  # no 32-bit wrap-around
+    assert errors[3].startswith("image too large (8000x5001 = 40.0 Mpx")
+    assert out["grade"].numpy()[0] == out["grade"].numpy()[4] >= 0
+
+
+def test_the_pixel_limit_comes_from_the_exports_record():
+    photo = _jpeg(draw_fundus(width=400, height=300))  # 0.12 Mpx
+    low = preprocess_spec({"normalize": "none", "max_pixels": 100_000}, SIZE)
+    high = preprocess_spec({"normalize": "none", "max_pixels": 120_000}, SIZE)
+    assert _in_graph(low, [photo])[1][0].startswith("image too large (400x300 = 0.1 Mpx; the limit is 0.1 Mpx")
+    assert _in_graph(high, [photo])[1] == [""]
+    with pytest.raises(ValueError, match="max_pixels must be an integer"):
+        preprocess_spec({"normalize": "none", "max_pixels": "many"}, SIZE)
+
+
+def test_a_crafted_disc_whose_square_dwarfs_the_limit_is_refused_as_in_the_cache():
+    """A 20000x1000 PNG (20 Mpx) holding the middle of a 9800-px disc made the graph use 8 GB for its crop
+    square; the square may hold at most twice max_pixels (the same photo, scaled down, against a lower limit)."""
+    img = np.zeros((100, 2000, 3), np.uint8)
+    cv2.circle(img, (1000, 50), 980, (60, 100, 200), -1)
+    data = _png(img)
+    low = preprocess_spec({"normalize": "none", "max_pixels": 1_000_000}, SIZE)
+    high = preprocess_spec({"normalize": "none", "max_pixels": 2_000_000}, SIZE)
+    assert _in_graph(low, [data])[1] == [
+        "no fundus found (its bounding square, 1961x1961 px, would hold more than twice max_pixels)"]
+    assert _in_graph(high, [data])[1] == [""]
+    with pytest.raises(BadImage, match="its bounding square, 1961x1961 px"):
+        preprocess_file("a.png", (SIZE,), PreprocessConfig(max_pixels=1_000_000), data=data)
+
+
+def test_a_jpeg_cut_short_with_an_end_marker_is_an_error_row_as_in_the_cache(photos):
+    """Defect 4: the first half of a JPEG plus FF D9 was graded (libjpeg fills grey and only warns)."""
+    spec = preprocess_spec({"normalize": "none", "sizes": LADDER}, SIZE)
+    whole = [b for name, b, _ in photos if name in ("synthetic0", "retina_in_canvas", "dark")]
+    prog = _jpeg_progressive(draw_fundus(width=640, height=480, seed=8))
+    cut = [cut_jpeg(b, f) for b, f in zip(whole + [prog], (0.5, 0.5, 0.8, 0.5))]
+    images, errors = _in_graph(spec, whole + [prog] + cut)
+    assert errors[:4] == ["", "", "", ""]
+    for data, err in zip(cut, errors[4:]):
+        assert err.startswith("truncated JPEG (its image data stops"), err
+        with pytest.raises(BadImage, match="truncated JPEG"):  # the cache refuses the same photos
+            preprocess_file("a.jpeg", LADDER, PreprocessConfig(), data=data)
+
+
+@pytest.mark.parametrize("orientation", [2, 6])
+def test_exif_orientation_is_ignored_on_both_paths_so_they_agree(orientation):
+    """Defect 5: the cache rotated or mirrored a photo by its EXIF orientation, the graph did not (13-15 grey
+    levels apart). One rule on both paths: pixels as stored."""
+    bgr = np.zeros((400, 500, 3), np.uint8)
+    bgr[20:380, 40:400] = cv2.resize(skimage.data.retina(), (360, 360), interpolation=cv2.INTER_AREA)[..., ::-1]
+    tagged = with_exif_orientation(_jpeg(bgr), orientation)
+    spec = preprocess_spec({"normalize": "none", "sizes": LADDER}, SIZE)
+    (got,), errors = _in_graph(spec, [tagged])
+    assert errors == [""]
+    want = preprocess_file("a.jpeg", LADDER, PreprocessConfig(), data=tagged).images[SIZE]
+    diff = np.abs(got - want.astype(np.float32))
+    assert diff.mean() <= TOLERANCE["none"][0] and diff.max() <= TOLERANCE["none"][1], (diff.mean(), diff.max())
+    # Not vacuous: the photo turned or mirrored as EXIF says is far from it.
+    turned = cv2.flip(bgr, 1) if orientation == 2 else cv2.rotate(bgr, cv2.ROTATE_90_CLOCKWISE)
+    other = preprocess_file("b.jpeg", LADDER, PreprocessConfig(), data=_jpeg(turned)).images[SIZE]
+    assert np.abs(got - other.astype(np.float32)).mean() > 10
+
+
+def test_tiff_and_bmp_are_named_not_called_not_an_image():
+    spec = preprocess_spec("none", SIZE)
+    tiff = cv2.imencode(".tif", draw_fundus())[1].tobytes()
+    bmp = cv2.imencode(".bmp", draw_fundus())[1].tobytes()
+    _, errors = _in_graph(spec, [tiff, bmp, b"GIF89a not ours"])
+    assert errors[0].startswith("TIFF image; predict_images decodes JPEG and PNG only")
+    assert errors[1].startswith("BMP image; predict_images decodes JPEG and PNG only")
+    assert errors[2].startswith("not an image (unknown file signature")
+
+
+def _jpeg_progressive(bgr):
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    return buf.tobytes()
 
 
 @pytest.mark.slow  # saved_model_cli processes load TensorFlow: ~11 s
