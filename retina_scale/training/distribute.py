@@ -23,6 +23,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 from retina_scale.config import STRATEGIES
 from retina_scale.utils.errors import UserError
 
@@ -150,6 +152,8 @@ class DistributedTrainer:
         self.per_replica_batch_size = self.global_batch_size // replicas
         with strategy.scope():
             optimizer.build(model.trainable_variables)
+        # The optimizer's state as built (zero moments, step 0): reset_optimizer puts it back.
+        self._optimizer_start = [(v, np.array(v)) for v in optimizer.variables]
 
         def replica_step(images, labels, weights=None, keys=None):
             if weights is None:  # (images, labels): every example counts once
@@ -182,6 +186,20 @@ class DistributedTrainer:
 
         self._train_step = train_step
         self._predict_step = predict_step
+
+    # -- reuse -------------------------------------------------------------------------------------
+    def reset_optimizer(self, learning_rate: float | None = None) -> None:
+        """Puts the optimizer back as it was built (moments zero, step count 0) and sets its learning
+        rate (a variable): a new run on the same trainer, without building (and tracing) a new one."""
+        for variable, value in self._optimizer_start:
+            variable.assign(value)
+        if learning_rate is not None:
+            self.optimizer.learning_rate.assign(float(learning_rate))
+
+    def tracing_counts(self) -> dict:
+        """How many times each step function has been traced (1 each once used; more means retracing)."""
+        return {"train_step": self._train_step.experimental_get_tracing_count(),
+                "predict_step": self._predict_step.experimental_get_tracing_count()}
 
     # -- input -------------------------------------------------------------------------------------
     def distribute_training(self, make_examples, *, shuffle_buffer: int = 0, seed: int = 0):
@@ -248,8 +266,6 @@ class DistributedTrainer:
         """Runs ``steps`` evaluation steps; returns ``(labels, predictions)`` NumPy arrays of the
         real (non-padding) examples, identical on every worker, plus their keys if ``with_keys``
         (sorted by key then, so the order does not depend on the number of replicas)."""
-        import numpy as np
-
         labels, predictions, keys = [], [], []
         for _ in range(steps):
             p, y, w, k = (t.numpy() for t in self._predict_step(iterator))

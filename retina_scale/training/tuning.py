@@ -3,11 +3,12 @@
 The right learning rate differs per stage: a freshly initialised tiny net wants a large one, a large
 net initialised from a median one a much smaller one. For one stage, the search runs trials that each
 
-1. build the stage's model inside the strategy's scope (``StageHyperModel.build``),
-2. load the SAME transferred initial weights (the stage's ``initial.npz``; every trial records a
+1. take the stage's one model, built once inside the strategy's scope (``StageHyperModel.build``),
+2. load the SAME transferred initial weights into it (the stage's ``initial.npz``; every trial records a
    fingerprint of the weights it starts from, ``initial_weights_hash``),
-3. make the optimizer with the trial's learning rate (log-uniform in ``tune.lr_min``..``tune.lr_max``;
-   optional extra dimensions ``weight_decay``, ``batch_size``, ``momentum`` from ``tune.extra``),
+3. reset the optimizer's state and set the trial's learning rate, a variable (log-uniform in
+   ``tune.lr_min``..``tune.lr_max``; optional extra dimensions ``weight_decay``, ``batch_size``,
+   ``momentum`` from ``tune.extra``),
 4. train ``tune.epochs`` epochs of ``tune.data_fraction`` of each epoch's training draw with the
    trainer's own custom loop (``DistributedTrainer``; ``model.fit`` fails under
    ``MultiWorkerMirroredStrategy`` in Keras 3.15),
@@ -24,12 +25,19 @@ interrupted trial is run again from the initial weights), and a finished search 
 repeated. ``tuning/search.json`` (the settings, the initial weights' fingerprint and the table) and
 ``tuning/search.md`` (the table for people) are written when the search ends.
 
+The trials of a stage share one model and one ``DistributedTrainer`` (one more per distinct
+``batch_size``, ``weight_decay`` or ``momentum`` of ``tune.extra``: the step is traced for a batch
+size, and Keras bakes those two into the optimizer's update), so each step function is traced once per
+stage, not once per trial (each trace costs 1-3 s on a CPU, issue 13), and a trial is numerically the
+run a fresh model and trainer would make.
+
 Keras Tuner traps handled here: the hypermodel is not given to Keras Tuner (``hypermodel=None``;
 ``StageTuner.run_trial`` builds it), because ``Tuner.__init__`` would build the model once at
-construction, outside the strategy's scope; Keras Tuner calls ``keras.backend.clear_session()``
-between trials, which resets a mixed-precision policy (the policy seen at construction is set again
-inside every build); and ``fit`` callbacks are deep-copied per trial, so anything a trial keeps on
-disk lives in that trial's own folder (``trial_<id>/``), never in a shared one.
+construction, outside the strategy's scope; Keras Tuner's own ``run_trial`` calls
+``keras.backend.clear_session()`` before every build, which resets a mixed-precision policy (ours
+builds once, and the policy is set again inside the build); and ``fit`` callbacks are deep-copied per
+trial, so anything a trial keeps on disk lives in that trial's own folder (``trial_<id>/``), never in a
+shared one.
 
 Distributed search is Keras Tuner's chief/worker mode: start one process with
 ``KERASTUNER_TUNER_ID=chief`` (it runs the oracle and no trial) and any number with
@@ -198,6 +206,9 @@ class StageTuner(keras_tuner.Tuner):
         self.cache_dir, self.splits_file = cache_dir, splits_file
         self._log = log
         self._inputs = None
+        self._model = None
+        self._model_states: list = []
+        self.trainers: dict[tuple, DistributedTrainer] = {}
         self.trials_run_here: list[str] = []
         project = Path(project)
         super().__init__(oracle, hypermodel=None, directory=str(project.parent), project_name=project.name,
@@ -230,20 +241,41 @@ class StageTuner(keras_tuner.Tuner):
             self._inputs = (stage_input(*args, "train", training=True), stage_input(*args, "val", training=False))
         return self._inputs
 
+    def trial_trainer(self, values: dict) -> DistributedTrainer:
+        """The trainer of a trial with ``values``, ready to start: the stage's one model back at its
+        initial weights (and its dropout's seed state as built), the optimizer's state reset, the
+        trial's learning rate set. Made once per (batch size, weight decay, momentum)."""
+        strategy = self.distribution_strategy
+        if self._model is None:
+            self._model = self.stage_hypermodel.build()
+            weights = {id(w) for w in self._model.weights}
+            self._model_states = [(v, np.array(v)) for v in self._model.variables if id(v) not in weights]
+        key = (int(values.get("batch_size", self.config.global_batch_size)), values.get("weight_decay"),
+               values.get("momentum"))
+        if key not in self.trainers:
+            with strategy.scope():
+                optimizer = make_optimizer(self.config.optim, weight_decay=key[1], momentum=key[2])
+            self.trainers[key] = DistributedTrainer(self._model, optimizer, strategy, key[0])
+        restore_checkpoint(self._model, None, self.initial_weights)
+        for variable, value in self._model_states:
+            variable.assign(value)
+        trainer = self.trainers[key]
+        trainer.reset_optimizer(float(values["lr"]))
+        return trainer
+
+    def release(self) -> None:
+        """Lets the stage's model, trainers and inputs go (the tuner's results stay readable)."""
+        self._model, self._model_states, self._inputs = None, [], None
+        self.trainers = {}
+        gc.collect()
+
     def run_trial(self, trial, *args, **kwargs):
         t0 = time.time()
         values = trial.hyperparameters.values
         strategy = self.distribution_strategy
-        keras.backend.clear_session()
-        gc.collect()
-        model = self.stage_hypermodel.build(trial.hyperparameters)
-        restore_checkpoint(model, None, self.initial_weights)
-        start_hash = model_fingerprint(model)
-        batch = int(values.get("batch_size", self.config.global_batch_size))
-        with strategy.scope():
-            optimizer = make_optimizer(self.config.optim, lr=float(values["lr"]),
-                                       weight_decay=values.get("weight_decay"), momentum=values.get("momentum"))
-        trainer = DistributedTrainer(model, optimizer, strategy, batch)
+        trainer = self.trial_trainer(values)
+        start_hash = model_fingerprint(trainer.model)
+        batch = trainer.global_batch_size
         train_input, val_input = self._stage_inputs()
         steps = max(1, round(self.config.tune.data_fraction * train_input.steps_per_epoch(batch)))
         epochs = int(values.get("tuner/epochs", self.config.tune.epochs))
@@ -430,7 +462,8 @@ class LearningRateSearch:
         try:
             tuner.search(verbose=0)
         finally:
-            keras.config.set_dtype_policy(policy)  # clear_session between trials reset it
+            keras.config.set_dtype_policy(policy)  # in case a clear_session reset it
+            tuner.release()
         if worker:
             self.log(f"  {os.environ.get('KERASTUNER_TUNER_ID')}: ran {len(tuner.trials_run_here)} trial(s) "
                      f"({', '.join(tuner.trials_run_here) or 'none'}); the chief holds the results")
