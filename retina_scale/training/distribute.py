@@ -153,7 +153,7 @@ class DistributedTrainer:
         with strategy.scope():
             optimizer.build(model.trainable_variables)
         # The optimizer's state as built (zero moments, step 0): reset_optimizer puts it back.
-        self._optimizer_start = [(v, np.array(v)) for v in optimizer.variables]
+        self._optimizer_start = [(v, np.array(v.numpy())) for v in optimizer.variables]
 
         def replica_step(images, labels, weights=None, keys=None):
             if weights is None:  # (images, labels): every example counts once
@@ -231,6 +231,12 @@ class DistributedTrainer:
         Returns:
             ``(iterator, steps)``.
         """
+        dataset, steps = self.evaluation_dataset(make_examples, num_examples)
+        return iter(dataset), steps
+
+    def evaluation_dataset(self, make_examples, num_examples: int):
+        """``distribute_evaluation``'s distributed dataset, to iterate again for every evaluation (each
+        ``iter()`` of it is one pass) rather than build again: ``(dataset, steps)``."""
         import tensorflow as tf
 
         steps = max(1, math.ceil(num_examples / self.global_batch_size))
@@ -247,7 +253,7 @@ class DistributedTrainer:
             pad = tf.data.Dataset.from_tensors(blank).repeat()
             return ds.concatenate(pad).take(per_pipeline).batch(self.per_replica_batch_size, drop_remainder=True)
 
-        return iter(self.strategy.distribute_datasets_from_function(dataset_fn)), steps
+        return self.strategy.distribute_datasets_from_function(dataset_fn), steps
 
     # -- steps -------------------------------------------------------------------------------------
     def train_steps(self, iterator, steps: int, progbar=None) -> float:

@@ -185,6 +185,12 @@ def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, sp
 
 def predict_input(trainer, inp, with_keys=False):
     """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker."""
+    return make_predictor(trainer, inp, with_keys)()
+
+
+def make_predictor(trainer, inp, with_keys=False) -> Callable[[], tuple]:
+    """``predict_input`` with its input built once: a function that runs every image of ``inp`` through
+    ``trainer`` (its current weights) each time it is called, e.g. validation after every epoch."""
     import tensorflow as tf
 
     gb = trainer.global_batch_size
@@ -195,9 +201,13 @@ def predict_input(trainer, inp, with_keys=False):
         ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
         return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
 
-    iterator, steps = trainer.distribute_evaluation(make_examples, len(inp))
-    labels, scores, keys = trainer.predict(iterator, steps, with_keys=True)
-    return (labels, scores, keys) if with_keys else (labels, scores)
+    dataset, steps = trainer.evaluation_dataset(make_examples, len(inp))
+
+    def predict():
+        labels, scores, keys = trainer.predict(iter(dataset), steps, with_keys=True)
+        return (labels, scores, keys) if with_keys else (labels, scores)
+
+    return predict
 
 
 def validation_scores(labels, scores) -> tuple[float, float]:

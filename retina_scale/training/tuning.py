@@ -76,7 +76,7 @@ from retina_scale.training.checkpoint import model_weights_from_checkpoint, rest
 from retina_scale.training.distribute import DistributedTrainer
 from retina_scale.training.optim import make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, format_search_table, predict_input, prepare_run_data,
+    StageContext, build_stage_model, check_same_config, format_search_table, make_predictor, prepare_run_data,
     process_layout, save_initial_weights, stage_input, validation_scores,
 )
 from retina_scale.utils.errors import UserError
@@ -178,17 +178,33 @@ class _TrialScores:
     diverged: bool
 
 
-def _train_trial(trainer, strategy, train_input, val_input, batch: int, steps: int, epochs: int) -> _TrialScores:
+class TrialInputs:
+    """A trainer's inputs for a stage's trials, built once and iterated afresh by every trial: each
+    epoch's training draw (a distributed dataset per epoch, made when first asked for) and validation."""
+
+    def __init__(self, trainer, train_input, val_input):
+        self.trainer, self.train_input = trainer, train_input
+        self.validate = make_predictor(trainer, val_input)
+        self._epochs: dict[int, object] = {}
+
+    def epoch(self, epoch: int):
+        """A new iterator over epoch ``epoch``'s training draw, from its first batch."""
+        if epoch not in self._epochs:
+            self._epochs[epoch] = self.train_input.distribute(
+                self.trainer.strategy, self.trainer.global_batch_size, training=True, start_epoch=epoch, epochs=1)
+        return iter(self._epochs[epoch])
+
+
+def _train_trial(trainer, inputs: TrialInputs, steps: int, epochs: int) -> _TrialScores:
     """``epochs`` epochs of ``steps`` steps each, scored on validation after each epoch; stops at the
     first non-finite loss or prediction (the trial diverged: kappa -1, val loss inf)."""
     loss = val_loss = float("nan")
     kappa = DIVERGED_KAPPA
     for epoch in range(epochs):
-        iterator = iter(train_input.distribute(strategy, batch, training=True, start_epoch=epoch, epochs=1))
-        loss = trainer.train_steps(iterator, steps)
+        loss = trainer.train_steps(inputs.epoch(epoch), steps)
         if not math.isfinite(loss):
             return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
-        labels, scores = predict_input(trainer, val_input)
+        labels, scores = inputs.validate()
         if not np.all(np.isfinite(scores)):
             return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
         val_loss, kappa = validation_scores(labels, scores)
@@ -209,6 +225,7 @@ class StageTuner(keras_tuner.Tuner):
         self._model = None
         self._model_states: list = []
         self.trainers: dict[tuple, DistributedTrainer] = {}
+        self._trial_inputs: dict[tuple, TrialInputs] = {}
         self.trials_run_here: list[str] = []
         project = Path(project)
         super().__init__(oracle, hypermodel=None, directory=str(project.parent), project_name=project.name,
@@ -241,45 +258,44 @@ class StageTuner(keras_tuner.Tuner):
             self._inputs = (stage_input(*args, "train", training=True), stage_input(*args, "val", training=False))
         return self._inputs
 
-    def trial_trainer(self, values: dict) -> DistributedTrainer:
-        """The trainer of a trial with ``values``, ready to start: the stage's one model back at its
-        initial weights (and its dropout's seed state as built), the optimizer's state reset, the
-        trial's learning rate set. Made once per (batch size, weight decay, momentum)."""
+    def trial_trainer(self, values: dict) -> tuple[DistributedTrainer, TrialInputs]:
+        """The trainer of a trial with ``values``, ready to start, and its inputs: the stage's one model
+        back at its initial weights (and its dropout's seed state as built), the optimizer's state
+        reset, the trial's learning rate set. Made once per (batch size, weight decay, momentum)."""
         strategy = self.distribution_strategy
         if self._model is None:
             self._model = self.stage_hypermodel.build()
             weights = {id(w) for w in self._model.weights}
-            self._model_states = [(v, np.array(v)) for v in self._model.variables if id(v) not in weights]
+            self._model_states = [(v, np.array(v.numpy())) for v in self._model.variables if id(v) not in weights]
         key = (int(values.get("batch_size", self.config.global_batch_size)), values.get("weight_decay"),
                values.get("momentum"))
         if key not in self.trainers:
             with strategy.scope():
                 optimizer = make_optimizer(self.config.optim, weight_decay=key[1], momentum=key[2])
             self.trainers[key] = DistributedTrainer(self._model, optimizer, strategy, key[0])
+            self._trial_inputs[key] = TrialInputs(self.trainers[key], *self._stage_inputs())
         restore_checkpoint(self._model, None, self.initial_weights)
         for variable, value in self._model_states:
             variable.assign(value)
         trainer = self.trainers[key]
         trainer.reset_optimizer(float(values["lr"]))
-        return trainer
+        return trainer, self._trial_inputs[key]
 
     def release(self) -> None:
         """Lets the stage's model, trainers and inputs go (the tuner's results stay readable)."""
         self._model, self._model_states, self._inputs = None, [], None
-        self.trainers = {}
+        self.trainers, self._trial_inputs = {}, {}
         gc.collect()
 
     def run_trial(self, trial, *args, **kwargs):
         t0 = time.time()
         values = trial.hyperparameters.values
-        strategy = self.distribution_strategy
-        trainer = self.trial_trainer(values)
+        trainer, inputs = self.trial_trainer(values)
         start_hash = model_fingerprint(trainer.model)
-        batch = trainer.global_batch_size
-        train_input, val_input = self._stage_inputs()
-        steps = max(1, round(self.config.tune.data_fraction * train_input.steps_per_epoch(batch)))
+        per_epoch = inputs.train_input.steps_per_epoch(trainer.global_batch_size)
+        steps = max(1, round(self.config.tune.data_fraction * per_epoch))
         epochs = int(values.get("tuner/epochs", self.config.tune.epochs))
-        scores = _train_trial(trainer, strategy, train_input, val_input, batch, steps, epochs)
+        scores = _train_trial(trainer, inputs, steps, epochs)
         seconds = time.time() - t0
         self.trials_run_here.append(trial.trial_id)
         self._log(_trial_line(trial.trial_id, values, scores, epochs, steps, seconds))

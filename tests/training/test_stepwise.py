@@ -274,3 +274,23 @@ def test_evaluate_command_reproduces_the_stage_test_evaluation(uninterrupted, sm
     assert result["n_images"] == stored["n_images"] == stage["test_images"]
     assert result["confusion_matrix"] == stored["confusion_matrix"]
     assert result["kappa"]["value"] == pytest.approx(stored["kappa"]["value"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_a_stage_builds_its_training_input_once_and_its_validation_input_once(tmp_path, small_cache, monkeypatch):
+    from retina_scale.data.pipeline import CacheInput
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    built = []
+    real_dataset = CacheInput.dataset
+
+    def counting(self, global_batch_size, training=True, start_epoch=0, epochs=1, **kwargs):
+        built.append((self.size, "train" if training else "eval", start_epoch, epochs))
+        return real_dataset(self, global_batch_size, training, start_epoch, epochs, **kwargs)
+
+    monkeypatch.setattr(CacheInput, "dataset", counting)
+    StepwiseScaler(_config(tmp_path, small_cache, small_epochs=3, extra=["export=false"]), verbose=0).run()
+    # Per stage: one training dataset spanning all its epochs; validation once for the epochs and once
+    # for the thresholds, and the test split once (per epoch, it was one of each for every epoch).
+    assert [b for b in built if b[0] == 224] == [(224, "eval", 0, 1), (224, "train", 0, 3)] + [(224, "eval", 0, 1)] * 2
+    assert [b for b in built if b[0] == 112] == [(112, "eval", 0, 1), (112, "train", 0, 1)] + [(112, "eval", 0, 1)] * 2

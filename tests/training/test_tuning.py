@@ -295,7 +295,7 @@ def test_trials_share_one_trainer_traced_once_and_run_as_a_fresh_trainer_would(t
     from retina_scale.training.optim import make_optimizer
     from retina_scale.training.stage import build_stage_model, stage_input
     from retina_scale.training.tuning import (
-        LearningRateSearch, StageTuner, _train_trial, checkpoint_fingerprint, stage_context,
+        LearningRateSearch, StageTuner, TrialInputs, _train_trial, checkpoint_fingerprint, stage_context,
     )
 
     config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=3))
@@ -324,6 +324,6 @@ def test_trials_share_one_trainer_traced_once_and_run_as_a_fresh_trainer_would(t
     args = (config, context.stage, config.stages[0], context.cache_dir, context.splits_file)
     train_input, val_input = stage_input(*args, "train", training=True), stage_input(*args, "val", training=False)
     steps = max(1, round(config.tune.data_fraction * train_input.steps_per_epoch(8)))
-    fresh = _train_trial(trainer, context.strategy, train_input, val_input, 8, steps, 1)
+    fresh = _train_trial(trainer, TrialInputs(trainer, train_input, val_input), steps, 1)
     assert fresh.loss == pytest.approx(last["loss"], rel=1e-4)
     assert fresh.val_loss == pytest.approx(last["val_loss"], rel=1e-4) and fresh.kappa == last["val_kappa"]
