@@ -273,10 +273,13 @@ def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initi
         x = Maxout(units, name=f"head_maxout{k}")(x)
         if k == 1:
             x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    # The grade in float32 under any dtype policy: a mixed-precision model's loss, metrics and exports
+    # see float32 (bf16 keeps 3 significant digits), as Keras's mixed-precision guide advises.
     outputs = keras.layers.Dense(
         1,
         kernel_initializer=_initializer(kernel_initializer, seed, "head_grade"),
         kernel_regularizer=regularizer,
         name="head_grade",
+        dtype="float32",
     )(x)
     return inputs, outputs

@@ -159,20 +159,20 @@ class DistributedTrainer:
             if weights is None:  # (images, labels): every example counts once
                 weights = tf.ones_like(labels, tf.float32)
             with tf.GradientTape() as tape:
-                predictions = tf.reshape(model(images, training=True), [-1])
-                per_example = tf.square(predictions - tf.cast(labels, predictions.dtype))
-                per_example = per_example * tf.cast(weights, predictions.dtype)
+                # The loss in float32 whatever the model computes in (a mixed-precision policy's bf16).
+                predictions = tf.cast(tf.reshape(model(images, training=True), [-1]), tf.float32)
+                per_example = tf.square(predictions - tf.cast(labels, tf.float32)) * tf.cast(weights, tf.float32)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
                 if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                    penalties = [tf.cast(penalty, tf.float32) for penalty in model.losses]
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(penalties))
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             return loss
 
         def replica_predict(images, labels, weights, keys):
-            predictions = tf.reshape(model(images, training=False), [-1])
-            return (predictions, tf.cast(labels, predictions.dtype), tf.cast(weights, predictions.dtype),
-                    tf.cast(keys, tf.int64))
+            predictions = tf.cast(tf.reshape(model(images, training=False), [-1]), tf.float32)
+            return predictions, tf.cast(labels, tf.float32), tf.cast(weights, tf.float32), tf.cast(keys, tf.int64)
 
         @tf.function
         def train_step(iterator):

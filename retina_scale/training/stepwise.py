@@ -36,8 +36,9 @@ from retina_scale.run_layout import RunLayout, StageLayout
 from retina_scale.training.checkpoint import restore_checkpoint, save_checkpoint
 from retina_scale.training.optim import after_nan_loss, lr_at, make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, format_search_table, make_predictor, patients_of,
-    predict_input, prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
+    StageContext, build_stage_model, check_same_config, float32_model, format_search_table, make_predictor,
+    patients_of, predict_input, prepare_run_data, process_layout, save_initial_weights, stage_input,
+    validation_scores,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -267,7 +268,7 @@ class StepwiseScaler:
         writer = tf.summary.create_file_writer(str(run.files.tensorboard))
         self.log(f"Stage {run.index} {spec.name} ({spec.input_size} px): {run.model.count_params():,} weights, "
                  f"{len(train_input)} training / {len(val_input)} validation images, {steps} steps per epoch, "
-                 f"lr {state['lr']:.3g} ({state['lr_source']})")
+                 f"lr {state['lr']:.3g} ({state['lr_source']}), {run.model.dtype_policy.name}")
         epoch = state["epoch"]
         # One training iterator for the rest of the stage (its draws, epoch after epoch, from the epoch it
         # starts at) and one validation input: built per epoch they cost a rebuild, a cold first step and
@@ -411,7 +412,8 @@ class StepwiseScaler:
             "width": self.config.model.width,
             "preprocessing": preprocessing,
         }
-        return export_saved_model(model, self.config.export_dir, self.config.model_name,
+        # A float32 copy of a mixed-precision model: the export computes the same on any hardware.
+        return export_saved_model(float32_model(model), self.config.export_dir, self.config.model_name,
                                   thresholds=thresholds, metadata=metadata)
 
 

@@ -35,7 +35,7 @@ Keras Tuner traps handled here: the hypermodel is not given to Keras Tuner (``hy
 ``StageTuner.run_trial`` builds it), because ``Tuner.__init__`` would build the model once at
 construction, outside the strategy's scope; Keras Tuner's own ``run_trial`` calls
 ``keras.backend.clear_session()`` before every build, which resets a mixed-precision policy (ours
-builds once, and the policy is set again inside the build); and ``fit`` callbacks are deep-copied per
+builds once, under the run's ``precision`` set inside the build); and ``fit`` callbacks are deep-copied per
 trial, so anything a trial keeps on disk lives in that trial's own folder (``trial_<id>/``), never in a
 shared one.
 
@@ -76,8 +76,8 @@ from retina_scale.training.checkpoint import model_weights_from_checkpoint, rest
 from retina_scale.training.distribute import DistributedTrainer
 from retina_scale.training.optim import make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, format_search_table, make_predictor, prepare_run_data,
-    process_layout, save_initial_weights, stage_input, validation_scores,
+    StageContext, build_stage_model, check_same_config, format_search_table, machine_precision, make_predictor,
+    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -156,16 +156,16 @@ def checkpoint_fingerprint(path) -> float:
 
 # ---------------------------------------------------------------------------------- hypermodel
 class StageHyperModel:
-    """Builds one stage's model for a trial, inside the strategy's scope and under the dtype policy
-    seen when the search was set up (``clear_session`` between trials resets the global policy)."""
+    """Builds the stage's model for the trials, inside the strategy's scope and under the dtype policy
+    given when the search was set up (the run's ``precision``), whatever the global policy is then
+    (``clear_session`` resets it)."""
 
     def __init__(self, config, spec, strategy, dtype_policy: str):
         self.config, self.spec, self.strategy, self.dtype_policy = config, spec, strategy, dtype_policy
 
     def build(self, hp=None):
-        keras.config.set_dtype_policy(self.dtype_policy)
         with self.strategy.scope():
-            return build_stage_model(self.config, self.spec)
+            return build_stage_model(self.config, self.spec, policy=self.dtype_policy)
 
 
 @dataclasses.dataclass
@@ -467,7 +467,8 @@ class LearningRateSearch:
         _check_or_stamp(files, settings, initial_hash, stamp=not worker)
 
         t0 = time.time()
-        policy = keras.config.dtype_policy().name
+        before = keras.config.dtype_policy().name
+        policy = machine_precision(context.config.precision)
         self.log(f"Stage {context.index} {context.stage.name}: {tune.tuner} learning-rate search in {files.tuning} "
                  f"(lr {tune.lr_min:g}..{tune.lr_max:g} log-uniform"
                  + "".join(f", {k}" for k in sorted(tune.extra))
@@ -478,7 +479,7 @@ class LearningRateSearch:
         try:
             tuner.search(verbose=0)
         finally:
-            keras.config.set_dtype_policy(policy)  # in case a clear_session reset it
+            keras.config.set_dtype_policy(before)  # in case a clear_session reset it
             tuner.release()
         if worker:
             self.log(f"  {os.environ.get('KERASTUNER_TUNER_ID')}: ran {len(tuner.trials_run_here)} trial(s) "

@@ -138,3 +138,28 @@ def test_a_reset_trainer_runs_as_a_fresh_one_without_tracing_again():
     for a, b in zip(reused.model.weights, fresh.model.weights):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=a.path)
     assert reused.tracing_counts() == {"train_step": 1, "predict_step": 0}
+
+
+def test_the_step_trains_a_mixed_bfloat16_model_with_a_float32_loss():
+    import keras
+    import tensorflow as tf
+
+    from retina_scale.training.distribute import DistributedTrainer
+    from retina_scale.training.stage import dtype_policy
+
+    # Every layer in bf16, the output too, with an L2 penalty: the loss, its penalty and the predictions
+    # still come out float32 (this raised a TypeError at 'loss += scale_regularization_loss(...)').
+    with dtype_policy("mixed_bfloat16"):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, kernel_regularizer="l2"),
+                                  keras.layers.Dense(1, kernel_regularizer="l2")])
+    assert model.layers[-1].compute_dtype == "bfloat16" and keras.config.dtype_policy().name == "float32"
+    trainer = DistributedTrainer(model, keras.optimizers.Adam(1e-2), choose_strategy("default"), global_batch_size=8)
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    y = (np.arange(16) % 5).astype("float32")
+    losses = [trainer.train_steps(trainer.distribute_training(lambda: tf.data.Dataset.from_tensor_slices((x, y))), 2)
+              for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    iterator, steps = trainer.distribute_evaluation(lambda: tf.data.Dataset.from_tensor_slices((x, y)), 16)
+    labels, predictions = trainer.predict(iterator, steps)
+    assert predictions.dtype == np.float32 and len(predictions) == 16
