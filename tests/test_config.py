@@ -107,3 +107,10 @@ def test_precision_is_a_config_switch_float32_by_default():
         load_train_config("quick", ["precision=bf16"])
     with pytest.raises(ConfigError, match="unknown precision 'fp16'; accepted: float32, mixed_bfloat16, auto"):
         resolve_precision("fp16")
+
+
+def test_min_filters_is_off_by_default_and_refuses_a_negative_floor():
+    assert {load_train_config(name).model.min_filters for name in ("quick", "paper", "study", "study-full")} == {0}
+    assert load_train_config("quick", ["model.min_filters=16"]).model.min_filters == 16
+    with pytest.raises(ConfigError, match="model.min_filters must be >= 0"):
+        load_train_config("quick", ["model.min_filters=-4"])

@@ -146,7 +146,7 @@ def build_stage_model(config: TrainConfig, spec, policy: str | None = None):
     m = config.model
     with dtype_policy(policy or machine_precision(config.precision)):
         return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2,
-                           seed=m.seed)
+                           seed=m.seed, min_filters=m.min_filters)
 
 
 @contextlib.contextmanager
