@@ -6,7 +6,7 @@ types and out-of-range values are one-line ``ConfigError``s before any work star
 
 The name lists used in several places are defined once here, as ``Literal`` types whose values also
 feed the command line's choices: ``STRATEGIES``, ``TUNERS``, ``FORMATS``, ``NORMALIZATIONS``,
-``SPLIT_NAMES``; so are the DR grades, the smallest usable image side and the ladder's stage names and
+``SPLIT_NAMES``, ``PRECISIONS``; so are the DR grades, the smallest usable image side and the ladder's stage names and
 sizes (``stage_index``: ``"tiny"`` or ``112`` is stage 1, each later stage doubles the size).
 
 Presets: ``quick`` (the default) is a ladder that finishes on a 2-core CPU in minutes, synthetic data
@@ -50,11 +50,13 @@ TunerName = Literal["random", "bayesian", "hyperband"]
 DataFormat = Literal["eyepacs", "aptos", "folders", "csv"]
 Normalization = Literal["none", "graham"]
 SplitName = Literal["train", "val", "test"]
+Precision = Literal["float32", "mixed_bfloat16", "auto"]
 STRATEGIES = get_args(StrategyName)
 TUNERS = get_args(TunerName)
 FORMATS = get_args(DataFormat)
 NORMALIZATIONS = get_args(Normalization)
 SPLIT_NAMES = get_args(SplitName)
+PRECISIONS = get_args(Precision)
 
 # ------------------------------------------------------------------------------- the ladder's rungs
 BASE_SIZE = 112
@@ -235,11 +237,20 @@ class StageConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The network (``retina_scale.models.RetinaConvNet``): ``width`` multiplies every layer's units;
+    ``min_filters`` (0 = off) is a floor on any convolution block's filters after that, e.g. 16: at width
+    0.25 the first block has 8, which oneDNN runs at under half the speed of 16 (issue 13)."""
+
     width: float = 1.0
     dropout: float = 0.5
     leaky_slope: float = 0.01
     l2: float = 5e-4
     seed: int = 0
+    min_filters: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.min_filters, int) and self.min_filters < 0:
+            raise ConfigError(f"model.min_filters must be >= 0 (0: no floor); got {self.min_filters}")
 
 
 @dataclasses.dataclass
@@ -374,6 +385,9 @@ class TrainConfig:
     seed: int = 0
     export: bool = True
     eval_bootstrap: int = 1000
+    # Training arithmetic (resolve_precision): float32, mixed_bfloat16 (bf16 compute, float32 weights, loss
+    # and exports) or auto (bf16 where the hardware has it natively).
+    precision: Precision = "float32"
 
 
 def _adam_ladder(name: str, stages, *, width: float, synth_count: int, synth_size: int, **kwargs) -> TrainConfig:
@@ -660,3 +674,25 @@ def check_tune_config(tune: TuneConfig, global_batch_size: int | None = None) ->
                 raise ConfigError(f"{where}: batch sizes must be whole numbers >= 1; got {values}")
         elif any(v < 0 for v in values):
             raise ConfigError(f"{where}: values must be >= 0; got {values}")
+
+
+def resolve_precision(precision: str, cpu_flags=(), gpus=()) -> str:
+    """The Keras dtype policy of a run's ``precision``: ``auto`` is ``mixed_bfloat16`` where the device that
+    computes has native bf16 (``retina_scale.utils.hardware.bf16_capable``: the GPUs' compute capabilities
+    ``gpus`` if any, else the CPU's ``cpu_flags``), else ``float32``; the other names are themselves.
+
+        >>> resolve_precision("auto", {"avx512f", "avx512_bf16"}), resolve_precision("auto", {"avx2"})
+        ('mixed_bfloat16', 'float32')
+        >>> resolve_precision("auto", {"amx_bf16"}, gpus=[(7, 0)]), resolve_precision("float32", {"amx_bf16"})
+        ('float32', 'float32')
+
+    Raises:
+        ConfigError: an unknown name (naming the accepted ones).
+    """
+    from retina_scale.utils.hardware import bf16_capable
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision: unknown precision {precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if bf16_capable(cpu_flags, gpus) else "float32"

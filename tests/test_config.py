@@ -199,3 +199,39 @@ def test_the_synthetic_priors_named_in_the_schema_are_those_the_generator_knows(
 
     assert set(SYNTH_PRIORS) == set(PRIORS)
     assert load_train_config("quick", ["data.synth_prior='0.5,0.5,0,0,0'"]).data.synth_prior == "0.5,0.5,0,0,0"
+
+
+@pytest.mark.parametrize("precision, flags, gpus, policy", [
+    ("auto", {"fma", "avx512f", "amx_bf16", "amx_tile"}, (), "mixed_bfloat16"),  # Sapphire Rapids
+    ("auto", {"fma", "avx512f", "avx512_bf16"}, (), "mixed_bfloat16"),  # Zen 4, Cooper Lake
+    ("auto", {"fma", "avx512f", "avx2"}, (), "float32"),  # Skylake-SP: no native bf16
+    ("auto", set(), (), "float32"),  # nothing known
+    ("auto", {"avx512f"}, [(8, 0)], "mixed_bfloat16"),  # an A100 computes
+    ("auto", {"amx_bf16"}, [(7, 0)], "float32"),  # a V100 computes: no bf16, whatever the CPU has
+    ("auto", set(), [(9, 0), (7, 5)], "float32"),  # every GPU must have it
+    ("float32", {"amx_bf16"}, (), "float32"),
+    ("mixed_bfloat16", set(), (), "mixed_bfloat16"),
+])
+def test_precision_auto_is_bf16_where_the_computing_device_has_it(precision, flags, gpus, policy):
+    from retina_scale.config import resolve_precision
+
+    assert resolve_precision(precision, flags, gpus) == policy
+
+
+def test_precision_is_a_config_switch_float32_by_default():
+    from retina_scale.config import PRECISIONS, PRESETS, resolve_precision
+
+    assert PRECISIONS == ("float32", "mixed_bfloat16", "auto")
+    assert {PRESETS[name]().precision for name in PRESETS} == {"float32"}
+    assert load_train_config("quick", ["precision=auto"]).precision == "auto"
+    with pytest.raises(ConfigError, match="precision"):
+        load_train_config("quick", ["precision=bf16"])
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'; accepted: float32, mixed_bfloat16, auto"):
+        resolve_precision("fp16")
+
+
+def test_min_filters_is_off_by_default_and_refuses_a_negative_floor():
+    assert {load_train_config(name).model.min_filters for name in ("quick", "paper", "study", "study-full")} == {0}
+    assert load_train_config("quick", ["model.min_filters=16"]).model.min_filters == 16
+    with pytest.raises(ConfigError, match="model.min_filters must be >= 0"):
+        load_train_config("quick", ["model.min_filters=-4"])

@@ -28,9 +28,10 @@ from typing import Callable
 from retina_scale.utils.tables import text_table
 
 
-def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
-    """Dense fp32 matmul FLOP/s of this machine (TensorFlow's kernels): the best over ``sizes`` of the
-    fastest of ``repeats`` runs, ``2 n^3`` FLOPs each."""
+def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5, dtype: str = "float32") -> dict:
+    """Dense matmul FLOP/s of this machine (TensorFlow's kernels) in ``dtype`` (``float32``, or ``bfloat16``
+    where the CPU has native bf16): the best over ``sizes`` of the fastest of ``repeats`` runs, ``2 n^3``
+    FLOPs each."""
     import tensorflow as tf
 
     @tf.function
@@ -39,8 +40,8 @@ def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
 
     best = {"flops": 0.0}
     for n in sizes:
-        a = tf.random.stateless_normal((n, n), seed=(1, 2), dtype=tf.float32)
-        b = tf.random.stateless_normal((n, n), seed=(3, 4), dtype=tf.float32)
+        a = tf.cast(tf.random.stateless_normal((n, n), seed=(1, 2), dtype=tf.float32), dtype)
+        b = tf.cast(tf.random.stateless_normal((n, n), seed=(3, 4), dtype=tf.float32), dtype)
         matmul(a, b).numpy()  # trace and warm up
         fastest = float("inf")
         for _ in range(repeats):
@@ -53,8 +54,9 @@ def matmul_peak(sizes=(1024, 2048, 4096), repeats: int = 5) -> dict:
     return best
 
 
-def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3) -> dict:
-    """Training images/s of the stage's model alone (inputs in memory) with the run's optimizer."""
+def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3, min_seconds: float = 0.0) -> dict:
+    """Training images/s of the stage's model alone (inputs in memory) with the run's optimizer: ``steps``
+    steps, repeated until they took ``min_seconds`` in all (short timings are mostly noise)."""
     import keras
     import tensorflow as tf
 
@@ -74,12 +76,15 @@ def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3) -> d
     iterator = trainer.distribute_training(lambda: examples)
     trainer.train_steps(iterator, warmup)
     t0 = time.perf_counter()
-    trainer.train_steps(iterator, steps)
+    done = 0
+    while done == 0 or time.perf_counter() - t0 < min_seconds:
+        trainer.train_steps(iterator, steps)
+        done += steps
     seconds = time.perf_counter() - t0
     macs = count_complexity(model, size).macs
     weights = model.count_params()
     keras.backend.clear_session()
-    return {"images_per_s": steps * batch / seconds, "steps": steps, "batch": batch, "seconds": seconds,
+    return {"images_per_s": done * batch / seconds, "steps": done, "batch": batch, "seconds": seconds,
             "forward_macs": macs, "weights": weights}
 
 

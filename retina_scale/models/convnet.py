@@ -177,6 +177,9 @@ class RetinaConvNet(keras.Model):
             the convolutions) or any Keras initializer name (e.g. ``"zeros"`` for a quick
             shape-only build).
         seed: seed of the orthogonal initialisation (per layer, derived from the layer name).
+        min_filters: a floor on every convolution block's filters after ``width`` (0: none), e.g. 16 so
+            that a thin net's first blocks feed the CPU's vector units; layer names stay the same, so
+            stages built with the same floor transfer weights as before.
         name: the model's name; defaults to ``retina_<stage>``.
 
     Example:
@@ -197,6 +200,7 @@ class RetinaConvNet(keras.Model):
         head_units: int = 512,
         kernel_initializer="orthogonal",
         seed: int | None = None,
+        min_filters: int = 0,
         name: str | None = None,
         **kwargs,
     ):
@@ -209,8 +213,10 @@ class RetinaConvNet(keras.Model):
             raise UserError(f"leaky_slope must be >= 0; got {leaky_slope!r}")
         if l2 < 0:
             raise UserError(f"l2 must be >= 0; got {l2!r}")
+        if isinstance(min_filters, bool) or not isinstance(min_filters, int) or min_filters < 0:
+            raise UserError(f"min_filters must be a whole number >= 0 (0: no floor); got {min_filters!r}")
         inputs, outputs = _build_graph(spec, width, dropout, leaky_slope, l2, head_units,
-                                       kernel_initializer, seed)
+                                       kernel_initializer, seed, min_filters)
         super().__init__(inputs, outputs, name=name or f"retina_{spec.name}", **kwargs)
         self.stage = spec
         self.width = float(width)
@@ -219,6 +225,8 @@ class RetinaConvNet(keras.Model):
             head_units=head_units, seed=seed,
             kernel_initializer=kernel_initializer if isinstance(kernel_initializer, str) else "orthogonal",
         )
+        if min_filters:  # absent when off, so configs (and .keras files) of earlier models stay as they were
+            self._args["min_filters"] = int(min_filters)
 
     @property
     def input_size(self) -> int:
@@ -237,7 +245,7 @@ class RetinaConvNet(keras.Model):
         return cls(**config)
 
 
-def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initializer, seed):
+def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initializer, seed, min_filters=0):
     regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
     conv_gain = math.sqrt(2.0 / (1.0 + leaky_slope**2))
 
@@ -249,7 +257,7 @@ def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initi
         for j, conv in enumerate(block.convs, start=1):
             layer_name = f"block{block.index}_conv{j}"
             x = keras.layers.Conv2D(
-                scaled(block.filters, width),
+                max(scaled(block.filters, width), min_filters),
                 conv.kernel,
                 strides=conv.stride,
                 padding="same",
@@ -273,10 +281,13 @@ def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initi
         x = Maxout(units, name=f"head_maxout{k}")(x)
         if k == 1:
             x = keras.layers.Dropout(dropout, name="head_dropout")(x)
+    # The grade in float32 under any dtype policy: a mixed-precision model's loss, metrics and exports
+    # see float32 (bf16 keeps 3 significant digits), as Keras's mixed-precision guide advises.
     outputs = keras.layers.Dense(
         1,
         kernel_initializer=_initializer(kernel_initializer, seed, "head_grade"),
         kernel_regularizer=regularizer,
         name="head_grade",
+        dtype="float32",
     )(x)
     return inputs, outputs

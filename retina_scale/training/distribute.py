@@ -23,6 +23,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 from retina_scale.config import STRATEGIES
 from retina_scale.utils.errors import UserError
 
@@ -150,25 +152,27 @@ class DistributedTrainer:
         self.per_replica_batch_size = self.global_batch_size // replicas
         with strategy.scope():
             optimizer.build(model.trainable_variables)
+        # The optimizer's state as built (zero moments, step 0): reset_optimizer puts it back.
+        self._optimizer_start = [(v, np.array(v.numpy())) for v in optimizer.variables]
 
         def replica_step(images, labels, weights=None, keys=None):
             if weights is None:  # (images, labels): every example counts once
                 weights = tf.ones_like(labels, tf.float32)
             with tf.GradientTape() as tape:
-                predictions = tf.reshape(model(images, training=True), [-1])
-                per_example = tf.square(predictions - tf.cast(labels, predictions.dtype))
-                per_example = per_example * tf.cast(weights, predictions.dtype)
+                # The loss in float32 whatever the model computes in (a mixed-precision policy's bf16).
+                predictions = tf.cast(tf.reshape(model(images, training=True), [-1]), tf.float32)
+                per_example = tf.square(predictions - tf.cast(labels, tf.float32)) * tf.cast(weights, tf.float32)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
                 if model.losses:
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+                    penalties = [tf.cast(penalty, tf.float32) for penalty in model.losses]
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(penalties))
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             return loss
 
         def replica_predict(images, labels, weights, keys):
-            predictions = tf.reshape(model(images, training=False), [-1])
-            return (predictions, tf.cast(labels, predictions.dtype), tf.cast(weights, predictions.dtype),
-                    tf.cast(keys, tf.int64))
+            predictions = tf.cast(tf.reshape(model(images, training=False), [-1]), tf.float32)
+            return predictions, tf.cast(labels, tf.float32), tf.cast(weights, tf.float32), tf.cast(keys, tf.int64)
 
         @tf.function
         def train_step(iterator):
@@ -182,6 +186,20 @@ class DistributedTrainer:
 
         self._train_step = train_step
         self._predict_step = predict_step
+
+    # -- reuse -------------------------------------------------------------------------------------
+    def reset_optimizer(self, learning_rate: float | None = None) -> None:
+        """Puts the optimizer back as it was built (moments zero, step count 0) and sets its learning
+        rate (a variable): a new run on the same trainer, without building (and tracing) a new one."""
+        for variable, value in self._optimizer_start:
+            variable.assign(value)
+        if learning_rate is not None:
+            self.optimizer.learning_rate.assign(float(learning_rate))
+
+    def tracing_counts(self) -> dict:
+        """How many times each step function has been traced (1 each once used; more means retracing)."""
+        return {"train_step": self._train_step.experimental_get_tracing_count(),
+                "predict_step": self._predict_step.experimental_get_tracing_count()}
 
     # -- input -------------------------------------------------------------------------------------
     def distribute_training(self, make_examples, *, shuffle_buffer: int = 0, seed: int = 0):
@@ -213,6 +231,12 @@ class DistributedTrainer:
         Returns:
             ``(iterator, steps)``.
         """
+        dataset, steps = self.evaluation_dataset(make_examples, num_examples)
+        return iter(dataset), steps
+
+    def evaluation_dataset(self, make_examples, num_examples: int):
+        """``distribute_evaluation``'s distributed dataset, to iterate again for every evaluation (each
+        ``iter()`` of it is one pass) rather than build again: ``(dataset, steps)``."""
         import tensorflow as tf
 
         steps = max(1, math.ceil(num_examples / self.global_batch_size))
@@ -229,7 +253,7 @@ class DistributedTrainer:
             pad = tf.data.Dataset.from_tensors(blank).repeat()
             return ds.concatenate(pad).take(per_pipeline).batch(self.per_replica_batch_size, drop_remainder=True)
 
-        return iter(self.strategy.distribute_datasets_from_function(dataset_fn)), steps
+        return self.strategy.distribute_datasets_from_function(dataset_fn), steps
 
     # -- steps -------------------------------------------------------------------------------------
     def train_steps(self, iterator, steps: int, progbar=None) -> float:
@@ -248,8 +272,6 @@ class DistributedTrainer:
         """Runs ``steps`` evaluation steps; returns ``(labels, predictions)`` NumPy arrays of the
         real (non-padding) examples, identical on every worker, plus their keys if ``with_keys``
         (sorted by key then, so the order does not depend on the number of replicas)."""
-        import numpy as np
-
         labels, predictions, keys = [], [], []
         for _ in range(steps):
             p, y, w, k = (t.numpy() for t in self._predict_step(iterator))

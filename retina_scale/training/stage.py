@@ -9,6 +9,7 @@ a stage's learning-rate search (the search writes it, the trainer's report repea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -136,12 +137,50 @@ def ensure_synthetic_data(folder, data, workers: int, progress: bool = True, log
     return out
 
 
-def build_stage_model(config: TrainConfig, spec):
-    """The stage's model as the config describes it (call inside the strategy's scope)."""
+def build_stage_model(config: TrainConfig, spec, policy: str | None = None):
+    """The stage's model as the config describes it (call inside the strategy's scope), built under the
+    dtype ``policy`` (default: the config's ``precision`` on this machine, :func:`machine_precision`);
+    Keras's global policy is left as it was."""
     from retina_scale.models.convnet import build_model
 
     m = config.model
-    return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2, seed=m.seed)
+    with dtype_policy(policy or machine_precision(config.precision)):
+        return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2,
+                           seed=m.seed, min_filters=m.min_filters)
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Keras's global dtype policy set to ``name`` inside the ``with`` block, and put back after it."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def machine_precision(precision: str) -> str:
+    """``config.resolve_precision`` on this machine's CPU flags and GPUs (``auto``: bf16 where native)."""
+    from retina_scale.config import resolve_precision
+    from retina_scale.utils.hardware import cpu_flags, gpu_capabilities
+
+    if precision != "auto":
+        return resolve_precision(precision)
+    return resolve_precision(precision, cpu_flags(), gpu_capabilities())
+
+
+def float32_model(model):
+    """``model`` itself if it computes in float32, else a float32 copy with its weights (a mixed-precision
+    model's variables are float32 already): what an export serves, on any hardware."""
+    if model.dtype_policy.compute_dtype == "float32":
+        return model
+    with dtype_policy("float32"):
+        copy = model.__class__.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def save_initial_weights(model, previous: Path | None, stage: StageLayout):
@@ -185,6 +224,12 @@ def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, sp
 
 def predict_input(trainer, inp, with_keys=False):
     """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker."""
+    return make_predictor(trainer, inp, with_keys)()
+
+
+def make_predictor(trainer, inp, with_keys=False) -> Callable[[], tuple]:
+    """``predict_input`` with its input built once: a function that runs every image of ``inp`` through
+    ``trainer`` (its current weights) each time it is called, e.g. validation after every epoch."""
     import tensorflow as tf
 
     gb = trainer.global_batch_size
@@ -195,9 +240,13 @@ def predict_input(trainer, inp, with_keys=False):
         ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
         return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
 
-    iterator, steps = trainer.distribute_evaluation(make_examples, len(inp))
-    labels, scores, keys = trainer.predict(iterator, steps, with_keys=True)
-    return (labels, scores, keys) if with_keys else (labels, scores)
+    dataset, steps = trainer.evaluation_dataset(make_examples, len(inp))
+
+    def predict():
+        labels, scores, keys = trainer.predict(iter(dataset), steps, with_keys=True)
+        return (labels, scores, keys) if with_keys else (labels, scores)
+
+    return predict
 
 
 def validation_scores(labels, scores) -> tuple[float, float]:

@@ -36,8 +36,9 @@ from retina_scale.run_layout import RunLayout, StageLayout
 from retina_scale.training.checkpoint import restore_checkpoint, save_checkpoint
 from retina_scale.training.optim import after_nan_loss, lr_at, make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, format_search_table, patients_of, predict_input,
-    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
+    StageContext, build_stage_model, check_same_config, float32_model, format_search_table, make_predictor,
+    patients_of, predict_input, prepare_run_data, process_layout, save_initial_weights, stage_input,
+    validation_scores,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -270,16 +271,22 @@ class StepwiseScaler:
         writer = tf.summary.create_file_writer(str(run.files.tensorboard))
         self.log(f"Stage {run.index} {spec.name} ({spec.input_size} px): {run.model.count_params():,} weights, "
                  f"{len(train_input)} training / {len(val_input)} validation images, {steps} steps per epoch, "
-                 f"lr {state['lr']:.3g} ({state['lr_source']})")
+                 f"lr {state['lr']:.3g} ({state['lr_source']}), {run.model.dtype_policy.name}")
         epoch = state["epoch"]
+        # One training iterator for the rest of the stage (its draws, epoch after epoch, from the epoch it
+        # starts at) and one validation input: built per epoch they cost a rebuild, a cold first step and
+        # no prefetch during validation (issue 13). A diverged epoch is run again on a new iterator.
+        iterator = None
+        validate = make_predictor(run.trainer, val_input)
         while epoch < run.cfg.epochs:
             if self._out_of_time(run, epoch):
                 break
             t_epoch = time.time()
             lr = lr_at(self.config.optim, state["lr"], state["lr_scale"], epoch, run.cfg.epochs)
             run.optimizer.learning_rate.assign(lr)
-            iterator = iter(train_input.distribute(self.strategy, run.batch_size, training=True,
-                                                   start_epoch=epoch, epochs=1))
+            if iterator is None:
+                iterator = iter(train_input.distribute(self.strategy, run.batch_size, training=True,
+                                                       start_epoch=epoch, epochs=run.cfg.epochs - epoch))
             progbar = keras.utils.Progbar(steps, verbose=1 if self.verbose else 0,
                                           stateful_metrics=["val_loss", "val_kappa"])
             if self.verbose:
@@ -287,8 +294,9 @@ class StepwiseScaler:
             loss = run.trainer.train_steps(iterator, steps, progbar=_ProgbarAdapter(progbar) if self.verbose else None)
             if not math.isfinite(loss):
                 self._on_nan_loss(run, epoch, loss, lr)
+                iterator = None
                 continue
-            labels, scores = predict_input(run.trainer, val_input)
+            labels, scores = validate()
             row = _epoch_row(epoch, loss, labels, scores, lr, time.time() - t_epoch)
             if self.verbose:
                 progbar.update(steps, values=[("val_loss", row["val_loss"]), ("val_kappa", row["val_kappa"])],
@@ -412,7 +420,8 @@ class StepwiseScaler:
             "width": self.config.model.width,
             "preprocessing": preprocessing,
         }
-        return export_saved_model(model, self.config.export_dir, self.config.model_name,
+        # A float32 copy of a mixed-precision model: the export computes the same on any hardware.
+        return export_saved_model(float32_model(model), self.config.export_dir, self.config.model_name,
                                   thresholds=thresholds, metadata=metadata)
 
 

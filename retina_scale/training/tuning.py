@@ -3,11 +3,12 @@
 The right learning rate differs per stage: a freshly initialised tiny net wants a large one, a large
 net initialised from a median one a much smaller one. For one stage, the search runs trials that each
 
-1. build the stage's model inside the strategy's scope (``StageHyperModel.build``),
-2. load the SAME transferred initial weights (the stage's ``initial.npz``; every trial records a
+1. take the stage's one model, built once inside the strategy's scope (``StageHyperModel.build``),
+2. load the SAME transferred initial weights into it (the stage's ``initial.npz``; every trial records a
    fingerprint of the weights it starts from, ``initial_weights_hash``),
-3. make the optimizer with the trial's learning rate (log-uniform in ``tune.lr_min``..``tune.lr_max``;
-   optional extra dimensions ``weight_decay``, ``batch_size``, ``momentum`` from ``tune.extra``),
+3. reset the optimizer's state and set the trial's learning rate, a variable (log-uniform in
+   ``tune.lr_min``..``tune.lr_max``; optional extra dimensions ``weight_decay``, ``batch_size``,
+   ``momentum`` from ``tune.extra``),
 4. train ``tune.epochs`` epochs of ``tune.data_fraction`` of each epoch's training draw with the
    trainer's own custom loop (``DistributedTrainer``; ``model.fit`` fails under
    ``MultiWorkerMirroredStrategy`` in Keras 3.15),
@@ -24,12 +25,19 @@ interrupted trial is run again from the initial weights), and a finished search 
 repeated. ``tuning/search.json`` (the settings, the initial weights' fingerprint and the table) and
 ``tuning/search.md`` (the table for people) are written when the search ends.
 
+The trials of a stage share one model and one ``DistributedTrainer`` (one more per distinct
+``batch_size``, ``weight_decay`` or ``momentum`` of ``tune.extra``: the step is traced for a batch
+size, and Keras bakes those two into the optimizer's update), so each step function is traced once per
+stage, not once per trial (each trace costs 1-3 s on a CPU, issue 13), and a trial is numerically the
+run a fresh model and trainer would make.
+
 Keras Tuner traps handled here: the hypermodel is not given to Keras Tuner (``hypermodel=None``;
 ``StageTuner.run_trial`` builds it), because ``Tuner.__init__`` would build the model once at
-construction, outside the strategy's scope; Keras Tuner calls ``keras.backend.clear_session()``
-between trials, which resets a mixed-precision policy (the policy seen at construction is set again
-inside every build); and ``fit`` callbacks are deep-copied per trial, so anything a trial keeps on
-disk lives in that trial's own folder (``trial_<id>/``), never in a shared one.
+construction, outside the strategy's scope; Keras Tuner's own ``run_trial`` calls
+``keras.backend.clear_session()`` before every build, which resets a mixed-precision policy (ours
+builds once, under the run's ``precision`` set inside the build); and ``fit`` callbacks are deep-copied per
+trial, so anything a trial keeps on disk lives in that trial's own folder (``trial_<id>/``), never in a
+shared one.
 
 Distributed search is Keras Tuner's chief/worker mode: start one process with
 ``KERASTUNER_TUNER_ID=chief`` (it runs the oracle and no trial) and any number with
@@ -68,8 +76,8 @@ from retina_scale.training.checkpoint import model_weights_from_checkpoint, rest
 from retina_scale.training.distribute import DistributedTrainer
 from retina_scale.training.optim import make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, format_search_table, predict_input, prepare_run_data,
-    process_layout, save_initial_weights, stage_input, validation_scores,
+    StageContext, build_stage_model, check_same_config, format_search_table, machine_precision, make_predictor,
+    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -149,16 +157,16 @@ def checkpoint_fingerprint(path) -> float:
 
 # ---------------------------------------------------------------------------------- hypermodel
 class StageHyperModel:
-    """Builds one stage's model for a trial, inside the strategy's scope and under the dtype policy
-    seen when the search was set up (``clear_session`` between trials resets the global policy)."""
+    """Builds the stage's model for the trials, inside the strategy's scope and under the dtype policy
+    given when the search was set up (the run's ``precision``), whatever the global policy is then
+    (``clear_session`` resets it)."""
 
     def __init__(self, config, spec, strategy, dtype_policy: str):
         self.config, self.spec, self.strategy, self.dtype_policy = config, spec, strategy, dtype_policy
 
     def build(self, hp=None):
-        keras.config.set_dtype_policy(self.dtype_policy)
         with self.strategy.scope():
-            return build_stage_model(self.config, self.spec)
+            return build_stage_model(self.config, self.spec, policy=self.dtype_policy)
 
 
 @dataclasses.dataclass
@@ -171,17 +179,33 @@ class _TrialScores:
     diverged: bool
 
 
-def _train_trial(trainer, strategy, train_input, val_input, batch: int, steps: int, epochs: int) -> _TrialScores:
+class TrialInputs:
+    """A trainer's inputs for a stage's trials, built once and iterated afresh by every trial: each
+    epoch's training draw (a distributed dataset per epoch, made when first asked for) and validation."""
+
+    def __init__(self, trainer, train_input, val_input):
+        self.trainer, self.train_input = trainer, train_input
+        self.validate = make_predictor(trainer, val_input)
+        self._epochs: dict[int, object] = {}
+
+    def epoch(self, epoch: int):
+        """A new iterator over epoch ``epoch``'s training draw, from its first batch."""
+        if epoch not in self._epochs:
+            self._epochs[epoch] = self.train_input.distribute(
+                self.trainer.strategy, self.trainer.global_batch_size, training=True, start_epoch=epoch, epochs=1)
+        return iter(self._epochs[epoch])
+
+
+def _train_trial(trainer, inputs: TrialInputs, steps: int, epochs: int) -> _TrialScores:
     """``epochs`` epochs of ``steps`` steps each, scored on validation after each epoch; stops at the
     first non-finite loss or prediction (the trial diverged: kappa -1, val loss inf)."""
     loss = val_loss = float("nan")
     kappa = DIVERGED_KAPPA
     for epoch in range(epochs):
-        iterator = iter(train_input.distribute(strategy, batch, training=True, start_epoch=epoch, epochs=1))
-        loss = trainer.train_steps(iterator, steps)
+        loss = trainer.train_steps(inputs.epoch(epoch), steps)
         if not math.isfinite(loss):
             return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
-        labels, scores = predict_input(trainer, val_input)
+        labels, scores = inputs.validate()
         if not np.all(np.isfinite(scores)):
             return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
         val_loss, kappa = validation_scores(labels, scores)
@@ -199,6 +223,10 @@ class StageTuner(keras_tuner.Tuner):
         self.cache_dir, self.splits_file = cache_dir, splits_file
         self._log = log
         self._inputs = None
+        self._model = None
+        self._model_states: list = []
+        self.trainers: dict[tuple, DistributedTrainer] = {}
+        self._trial_inputs: dict[tuple, TrialInputs] = {}
         self.trials_run_here: list[str] = []
         project = Path(project)
         super().__init__(oracle, hypermodel=None, directory=str(project.parent), project_name=project.name,
@@ -231,24 +259,44 @@ class StageTuner(keras_tuner.Tuner):
             self._inputs = (stage_input(*args, "train", training=True), stage_input(*args, "val", training=False))
         return self._inputs
 
+    def trial_trainer(self, values: dict) -> tuple[DistributedTrainer, TrialInputs]:
+        """The trainer of a trial with ``values``, ready to start, and its inputs: the stage's one model
+        back at its initial weights (and its dropout's seed state as built), the optimizer's state
+        reset, the trial's learning rate set. Made once per (batch size, weight decay, momentum)."""
+        strategy = self.distribution_strategy
+        if self._model is None:
+            self._model = self.stage_hypermodel.build()
+            weights = {id(w) for w in self._model.weights}
+            self._model_states = [(v, np.array(v.numpy())) for v in self._model.variables if id(v) not in weights]
+        key = (int(values.get("batch_size", self.config.global_batch_size)), values.get("weight_decay"),
+               values.get("momentum"))
+        if key not in self.trainers:
+            with strategy.scope():
+                optimizer = make_optimizer(self.config.optim, weight_decay=key[1], momentum=key[2])
+            self.trainers[key] = DistributedTrainer(self._model, optimizer, strategy, key[0])
+            self._trial_inputs[key] = TrialInputs(self.trainers[key], *self._stage_inputs())
+        restore_checkpoint(self._model, None, self.initial_weights)
+        for variable, value in self._model_states:
+            variable.assign(value)
+        trainer = self.trainers[key]
+        trainer.reset_optimizer(float(values["lr"]))
+        return trainer, self._trial_inputs[key]
+
+    def release(self) -> None:
+        """Lets the stage's model, trainers and inputs go (the tuner's results stay readable)."""
+        self._model, self._model_states, self._inputs = None, [], None
+        self.trainers, self._trial_inputs = {}, {}
+        gc.collect()
+
     def run_trial(self, trial, *args, **kwargs):
         t0 = time.time()
         values = trial.hyperparameters.values
-        strategy = self.distribution_strategy
-        keras.backend.clear_session()
-        gc.collect()
-        model = self.stage_hypermodel.build(trial.hyperparameters)
-        restore_checkpoint(model, None, self.initial_weights)
-        start_hash = model_fingerprint(model)
-        batch = int(values.get("batch_size", self.config.global_batch_size))
-        with strategy.scope():
-            optimizer = make_optimizer(self.config.optim, lr=float(values["lr"]),
-                                       weight_decay=values.get("weight_decay"), momentum=values.get("momentum"))
-        trainer = DistributedTrainer(model, optimizer, strategy, batch)
-        train_input, val_input = self._stage_inputs()
-        steps = max(1, round(self.config.tune.data_fraction * train_input.steps_per_epoch(batch)))
+        trainer, inputs = self.trial_trainer(values)
+        start_hash = model_fingerprint(trainer.model)
+        per_epoch = inputs.train_input.steps_per_epoch(trainer.global_batch_size)
+        steps = max(1, round(self.config.tune.data_fraction * per_epoch))
         epochs = int(values.get("tuner/epochs", self.config.tune.epochs))
-        scores = _train_trial(trainer, strategy, train_input, val_input, batch, steps, epochs)
+        scores = _train_trial(trainer, inputs, steps, epochs)
         seconds = time.time() - t0
         self.trials_run_here.append(trial.trial_id)
         self._log(_trial_line(trial.trial_id, values, scores, epochs, steps, seconds))
@@ -424,7 +472,8 @@ class LearningRateSearch:
         _check_or_stamp(files, settings, initial_hash, stamp=not worker)
 
         t0 = time.time()
-        policy = keras.config.dtype_policy().name
+        before = keras.config.dtype_policy().name
+        policy = machine_precision(context.config.precision)
         self.log(f"Stage {context.index} {context.stage.name}: {tune.tuner} learning-rate search in {files.tuning} "
                  f"(lr {tune.lr_min:g}..{tune.lr_max:g} log-uniform"
                  + "".join(f", {k}" for k in sorted(tune.extra))
@@ -435,7 +484,8 @@ class LearningRateSearch:
         try:
             tuner.search(verbose=0)
         finally:
-            keras.config.set_dtype_policy(policy)  # clear_session between trials reset it
+            keras.config.set_dtype_policy(before)  # in case a clear_session reset it
+            tuner.release()
         if worker:
             self.log(f"  {os.environ.get('KERASTUNER_TUNER_ID')}: ran {len(tuner.trials_run_here)} trial(s) "
                      f"({', '.join(tuner.trials_run_here) or 'none'}); the chief holds the results")

@@ -139,3 +139,32 @@ def test_full_model_round_trips_through_keras_file_in_safe_mode(tmp_path):
     x = np.random.default_rng(1).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
     assert len(loaded.losses) == len(model.losses) > 0
+
+
+def test_min_filters_floors_every_block_after_the_width_and_keeps_names():
+    from retina_scale.models.convnet import build_model
+
+    def filters(model):
+        return {layer.name: layer.filters for layer in model.layers if layer.name.startswith("block")
+                and layer.name.endswith(tuple(f"conv{i}" for i in range(1, 4)))}
+
+    plain = build_model("small", width=0.25, kernel_initializer="zeros")
+    floored = build_model("small", width=0.25, min_filters=16, kernel_initializer="zeros")
+    assert filters(plain)["block1_conv1"] == 8 and filters(plain)["block2_conv1"] == 16
+    assert filters(floored) == {name: max(n, 16) for name, n in filters(plain).items()}
+    assert filters(floored)["block1_conv2"] == 16 and filters(floored)["block4_conv1"] == 64  # 256 x 0.25
+    assert [layer.name for layer in floored.layers] == [layer.name for layer in plain.layers]
+    assert floored.get_layer("head_dense1").units == plain.get_layer("head_dense1").units  # the head is not floored
+    # Off by default: the same model, and the same config, as before the option existed.
+    assert "min_filters" not in plain.get_config() and floored.get_config()["min_filters"] == 16
+    assert filters(build_model("small", width=0.25, min_filters=0, kernel_initializer="zeros")) == filters(plain)
+    with pytest.raises(ValueError, match="min_filters must be a whole number >= 0"):
+        build_model("tiny", width=0.25, min_filters=-1)
+
+
+def test_a_floored_model_round_trips_through_its_config():
+    from retina_scale.models.convnet import RetinaConvNet, build_model
+
+    model = build_model("tiny", width=0.25, min_filters=16, kernel_initializer="zeros")
+    again = RetinaConvNet.from_config(model.get_config())
+    assert again.get_layer("block1_conv1").filters == 16 and again.count_params() == model.count_params()

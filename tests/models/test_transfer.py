@@ -87,3 +87,19 @@ def test_skip_keeps_fresh_weights():
     report = transfer_weights(src, dst, skip={"head_grade"})
     assert "head_grade" in report.new
     np.testing.assert_array_equal(before[0], dst.get_layer("head_grade").get_weights()[0])
+
+
+def test_transfer_between_stages_with_min_filters_carries_the_floored_blocks():
+    tiny = build_model("tiny", width=0.25, min_filters=16, seed=1)
+    for layer in tiny.layers:
+        layer.set_weights([w + 0.5 for w in layer.get_weights()])
+    small = build_model("small", width=0.25, min_filters=16, seed=2)
+    report = transfer_weights(tiny, small)
+    assert tiny.get_layer("block1_conv1").filters == 16
+    assert {"block1_conv1", "block1_conv2", "block2_conv1", "block3_conv3", "head_grade"} <= set(report.carried)
+    assert report.new == ["block4_conv1", "block4_conv2", "block4_conv3"] and report.mismatched == ["head_dense1"]
+    for src, dst in zip(tiny.get_layer("block1_conv1").get_weights(), small.get_layer("block1_conv1").get_weights()):
+        np.testing.assert_array_equal(src, dst)
+    # A floor on one side only changes the first blocks' shapes: they are reported, not carried.
+    unfloored = build_model("small", width=0.25, seed=2)
+    assert "block1_conv1" in transfer_weights(tiny, unfloored).mismatched

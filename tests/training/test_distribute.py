@@ -90,3 +90,76 @@ def test_bad_tf_config_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
         choose_strategy("auto")
+
+
+def _tiny_run(trainer, images, labels, steps=3):
+    import tensorflow as tf
+
+    def examples():
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    return trainer.train_steps(trainer.distribute_training(examples), steps=steps)
+
+
+@pytest.mark.slow
+def test_a_reset_trainer_runs_as_a_fresh_one_without_tracing_again():
+    import keras
+
+    from retina_scale.models.convnet import build_model
+    from retina_scale.training.distribute import DistributedTrainer
+    from retina_scale.training.checkpoint import restore_checkpoint, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (24, 112, 112, 3)).astype("float32")
+    labels = (np.arange(24) % 5).astype("float32")
+    strategy = choose_strategy("default")
+
+    def trainer_at_start(path=None):
+        model = build_model("tiny", width=0.125, dropout=0.0, seed=1)
+        if path is not None:
+            restore_checkpoint(model, None, path)
+        return DistributedTrainer(model, keras.optimizers.Adam(1e-3), strategy, global_batch_size=8)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = f"{tmp}/start.npz"
+        reused = trainer_at_start()
+        save_checkpoint(reused.model, None, start)
+        _tiny_run(reused, images, labels)  # a first run at lr 1e-3 moves weights and moments
+        restore_checkpoint(reused.model, None, start)
+        reused.reset_optimizer(3e-3)
+        assert int(reused.optimizer.iterations.numpy()) == 0
+        second = _tiny_run(reused, images, labels)
+        fresh = trainer_at_start(start)
+        fresh.reset_optimizer(3e-3)
+        expected = _tiny_run(fresh, images, labels)
+    assert second == pytest.approx(expected, rel=1e-5)
+    for a, b in zip(reused.model.weights, fresh.model.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert reused.tracing_counts() == {"train_step": 1, "predict_step": 0}
+
+
+def test_the_step_trains_a_mixed_bfloat16_model_with_a_float32_loss():
+    import keras
+    import tensorflow as tf
+
+    from retina_scale.training.distribute import DistributedTrainer
+    from retina_scale.training.stage import dtype_policy
+
+    # Every layer in bf16, the output too, with an L2 penalty: the loss, its penalty and the predictions
+    # still come out float32 (this raised a TypeError at 'loss += scale_regularization_loss(...)').
+    with dtype_policy("mixed_bfloat16"):
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, kernel_regularizer="l2"),
+                                  keras.layers.Dense(1, kernel_regularizer="l2")])
+    assert model.layers[-1].compute_dtype == "bfloat16" and keras.config.dtype_policy().name == "float32"
+    trainer = DistributedTrainer(model, keras.optimizers.Adam(1e-2), choose_strategy("default"), global_batch_size=8)
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    y = (np.arange(16) % 5).astype("float32")
+    losses = [trainer.train_steps(trainer.distribute_training(lambda: tf.data.Dataset.from_tensor_slices((x, y))), 2)
+              for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    iterator, steps = trainer.distribute_evaluation(lambda: tf.data.Dataset.from_tensor_slices((x, y)), 16)
+    labels, predictions = trainer.predict(iterator, steps)
+    assert predictions.dtype == np.float32 and len(predictions) == 16

@@ -356,3 +356,43 @@ def test_train_ends_with_the_report_and_a_closing_table(uninterrupted, small_cac
     assert closing[4] == f"Report: {report_md} (tables and figures: {report_md.parent / 'figures'})"
     assert closing[5].startswith("Evaluate the export on new photos: retina-scale evaluate --model ")
     assert closing[6].startswith("Serve it: ")
+
+
+def test_a_stage_builds_its_training_input_once_and_its_validation_input_once(tmp_path, small_cache, monkeypatch):
+    from retina_scale.data.pipeline import CacheInput
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    built = []
+    real_dataset = CacheInput.dataset
+
+    def counting(self, global_batch_size, training=True, start_epoch=0, epochs=1, **kwargs):
+        built.append((self.size, "train" if training else "eval", start_epoch, epochs))
+        return real_dataset(self, global_batch_size, training, start_epoch, epochs, **kwargs)
+
+    monkeypatch.setattr(CacheInput, "dataset", counting)
+    StepwiseScaler(_config(tmp_path, small_cache, small_epochs=3, extra=["export=false"]), verbose=0).run()
+    # Per stage: one training dataset spanning all its epochs; validation once for the epochs and once
+    # for the thresholds, and the test split once (per epoch, it was one of each for every epoch).
+    assert [b for b in built if b[0] == 224] == [(224, "eval", 0, 1), (224, "train", 0, 3)] + [(224, "eval", 0, 1)] * 2
+    assert [b for b in built if b[0] == 112] == [(112, "eval", 0, 1), (112, "train", 0, 1)] + [(112, "eval", 0, 1)] * 2
+
+
+@pytest.mark.slow
+def test_a_mixed_bfloat16_run_trains_evaluates_and_exports_float32(tmp_path, small_cache):
+    import tensorflow as tf
+
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    config = _config(tmp_path, small_cache, extra=["precision=mixed_bfloat16",
+                                                  "stages=[{stage: tiny, epochs: 2, lr: 0.003}]"])
+    lines = []
+    report = StepwiseScaler(config, log=lines.append, verbose=1).run()
+    stage = report["stages"][0]
+    history = _state(tmp_path / "runs" / "t", "1-tiny")["history"]
+    assert all(np.isfinite([r["loss"], r["val_loss"]]).all() for r in history) and len(history) == 2
+    assert -1 <= stage["val_kappa"] <= 1 and stage["test_kappa"] is not None
+    assert any("mixed_bfloat16" in line for line in lines)
+    loaded = tf.saved_model.load(stage["export_path"])
+    signature = loaded.signatures["serving_default"]
+    assert signature.structured_input_signature[1]["images"].dtype == tf.float32
+    assert signature.structured_outputs["grade_continuous"].dtype == tf.float32

@@ -286,3 +286,44 @@ def test_extra_dimensions_found_by_the_search_drive_the_stage(tmp_path, small_ca
     assert state["hparams"] == {"weight_decay": 0.0003, "batch_size": 16}
     # 24 training images: one step of 16 per epoch (a global batch of 8 would give 3).
     assert any("24 training / " in line and "1 steps per epoch" in line for line in lines), lines
+
+
+@pytest.mark.slow
+def test_trials_share_one_trainer_traced_once_and_run_as_a_fresh_trainer_would(tmp_path, small_cache, monkeypatch):
+    from retina_scale.training.checkpoint import restore_checkpoint
+    from retina_scale.training.distribute import DistributedTrainer
+    from retina_scale.training.optim import make_optimizer
+    from retina_scale.training.stage import build_stage_model, stage_input
+    from retina_scale.training.tuning import (
+        LearningRateSearch, StageTuner, TrialInputs, _train_trial, checkpoint_fingerprint, stage_context,
+    )
+
+    config = load_train_config("quick", _overrides(tmp_path, small_cache, trials=3))
+    context = stage_context(config, "tiny", verbose=0)
+    seen = {}
+    real_release = StageTuner.release
+
+    def record_then_release(tuner):
+        seen.update({key: t.tracing_counts() for key, t in tuner.trainers.items()})
+        real_release(tuner)
+
+    monkeypatch.setattr(StageTuner, "release", record_then_release)
+    result = LearningRateSearch(verbose=0)(context)
+    assert [r["status"] for r in result.trials] == ["COMPLETED"] * 3 and len({r["lr"] for r in result.trials}) == 3
+    # One trainer for the stage's three trials, each of its step functions traced once.
+    assert seen == {(8, None, None): {"train_step": 1, "predict_step": 1}}
+    assert {r["initial_weights_hash"] for r in result.trials} == {checkpoint_fingerprint(context.initial_weights)}
+
+    # The last trial ran on a trainer two trials had used; a fresh model and trainer get the same numbers.
+    last = result.trials[-1]
+    with context.strategy.scope():
+        model = build_stage_model(config, context.stage)
+        optimizer = make_optimizer(config.optim, lr=last["lr"])
+    restore_checkpoint(model, None, context.initial_weights)
+    trainer = DistributedTrainer(model, optimizer, context.strategy, 8)
+    args = (config, context.stage, config.stages[0], context.cache_dir, context.splits_file)
+    train_input, val_input = stage_input(*args, "train", training=True), stage_input(*args, "val", training=False)
+    steps = max(1, round(config.tune.data_fraction * train_input.steps_per_epoch(8)))
+    fresh = _train_trial(trainer, TrialInputs(trainer, train_input, val_input), steps, 1)
+    assert fresh.loss == pytest.approx(last["loss"], rel=1e-4)
+    assert fresh.val_loss == pytest.approx(last["val_loss"], rel=1e-4) and fresh.kappa == last["val_kappa"]
