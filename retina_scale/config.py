@@ -536,6 +536,7 @@ VALUE_RANGES = {
     "model.leaky_slope": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "model.l2": (">= 0", lambda v: v >= 0),
     "model.seed": _SEED,
+    "model.min_filters": ("in [0, 4096] (0: no floor)", lambda v: 0 <= v <= 4096),
     "optim.lr": ("> 0", lambda v: v > 0),
     "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.weight_decay": (">= 0", lambda v: v >= 0),

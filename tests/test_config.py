@@ -87,6 +87,8 @@ BAD_VALUES = [
     ("optim.lr_drop_factor=-1", "optim.lr_drop_factor must be in (0, 1] (1: no drop); got -1"),
     ("optim.lr=.inf", "optim.lr must be a finite number > 0; got inf"),
     ("model.width=.inf", "model.width must be a finite number in (0, 16]; got inf"),
+    ("model.min_filters=100000", "model.min_filters must be in [0, 4096] (0: no floor); got 100000"),
+    ("precision=fp16", "config key 'precision': expected one of 'float32', 'mixed_bfloat16', 'auto', got str 'fp16'"),
     ("optim.weight_decay=-1e-4", "optim.weight_decay must be >= 0; got -0.0001"),
     ("optim.clipnorm=-1", "optim.clipnorm must be > 0 (or null for no clipping); got -1"),
     ("model.l2=-5e-4", "model.l2 must be >= 0; got -0.0005"),
