@@ -86,9 +86,9 @@ from retina_scale.utils.locking import folder_lock
 with folder_lock(sys.argv[1], "cache"):
     child = os.fork()
     if child == 0:  # a worker of a fork pool: it outlives its parent here
+        print(os.getpid(), flush=True)  # said by the child, so its fork hooks have run (the parent may not wait)
         time.sleep(120)
         os._exit(0)
-    print(child, flush=True)
     sys.stdin.readline()
 """
 
