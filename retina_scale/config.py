@@ -50,12 +50,14 @@ TunerName = Literal["random", "bayesian", "hyperband"]
 DataFormat = Literal["eyepacs", "aptos", "folders", "csv"]
 Normalization = Literal["none", "graham"]
 SplitName = Literal["train", "val", "test"]
+Selection = Literal["val_kappa_optimized", "val_kappa", "val_loss"]
 Precision = Literal["float32", "mixed_bfloat16", "auto"]
 STRATEGIES = get_args(StrategyName)
 TUNERS = get_args(TunerName)
 FORMATS = get_args(DataFormat)
 NORMALIZATIONS = get_args(Normalization)
 SPLIT_NAMES = get_args(SplitName)
+SELECTIONS = get_args(Selection)
 PRECISIONS = get_args(Precision)
 
 # ------------------------------------------------------------------------------- the ladder's rungs
@@ -388,6 +390,13 @@ class TrainConfig:
     # Training arithmetic (resolve_precision): float32, mixed_bfloat16 (bf16 compute, float32 weights, loss
     # and exports) or auto (bf16 where the hardware has it natively).
     precision: Precision = "float32"
+    # Which epoch of a stage is kept (its best.npz carries over): the highest validation kappa at cut-offs optimised
+    # on validation (steady: the fixed 0.5/1.5/2.5/3.5 kappa swings by 0.2 between epochs), the highest kappa at
+    # the fixed cut-offs (the behaviour before), or the lowest validation loss.
+    selection: Selection = "val_kappa_optimized"
+    # Seed Python, numpy, TensorFlow and Keras (dropout included) from `seed` and ask TensorFlow for
+    # deterministic kernels, so the same command on the same machine gives the same numbers.
+    deterministic: bool = True
 
 
 def _adam_ladder(name: str, stages, *, width: float, synth_count: int, synth_size: int, **kwargs) -> TrainConfig:

@@ -249,6 +249,37 @@ def make_predictor(trainer, inp, with_keys=False) -> Callable[[], tuple]:
     return predict
 
 
+def make_deterministic(seed: int) -> None:
+    """Seeds Python, numpy, TensorFlow and Keras's seed generators (the dropout layers' too) and turns on
+    TensorFlow's op determinism, so that a run is a function of its config (``deterministic: true``)."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def validation_row(labels, scores) -> dict:
+    """An epoch's validation numbers: ``val_loss`` (MSE of the grade), ``val_kappa`` (cut-offs 0.5/1.5/2.5/3.5)
+    and ``val_kappa_optimized`` (cut-offs optimised on these very images: a steadier measure of the ranking the
+    network has learned, optimistic as an estimate; undefined kappas count as 0)."""
+    from retina_scale.grading.kappa import quadratic_weighted_kappa
+    from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
+
+    val_loss, kappa = validation_scores(labels, scores)
+    optimized = quadratic_weighted_kappa(labels, apply_thresholds(scores, fit_thresholds(labels, scores).thresholds))
+    return {"val_loss": val_loss, "val_kappa": kappa,
+            "val_kappa_optimized": float(optimized) if math.isfinite(optimized) else 0.0}
+
+
+def is_better(row: dict, best: float | None, selection: str) -> bool:
+    """Whether an epoch's ``row`` beats the best score so far under ``selection`` (``config.SELECTIONS``)."""
+    score = row[selection]
+    if best is None:
+        return True
+    return score < best if selection == "val_loss" else score > best
+
+
 def validation_scores(labels, scores) -> tuple[float, float]:
     """``(val_loss, val_kappa)``: mean squared error of the grade and kappa at cut-offs 0.5/1.5/2.5/3.5
     (a non-finite kappa, e.g. from constant predictions, counts as 0)."""
@@ -269,7 +300,7 @@ def check_same_config(layout: RunLayout, config: TrainConfig) -> None:
         return
     old = to_dict(load_config(TrainConfig, layout.config))
     new = to_dict(config)
-    keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim")
+    keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim", "selection")
     changed = [k for k in keep if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(

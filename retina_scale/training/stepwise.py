@@ -36,9 +36,9 @@ from retina_scale.run_layout import RunLayout, StageLayout
 from retina_scale.training.checkpoint import restore_checkpoint, save_checkpoint
 from retina_scale.training.optim import after_nan_loss, lr_at, make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
-    StageContext, build_stage_model, check_same_config, float32_model, format_search_table, make_predictor,
-    patients_of, predict_input, prepare_run_data, process_layout, save_initial_weights, stage_input,
-    validation_scores,
+    StageContext, build_stage_model, check_same_config, float32_model, format_search_table, is_better,
+    make_deterministic, make_predictor, patients_of, predict_input, prepare_run_data, process_layout, save_initial_weights,
+    stage_input, validation_row,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -144,6 +144,8 @@ class StepwiseScaler:
         from retina_scale.training.distribute import strategy_name
 
         t0 = time.time()
+        if self.config.deterministic:
+            make_deterministic(self.config.seed)
         layout = self.layout
         layout.root.mkdir(parents=True, exist_ok=True)
         check_same_config(layout, self.config)
@@ -318,8 +320,10 @@ class StepwiseScaler:
         state, files = run.state, run.files
         state["history"].append(row)
         state["seconds"] += row["seconds"]
-        if state["best_kappa"] is None or row["val_kappa"] > state["best_kappa"]:
-            state["best_kappa"], state["best_epoch"] = row["val_kappa"], row["epoch"]
+        selection = self.config.selection
+        if is_better(row, state.get("best_score"), selection):
+            state["best_score"], state["best_kappa"], state["best_epoch"] = row[selection], row["val_kappa"], row["epoch"]
+            state["selection"] = selection
             save_checkpoint(run.model, None, files.best)
         state["epoch"] = row["epoch"]
         save_checkpoint(run.model, run.optimizer, files.last)
@@ -393,6 +397,8 @@ class StepwiseScaler:
             "lr_source": state["lr_source"],
             "nan_events": state["nan_events"],
             "best_epoch": state["best_epoch"],
+            "selection": state.get("selection", "val_kappa"),
+            "selection_score": state.get("best_score", state["best_kappa"]),
             "val_kappa": state["best_kappa"],
             "val_kappa_optimized_thresholds": _finite(val_kappa_opt),
             "thresholds": thresholds,
@@ -440,12 +446,11 @@ def _resume_line(run: _StageRun) -> str:
 
 
 def _epoch_row(epoch, loss, labels, scores, lr, seconds) -> dict:
-    val_loss, kappa = validation_scores(labels, scores)
-    return {"epoch": epoch + 1, "loss": float(loss), "val_loss": val_loss, "val_kappa": kappa, "lr": float(lr),
+    return {"epoch": epoch + 1, "loss": float(loss), **validation_row(labels, scores), "lr": float(lr),
             "seconds": round(seconds, 2)}
 
 
-LOG_COLUMNS = ("epoch", "loss", "val_loss", "val_kappa", "lr", "seconds")
+LOG_COLUMNS = ("epoch", "loss", "val_loss", "val_kappa", "val_kappa_optimized", "lr", "seconds")
 
 
 def _write_logs(files: StageLayout, history, writer, row) -> None:
@@ -455,7 +460,7 @@ def _write_logs(files: StageLayout, history, writer, row) -> None:
     lines = [",".join(LOG_COLUMNS)] + [",".join(str(r[k]) for k in LOG_COLUMNS) for r in history]
     write_text(files.log_csv, "\n".join(lines) + "\n")
     with writer.as_default(step=row["epoch"]):
-        for key in ("loss", "val_loss", "val_kappa", "lr"):
+        for key in ("loss", "val_loss", "val_kappa", "val_kappa_optimized", "lr"):
             tf.summary.scalar(key, row[key])
     writer.flush()
 

@@ -65,3 +65,24 @@ def test_a_bf16_trained_model_exports_float32_signatures(tmp_path):
     np.testing.assert_allclose(grades.numpy(), np.asarray(copy(images[:4])).reshape(-1), rtol=1e-4, atol=1e-4)
     assert json.loads((path / "metadata.json").read_text())["stage"] == "tiny"
     keras.backend.clear_session()
+
+
+def test_validation_row_scores_fixed_and_optimised_cut_offs():
+    from retina_scale.training.stage import validation_row
+
+    labels = np.array([0, 0, 1, 1, 2, 2], dtype=np.float32)
+    scores = np.array([0.2, 0.3, 0.35, 0.4, 0.45, 0.48], dtype=np.float32)  # ranked right, all below 0.5
+    row = validation_row(labels, scores)
+    assert row["val_kappa"] == 0.0  # every score is grade 0 at the fixed cut-offs: kappa undefined -> 0
+    assert row["val_kappa_optimized"] == pytest.approx(1.0)  # cut-offs between the groups separate them exactly
+    assert row["val_loss"] == pytest.approx(float(np.mean((scores - labels) ** 2)))
+
+
+def test_is_better_follows_the_selection():
+    from retina_scale.training.stage import is_better
+
+    row = {"val_kappa_optimized": 0.6, "val_kappa": 0.2, "val_loss": 0.9}
+    assert is_better(row, None, "val_kappa_optimized")
+    assert is_better(row, 0.5, "val_kappa_optimized") and not is_better(row, 0.6, "val_kappa_optimized")
+    assert is_better(row, 1.0, "val_loss") and not is_better(row, 0.8, "val_loss")
+    assert not is_better(row, 0.3, "val_kappa")

@@ -80,7 +80,14 @@ def test_ladder_writes_report_checkpoints_transfer_and_exports(uninterrupted):
     assert statuses["head_dense1"] == "shape mismatch" and statuses["head_grade"] == "carried"
     assert not (run_dir / "stages" / "1-tiny" / "transfer.json").exists()  # stage 1: orthogonal init
     log = (run_dir / "stages" / "2-small" / "log.csv").read_text().splitlines()
-    assert log[0] == "epoch,loss,val_loss,val_kappa,lr,seconds" and len(log) == 4
+    assert log[0] == "epoch,loss,val_loss,val_kappa,val_kappa_optimized,lr,seconds" and len(log) == 4
+    # The kept epoch is the one with the highest kappa at cut-offs optimised on validation (issue 15, item 6).
+    for stage in report["stages"]:
+        history = _state(run_dir, f"{stage['index']}-{stage['stage']}")["history"]
+        scores = [r["val_kappa_optimized"] for r in history]
+        assert stage["selection"] == "val_kappa_optimized" and stage["selection_score"] == max(scores)
+        assert stage["best_epoch"] == 1 + scores.index(max(scores))
+        assert stage["val_kappa"] == history[stage["best_epoch"] - 1]["val_kappa"]
     assert (run_dir / "config.yaml").exists() and (run_dir / "splits.csv").exists()
     assert any((run_dir / "stages" / "2-small" / "tensorboard").iterdir())
     evaluation = json.loads((run_dir / "stages" / "2-small" / "evaluation.json").read_text())
@@ -396,3 +403,24 @@ def test_a_mixed_bfloat16_run_trains_evaluates_and_exports_float32(tmp_path, sma
     signature = loaded.signatures["serving_default"]
     assert signature.structured_input_signature[1]["images"].dtype == tf.float32
     assert signature.structured_outputs["grade_continuous"].dtype == tf.float32
+
+
+@pytest.mark.slow
+def test_the_same_command_gives_the_same_weights_and_numbers(tmp_path, small_cache):
+    """deterministic: true (the default): two runs of a thin ladder with dropout on end with the same weights and
+    the same report.json numbers, timings aside (issue 15, item 1)."""
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    data, cache = small_cache
+    runs = []
+    for name in ("a", "b"):
+        config = load_train_config("quick", _overrides(tmp_path, data, cache, name=name, small_epochs=2,
+                                                       extra=["model.dropout=0.5", "export=false"]))
+        report = StepwiseScaler(config, verbose=0).run()
+        runs.append((report, _last_weights(tmp_path / "runs" / name, "2-small")))
+    (first, weights_a), (second, weights_b) = runs
+    assert weights_a.keys() == weights_b.keys()
+    assert all(np.array_equal(weights_a[k], weights_b[k]) for k in weights_a)
+    timing = {"seconds", "best_checkpoint", "keras_model", "export_path", "search"}
+    for a, b in zip(first["stages"], second["stages"]):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
