@@ -98,10 +98,17 @@ class StageLayout:
         return self.tuning / "search.md"
 
 
-class _WithData:
-    """The data folder of a run or a study: the synthetic data set and (by default) the cache."""
+class _Folder:
+    """A folder's layout: ``root`` is a ``Path`` whatever it was given as."""
 
     root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+
+class _WithData(_Folder):
+    """The data folder of a run or a study: the synthetic data set and (by default) the cache."""
 
     @property
     def data_dir(self) -> Path:
@@ -126,7 +133,7 @@ class RunLayout(_WithData):
     cache_dir: Path | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
+        super().__post_init__()
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
@@ -215,16 +222,13 @@ class StudyLayout(_WithData):
 
     root: Path
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
-
     @property
     def timings(self) -> Path:
         return self.root / "study.json"
 
     @property
     def throughput(self) -> Path:
-        return self.root / "throughput.json"
+        return ReportLayout(self.root).throughput  # a study folder is its own report folder
 
     @property
     def cache(self) -> Path:
@@ -252,14 +256,11 @@ class StudyLayout(_WithData):
 
 
 @dataclasses.dataclass(frozen=True)
-class ReportLayout:
+class ReportLayout(_Folder):
     """The files ``retina_scale.evidence.report.write_report`` writes into its output folder: a run's ``report/``
     (:attr:`RunLayout.report_dir`) or a study folder (which is its own report folder)."""
 
     root: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def markdown(self) -> Path:
