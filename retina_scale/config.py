@@ -497,30 +497,14 @@ def check_config(config: TrainConfig) -> None:
             sizes.append(stage_size(stage_index(stage.stage)))
         except ValueError as exc:
             raise ConfigError(f"stages.{i}.stage: {exc}") from None
-        if stage.epochs < 1:
-            raise ConfigError(f"stages.{i}.epochs must be >= 1; got {stage.epochs}")
-        if stage.lr is not None and not stage.lr > 0:
-            raise ConfigError(f"stages.{i}.lr must be > 0; got {stage.lr}")
-        if stage.max_seconds is not None and not stage.max_seconds > 0:
-            raise ConfigError(f"stages.{i}.max_seconds must be > 0 (or null for no limit); got {stage.max_seconds}")
     if any(b <= a for a, b in zip(sizes, sizes[1:])):
         raise ConfigError(f"the ladder's sizes must increase stage by stage; got {sizes}")
-    if not config.model.width > 0:
-        raise ConfigError(f"model.width must be > 0; got {config.model.width}")
-    if not config.optim.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0; got {config.optim.lr}")
-    if config.global_batch_size < 1:
-        raise ConfigError(f"global_batch_size must be >= 1; got {config.global_batch_size}")
-    if not config.name or "/" in config.name or config.name in (".", ".."):
-        raise ConfigError(f"name must be a plain folder name; got {config.name!r}")
     if config.data.synth_size < max(sizes):
         if config.data.data is None:
             raise ConfigError(
                 f"data.synth_size ({config.data.synth_size}) must be at least the largest stage size "
                 f"({max(sizes)}) so the top stage sees real detail"
             )
-    if not 0 < config.nan.lr_factor < 1:
-        raise ConfigError(f"nan.lr_factor must be in (0, 1); got {config.nan.lr_factor}")
     check_tune_config(config.tune, config.global_batch_size)
 
 
