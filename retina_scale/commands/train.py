@@ -72,7 +72,7 @@ def run(args) -> int:
     from retina_scale.training.stepwise import StepwiseScaler
     from retina_scale.training.tuning import search_hook
 
-    verbose = 0 if args.quiet else 1
+    verbose = 0 if args.quiet else 2 if getattr(args, "verbose", False) else 1
     # A TrainingError (the loss kept diverging) is a UserError: the CLI prints it as one line.
     scaler = StepwiseScaler(config, lr_search=search_hook(config, verbose=verbose), verbose=verbose)
     report = scaler.run()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -289,7 +290,7 @@ class StepwiseScaler:
             if iterator is None:
                 iterator = iter(train_input.distribute(self.strategy, run.batch_size, training=True,
                                                        start_epoch=epoch, epochs=run.cfg.epochs - epoch))
-            progbar = keras.utils.Progbar(steps, verbose=1 if self.verbose else 0,
+            progbar = keras.utils.Progbar(steps, verbose=progbar_verbosity(self.verbose, sys.stdout),
                                           stateful_metrics=["val_loss", "val_kappa"])
             if self.verbose:
                 self._log(f"Epoch {epoch + 1}/{run.cfg.epochs}")
@@ -463,6 +464,15 @@ def _write_logs(files: StageLayout, history, writer, row) -> None:
         for key in ("loss", "val_loss", "val_kappa", "val_kappa_optimized", "lr"):
             tf.summary.scalar(key, row[key])
     writer.flush()
+
+
+def progbar_verbosity(verbose: int, stream) -> int:
+    """Keras's Progbar mode: 0 silent; a bar redrawn at every step on a terminal (or with ``verbose`` 2, the
+    command's ``--verbose``); else one line per epoch with its metrics (a log file gets no per-step redraws)."""
+    if not verbose:
+        return 0
+    is_terminal = getattr(stream, "isatty", lambda: False)()
+    return 1 if is_terminal or verbose >= 2 else 2
 
 
 class _ProgbarAdapter:

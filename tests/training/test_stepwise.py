@@ -424,3 +424,18 @@ def test_the_same_command_gives_the_same_weights_and_numbers(tmp_path, small_cac
     timing = {"seconds", "best_checkpoint", "keras_model", "export_path", "search"}
     for a, b in zip(first["stages"], second["stages"]):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+def test_a_log_file_gets_one_progress_line_per_epoch_and_a_terminal_a_live_bar():
+    import io
+
+    from retina_scale.training.stepwise import progbar_verbosity
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progbar_verbosity(1, io.StringIO()) == 2  # Keras's mode 2: one line per epoch, with its metrics
+    assert progbar_verbosity(1, Terminal()) == 1  # redrawn at every step
+    assert progbar_verbosity(2, io.StringIO()) == 1  # --verbose: every step, even into a file
+    assert progbar_verbosity(0, Terminal()) == 0
