@@ -247,7 +247,9 @@ class ModelConfig:
     dropout: float = 0.5
     leaky_slope: float = 0.01
     l2: float = 5e-4
-    seed: int = 0
+    # The initial weights' seed; null (the default) follows the run's ``seed``, so ``seed=1,2,3`` are three
+    # different networks, not one network shown three data orders.
+    seed: Optional[int] = None
     min_filters: int = 0
 
     def __post_init__(self):
@@ -333,7 +335,8 @@ class TuneConfig:
     Every trial builds the stage's model and loads the stage's transferred initial weights (the same
     for every trial), then trains ``epochs`` epochs on ``data_fraction`` of each epoch's training draw
     with the trial's learning rate (log-uniform in ``lr_min``..``lr_max``) and extra values. It is
-    scored by validation kappa; ties go to the lower validation loss, then to the earlier trial. The
+    scored by ``objective`` (kappa at optimised cut-offs by default); ties go to the lower validation loss,
+    then to the earlier trial. The
     best trial's learning rate, and its values of the ``extra`` dimensions, then drive the stage. The
     search runs when the trainer is given its hook (``retina_scale.training.tuning.search_hook(config)``,
     as ``retina-scale train`` does); ``retina-scale tune`` searches one stage alone.
@@ -353,6 +356,10 @@ class TuneConfig:
         seed: the oracle's seed for the first stage (>= 1; Keras Tuner reads 0 as "random"); stage i
             uses ``seed + 10007 * (i - 1)``, so stages draw different rates and every worker of a multi-worker
             run draws the same trials.
+        objective: what scores a trial (its last epoch): ``val_kappa_optimized`` (kappa at cut-offs
+            optimised on validation, as ``selection`` picks epochs), ``val_kappa`` (fixed cut-offs
+            0.5/1.5/2.5/3.5: reads 0 for every trial whose scores have not yet spread past a cut-off)
+            or ``val_loss`` (lowest wins).
     """
 
     enabled: bool = False
@@ -364,6 +371,7 @@ class TuneConfig:
     data_fraction: float = 0.25
     extra: dict[str, SearchDimension] = field(default_factory=dict)
     seed: int = 1
+    objective: Selection = "val_kappa_optimized"
 
 
 @dataclasses.dataclass

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from retina_scale.config import FORMATS, SPLIT_NAMES
 from retina_scale.run_layout import StageLayout
+from retina_scale.utils.console import bar_interval
 from retina_scale.utils.errors import UserError
 
 
@@ -126,7 +127,7 @@ def run(args) -> int:
         scores, ids, labels = [], [], []
         batches = inp.dataset(args.batch_size, training=False, include_ids=True)
         for images, y, image_ids in tqdm(batches, total=-(-len(inp) // args.batch_size), unit="batch",
-                                         disable=args.json, desc="predict"):
+                                         disable=args.json, desc="predict", mininterval=bar_interval()):
             scores.append(predict(images))
             labels.append(y.numpy())
             ids.extend(i.decode() for i in image_ids.numpy())

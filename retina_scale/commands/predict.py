@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from retina_scale.utils.console import bar_interval
 from retina_scale.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -233,7 +234,7 @@ def run(args) -> int:
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
-        with tqdm(total=total, unit="img", desc="predict", file=sys.stderr) as bar:
+        with tqdm(total=total, unit="img", desc="predict", file=sys.stderr, mininterval=bar_interval()) as bar:
             max_bytes = max_file_bytes(meta)
             for batch in _batches(items, args.batch_size):
                 for row in predict_rows(predict, batch, max_bytes):

@@ -146,7 +146,7 @@ def build_stage_model(config: TrainConfig, spec, policy: str | None = None):
     m = config.model
     with dtype_policy(policy or machine_precision(config.precision)):
         return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2,
-                           seed=m.seed, min_filters=m.min_filters)
+                           seed=config.seed if m.seed is None else m.seed, min_filters=m.min_filters)
 
 
 @contextlib.contextmanager
@@ -322,17 +322,19 @@ def format_search_table(result: dict) -> str:
     """A stage's learning-rate search for people (``result`` is ``tuning.SearchResult.to_dict()``,
     as ``tuning/search.json`` and the stage's report entry hold it); the best trial is marked ``*``."""
     extras = sorted({k for r in result["trials"] for k in r["values"] if k != "lr"})
-    header = ("trial", "lr", *extras, "val kappa", "val loss", "seconds", "status")
+    header = ("trial", "lr", *extras, "val kappa (opt. cut-offs)", "val kappa (fixed)", "val loss", "seconds", "status")
     rows = []
     for r in result["trials"]:
         mark = " *" if r["trial"] == result["best_trial"] else ""
         status = "diverged" if r["diverged"] else r["status"].lower()
         rows.append((r["trial"] + mark, number(r["lr"], ".3g"), *(number(r["values"].get(k), ".3g") for k in extras),
-                     number(r["val_kappa"]), number(r["val_loss"]), number(r["seconds"], ".1f"), status))
+                     number(r.get("val_kappa_optimized")), number(r["val_kappa"]), number(r["val_loss"]),
+                     number(r["seconds"], ".1f"), status))
     lines = [text_table(header, rows)]
+    scored_by = {"val_kappa_optimized": "val kappa at cut-offs optimised on validation",
+                 "val_kappa": "val kappa at cut-offs 0.5/1.5/2.5/3.5", "val_loss": "the lowest val loss"}
     lines.append(f"* best: trial {result['best_trial']}, lr {result['lr']:.4g} ({result['tuner']} search, "
                  f"{len(result['trials'])} trials, {result['seconds']:.0f} s of trials, "
-                 f"{result.get('wall_seconds', 0):.0f} s "
-                 "this time; val kappa at cut-offs "
-                 "0.5/1.5/2.5/3.5, ties to the lower val loss)")
+                 f"{result.get('wall_seconds', 0):.0f} s this time; scored by "
+                 f"{scored_by.get(result.get('objective', 'val_kappa'), result.get('objective'))}, ties to the lower val loss)")
     return "\n".join(lines)

@@ -12,11 +12,15 @@ net initialised from a median one a much smaller one. For one stage, the search 
 4. train ``tune.epochs`` epochs of ``tune.data_fraction`` of each epoch's training draw with the
    trainer's own custom loop (``DistributedTrainer``; ``model.fit`` fails under
    ``MultiWorkerMirroredStrategy`` in Keras 3.15),
-5. and score validation kappa (objective: max; ties go to the lower validation loss).
+5. and score its last epoch by ``tune.objective``: kappa at cut-offs optimised on validation (the
+   default, the same measure that picks a stage's best epoch), kappa at the fixed cut-offs, or validation
+   loss; ties go to the lower validation loss, then to the earlier trial. Fixed-cut-off kappa reads 0 for
+   every short trial whose scores have not yet spread past 0.5 (issue 15: all 3 tiny-stage trials of the
+   old quick preset), so it cannot choose.
 
 The best trial's values then drive the stage's full fine-tuning: ``search_hook(config)`` is the
 trainer's hook (``StepwiseScaler(config, lr_search=search_hook(config))``), a ``LearningRateSearch``
-when ``tune.enabled``. A trial whose loss diverges scores kappa -1 and loss ``inf``: a result (too
+when ``tune.enabled``. A trial whose loss diverges scores kappa -1 (both kinds) and loss ``inf``: a result (too
 large a learning rate), not a failure.
 
 Each stage has one Keras Tuner project, ``stages/<i>-<stage>/tuning/``, opened with
@@ -77,14 +81,13 @@ from retina_scale.training.distribute import DistributedTrainer
 from retina_scale.training.optim import make_optimizer, stage_learning_rate
 from retina_scale.training.stage import (
     StageContext, build_stage_model, check_same_config, format_search_table, machine_precision, make_predictor,
-    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_scores,
+    prepare_run_data, process_layout, save_initial_weights, stage_input, validation_row,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
 from retina_scale.utils.locking import holding, run_folder_lock
 from retina_scale.utils.typed_config import ConfigError, dump_config, to_dict
 
-OBJECTIVE = "val_kappa"
 DIVERGED_KAPPA = -1.0
 STAGE_SEED_STRIDE = 10007
 FINISHED = ("COMPLETED", "FAILED")  # the trial statuses Keras Tuner does not run again
@@ -115,12 +118,13 @@ def build_search_space(tune):
 
 
 def make_oracle(tune, hyperparameters, stage_index: int = 1):
-    """Keras Tuner's ``random``, ``bayesian`` or ``hyperband`` oracle on the space, maximising val kappa.
+    """Keras Tuner's ``random``, ``bayesian`` or ``hyperband`` oracle on the space, optimising ``tune.objective``
+    (the kappas up, the loss down).
 
     The oracle's seed is ``tune.seed + 10007 * (stage_index - 1)``: each stage draws its own learning
     rates (Keras Tuner steps its seed by one per value drawn, so neighbouring seeds would repeat a
     stage's draws one trial later), and every worker of a run draws the same ones."""
-    objective = keras_tuner.Objective(OBJECTIVE, direction="max")
+    objective = keras_tuner.Objective(tune.objective, direction="min" if tune.objective == "val_loss" else "max")
     common = dict(objective=objective, hyperparameters=hyperparameters, allow_new_entries=False,
                   tune_new_entries=False, seed=tune.seed + STAGE_SEED_STRIDE * (stage_index - 1))
     if tune.tuner == "random":
@@ -174,8 +178,7 @@ class _TrialScores:
     """What one trial's training ended with (``diverged``: a non-finite loss or prediction)."""
 
     loss: float
-    val_loss: float
-    kappa: float
+    row: dict  # validation_row's val_loss, val_kappa, val_kappa_optimized
     diverged: bool
 
 
@@ -198,18 +201,19 @@ class TrialInputs:
 
 def _train_trial(trainer, inputs: TrialInputs, steps: int, epochs: int) -> _TrialScores:
     """``epochs`` epochs of ``steps`` steps each, scored on validation after each epoch; stops at the
-    first non-finite loss or prediction (the trial diverged: kappa -1, val loss inf)."""
-    loss = val_loss = float("nan")
-    kappa = DIVERGED_KAPPA
+    first non-finite loss or prediction (the trial diverged: kappas -1, val loss inf)."""
+    loss = float("nan")
+    diverged = {"val_loss": float("inf"), "val_kappa": DIVERGED_KAPPA, "val_kappa_optimized": DIVERGED_KAPPA}
+    row = dict(diverged)
     for epoch in range(epochs):
         loss = trainer.train_steps(inputs.epoch(epoch), steps)
         if not math.isfinite(loss):
-            return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
+            return _TrialScores(loss, diverged, True)
         labels, scores = inputs.validate()
         if not np.all(np.isfinite(scores)):
-            return _TrialScores(loss, float("inf"), DIVERGED_KAPPA, True)
-        val_loss, kappa = validation_scores(labels, scores)
-    return _TrialScores(loss, val_loss, kappa, False)
+            return _TrialScores(loss, diverged, True)
+        row = validation_row(labels, scores)
+    return _TrialScores(loss, row, False)
 
 
 class StageTuner(keras_tuner.Tuner):
@@ -300,7 +304,7 @@ class StageTuner(keras_tuner.Tuner):
         seconds = time.time() - t0
         self.trials_run_here.append(trial.trial_id)
         self._log(_trial_line(trial.trial_id, values, scores, epochs, steps, seconds))
-        return {OBJECTIVE: float(scores.kappa), "val_loss": float(scores.val_loss),
+        return {**{k: float(v) for k, v in scores.row.items()},
                 "loss": float(scores.loss) if math.isfinite(scores.loss) else float("inf"),
                 "seconds": float(seconds), "initial_weights_hash": start_hash,
                 "diverged": 1.0 if scores.diverged else 0.0, "steps": float(steps * epochs)}
@@ -309,7 +313,8 @@ class StageTuner(keras_tuner.Tuner):
 def _trial_line(trial_id, values, scores: _TrialScores, epochs, steps, seconds) -> str:
     extras = "".join(f", {k} {v:.3g}" for k, v in values.items() if k in ("weight_decay", "batch_size", "momentum"))
     outcome = (f": diverged (loss {scores.loss})" if scores.diverged
-               else f": val kappa {scores.kappa:.4f}, val loss {scores.val_loss:.4f}")
+               else f": val kappa {scores.row['val_kappa_optimized']:.4f} at optimised cut-offs, "
+                    f"{scores.row['val_kappa']:.4f} at fixed, val loss {scores.row['val_loss']:.4f}")
     return (f"  trial {trial_id}: lr {values['lr']:.3g}{extras}{outcome}, "
             f"{epochs} epoch(s) of {steps} step(s), {seconds:.1f} s")
 
@@ -329,6 +334,7 @@ class SearchResult:
     initial_weights_hash: float
     seconds: float
     wall_seconds: float = 0.0
+    objective: str = "val_kappa"  # what scored the trials (tune.objective); searches before issue 15: val_kappa
 
     def to_dict(self) -> dict:
         return _json_safe(dataclasses.asdict(self))
@@ -353,7 +359,7 @@ def _last(trial, name):
 
 
 def collect_trials(oracle) -> list[dict]:
-    """One row per trial of the oracle, in trial order: id, status, values, kappa, loss, seconds."""
+    """One row per trial of the oracle, in trial order: id, status, values, both kappas, losses, seconds."""
     rows = []
     for trial_id in sorted(oracle.trials, key=lambda t: int(t)):
         trial = oracle.trials[trial_id]
@@ -364,7 +370,8 @@ def collect_trials(oracle) -> list[dict]:
             "lr": float(values.get("lr")) if "lr" in values else None,
             "values": values,
             "epochs": trial.hyperparameters.values.get("tuner/epochs"),
-            "val_kappa": _last(trial, OBJECTIVE),
+            "val_kappa": _last(trial, "val_kappa"),
+            "val_kappa_optimized": _last(trial, "val_kappa_optimized"),
             "val_loss": _last(trial, "val_loss"),
             "loss": _last(trial, "loss"),
             "seconds": _last(trial, "seconds"),
@@ -374,16 +381,17 @@ def collect_trials(oracle) -> list[dict]:
     return rows
 
 
-def best_trial(rows: list[dict]) -> dict | None:
-    """The completed trial with the highest val kappa; ties go to the lower val loss (a missing or
-    non-finite one counts as infinite), then the earlier trial. None if no trial completed with a kappa."""
-    done = [r for r in rows if r["status"] == "COMPLETED" and r["val_kappa"] is not None]
+def best_trial(rows: list[dict], objective: str = "val_kappa_optimized") -> dict | None:
+    """The completed trial with the best ``objective`` (highest kappa, or lowest ``val_loss``); ties go to
+    the lower val loss (a missing or non-finite one counts as infinite), then the earlier trial. None if
+    no trial completed with a score."""
+    done = [r for r in rows if r["status"] == "COMPLETED" and r.get(objective) is not None]
     if not done:
         return None
 
     def key(r):
         loss = r["val_loss"] if r["val_loss"] is not None and math.isfinite(r["val_loss"]) else math.inf
-        return (-r["val_kappa"], loss, int(r["trial"]))
+        return (loss if objective == "val_loss" else -r[objective], loss, int(r["trial"]))
 
     return min(done, key=key)
 
@@ -392,7 +400,7 @@ def _settings(config) -> dict:
     """What a search's trials depend on, beside the initial weights; a reloaded project must match.
     ``max_trials`` is left out: raising it continues a finished search with more trials."""
     t = to_dict(config.tune)
-    keep = {k: t[k] for k in ("tuner", "lr_min", "lr_max", "epochs", "data_fraction", "extra", "seed")}
+    keep = {k: t[k] for k in ("tuner", "lr_min", "lr_max", "epochs", "data_fraction", "extra", "seed", "objective")}
     keep["global_batch_size"] = config.global_batch_size
     keep["optim"] = to_dict(config.optim)
     return keep
@@ -427,7 +435,7 @@ def _search_result(context: StageContext, oracle, initial_hash: float, wall_seco
         RuntimeError: no trial completed (names the last trial's error).
     """
     rows = collect_trials(oracle)
-    best = best_trial(rows)
+    best = best_trial(rows, context.config.tune.objective)
     if best is None:
         messages = [t.message for t in oracle.trials.values() if t.message]
         last = messages[-1].strip().splitlines()[-1] if messages else "no trial ran"
@@ -437,7 +445,8 @@ def _search_result(context: StageContext, oracle, initial_hash: float, wall_seco
         stage=context.stage.name, lr=float(best["lr"]), best_trial=best["trial"],
         best_values=best["values"], trials=rows, tuner=context.config.tune.tuner,
         project_dir=str(context.layout.tuning), initial_weights_hash=initial_hash,
-        seconds=round(sum(r["seconds"] or 0.0 for r in rows), 1), wall_seconds=round(wall_seconds, 1))
+        seconds=round(sum(r["seconds"] or 0.0 for r in rows), 1), wall_seconds=round(wall_seconds, 1),
+        objective=context.config.tune.objective)
 
 
 # --------------------------------------------------------------------------------------- search

@@ -115,6 +115,26 @@ class NativeLogFilter:
 _FILTER: NativeLogFilter | None = None
 
 
+LOG_BAR_SECONDS = 15.0
+"""How often a tqdm bar redraws when standard error is not a terminal (a log file): tqdm's own 0.1 s would
+write a redraw per image or batch into the log."""
+
+
+def bar_interval(stream=None) -> float:
+    """tqdm's ``mininterval`` for a bar on ``stream`` (standard error): 0.1 s on a terminal, else
+    ``LOG_BAR_SECONDS``, so a log holds a few redraws of a bar and its final state, not thousands.
+
+    >>> import io
+    >>> bar_interval(io.StringIO())
+    15.0
+    """
+    stream = sys.stderr if stream is None else stream
+    try:
+        return 0.1 if stream.isatty() else LOG_BAR_SECONDS
+    except (AttributeError, ValueError):  # a closed or file-less stream
+        return LOG_BAR_SECONDS
+
+
 def quiet_native_logs() -> NativeLogFilter | None:
     """Starts the process's :class:`NativeLogFilter` (once) and sets ``TF_CPP_MIN_LOG_LEVEL=2`` for
     TensorFlow's later messages, unless ``RETINA_SCALE_VERBOSE`` is set; returns the filter (None if verbose)."""

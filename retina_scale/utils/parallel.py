@@ -17,6 +17,8 @@ import multiprocessing
 import os
 from typing import Callable, Iterable, Iterator
 
+from retina_scale.utils.console import bar_interval
+
 
 def worker_count(workers: int | None, tasks: int) -> int:
     """Processes worth starting: ``workers`` (``None``: every core), at most one per task, at least 1.
@@ -50,7 +52,8 @@ def parallel_map(fn: Callable, tasks: Iterable, workers: int | None, *, ordered:
 
     tasks = list(tasks)
     n = worker_count(workers, len(tasks))
-    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(tasks), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True,
+               mininterval=bar_interval())
     pool = None
     try:
         if n == 1:

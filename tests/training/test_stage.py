@@ -86,3 +86,17 @@ def test_is_better_follows_the_selection():
     assert is_better(row, 0.5, "val_kappa_optimized") and not is_better(row, 0.6, "val_kappa_optimized")
     assert is_better(row, 1.0, "val_loss") and not is_better(row, 0.8, "val_loss")
     assert not is_better(row, 0.3, "val_kappa")
+
+
+def test_the_initial_weights_follow_the_run_seed_unless_model_seed_is_set():
+    from retina_scale.models.convnet import get_stage
+    from retina_scale.training.stage import build_stage_model
+
+    def first_kernel(*overrides):
+        config = load_train_config("quick", ["model.width=0.125", *overrides])
+        return build_stage_model(config, get_stage("tiny")).get_layer("block1_conv1").kernel.numpy()
+
+    assert not np.array_equal(first_kernel("seed=1"), first_kernel("seed=2"))  # seed=1,2,3: three networks
+    assert np.array_equal(first_kernel("seed=1"), first_kernel("seed=1"))
+    assert np.array_equal(first_kernel("seed=1", "model.seed=7"), first_kernel("seed=2", "model.seed=7"))
+    assert np.array_equal(first_kernel("seed=7"), first_kernel("seed=3", "model.seed=7"))

@@ -31,8 +31,8 @@ def _no_data(tmp_path):
     return tmp_path / "no-data", tmp_path / "no-cache"
 
 
-def _row(trial, kappa, loss, status="COMPLETED"):
-    return {"trial": trial, "status": status, "val_kappa": kappa, "val_loss": loss}
+def _row(trial, kappa, loss, status="COMPLETED", optimized=None):
+    return {"trial": trial, "status": status, "val_kappa": kappa, "val_loss": loss, "val_kappa_optimized": optimized}
 
 
 def _by_trial(rows, trial):
@@ -44,25 +44,39 @@ def test_best_trial_is_the_highest_kappa_of_the_completed_trials():
 
     rows = [_row("0", 0.30, 1.2), _row("1", 0.55, 1.5), _row("2", 0.90, 0.1, status="RUNNING"),
             _row("3", 0.95, 0.2, status="FAILED"), _row("4", None, None), _row("5", 0.10, 0.9)]
-    assert best_trial(rows)["trial"] == "1"  # 2 and 3 did not complete; 4 has no kappa
+    assert best_trial(rows, "val_kappa")["trial"] == "1"  # 2 and 3 did not complete; 4 has no kappa
+
+
+def test_best_trial_follows_the_objective():
+    from retina_scale.training.tuning import best_trial
+
+    # Issue 15: every short trial read 0 at the fixed cut-offs; the optimised-cut-off kappa still ranks them.
+    rows = [_row("0", 0.0, 1.10, optimized=0.31), _row("1", 0.0, 1.30, optimized=0.52),
+            _row("2", 0.0, 0.95, optimized=0.44)]
+    assert best_trial(rows)["trial"] == "1"  # the default objective: val_kappa_optimized
+    assert best_trial(rows, "val_kappa")["trial"] == "2"  # all tie at 0: the lowest val loss
+    assert best_trial(rows, "val_loss")["trial"] == "2"
+    assert best_trial([_row("0", 0.5, 2.0, optimized=0.6), _row("1", 0.1, 1.0, optimized=0.6)])["trial"] == "1"
+    # A search recorded before the objective existed has no optimised kappa: no trial can be chosen by it.
+    assert best_trial([_row("0", 0.5, 1.0)]) is None
 
 
 def test_best_trial_ties_go_to_the_lower_val_loss_then_the_earlier_trial():
     from retina_scale.training.tuning import best_trial
 
-    assert best_trial([_row("0", 0.5, 1.5), _row("1", 0.5, 1.1), _row("2", 0.4, 0.2)])["trial"] == "1"
+    assert best_trial([_row("0", 0.5, 1.5), _row("1", 0.5, 1.1), _row("2", 0.4, 0.2)], "val_kappa")["trial"] == "1"
     # Trial ids compare as numbers: 9 is earlier than 10.
-    assert best_trial([_row("10", 0.5, 1.1), _row("9", 0.5, 1.1), _row("11", 0.5, 1.3)])["trial"] == "9"
+    assert best_trial([_row("10", 0.5, 1.1), _row("9", 0.5, 1.1), _row("11", 0.5, 1.3)], "val_kappa")["trial"] == "9"
     # A missing or infinite val loss (a diverged trial) loses every tie.
-    assert best_trial([_row("0", 0.5, None), _row("1", 0.5, float("inf")), _row("2", 0.5, 2.0)])["trial"] == "2"
-    assert best_trial([_row("0", -1.0, None), _row("1", -1.0, None)])["trial"] == "0"
+    assert best_trial([_row("0", 0.5, None), _row("1", 0.5, float("inf")), _row("2", 0.5, 2.0)], "val_kappa")["trial"] == "2"
+    assert best_trial([_row("0", -1.0, None), _row("1", -1.0, None)], "val_kappa")["trial"] == "0"
 
 
 def test_best_trial_is_none_when_no_trial_completed():
     from retina_scale.training.tuning import best_trial
 
     assert best_trial([]) is None
-    assert best_trial([_row("0", 0.5, 1.0, status="RUNNING"), _row("1", None, None)]) is None
+    assert best_trial([_row("0", 0.5, 1.0, status="RUNNING", optimized=0.5), _row("1", None, None)]) is None
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +102,8 @@ def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
         assert [r["trial"] for r in rows] == ["0", "1"] and all(r["status"] == "COMPLETED" for r in rows)
         assert len({r["lr"] for r in rows}) == 2 and all(1e-4 <= r["lr"] <= 0.1 for r in rows)
         best = _by_trial(rows, search["best_trial"])  # ties: see test_best_trial_ties_*
-        assert best["val_kappa"] == max(r["val_kappa"] for r in rows) and search["lr"] == best["lr"]
+        assert search["objective"] == "val_kappa_optimized"
+        assert best["val_kappa_optimized"] == max(r["val_kappa_optimized"] for r in rows) and search["lr"] == best["lr"]
         state = json.loads((run_dir / "stages" / folder / "state.json").read_text())
         assert state["lr_source"] == "search" and state["lr"] == best["lr"] == stage["lr"]
         assert state["history"][0]["lr"] == pytest.approx(best["lr"])  # the stage trained with it
@@ -96,10 +111,12 @@ def test_search_picks_the_best_kappa_and_the_stage_trains_with_it(searched_run):
         stored = json.loads((run_dir / "stages" / folder / "tuning" / "search.json").read_text())
         assert stored["result"] == search
         table = (run_dir / "stages" / folder / "tuning" / "search.md").read_text()
-        assert f"{best['trial']} *" in table and "val kappa" in table
+        assert f"{best['trial']} *" in table and "val kappa (opt. cut-offs)" in table
         for r in rows:  # a diverged trial (too large an lr) is a result: kappa -1, no loss
             assert r["seconds"] > 0 and (r["val_loss"] is None) == r["diverged"]
-            assert r["val_kappa"] == -1.0 if r["diverged"] else -1.0 <= r["val_kappa"] <= 1.0
+            for kappa in (r["val_kappa"], r["val_kappa_optimized"]):
+                assert kappa == -1.0 if r["diverged"] else -1.0 <= kappa <= 1.0
+            assert r["diverged"] or r["val_kappa_optimized"] >= r["val_kappa"] - 1e-9  # optimised on these images
     assert (run_dir / "report.md").read_text().count("## Learning-rate search") == 2
     tiny, small = ({r["lr"] for r in s["search"]["trials"]} for s in report["stages"])
     assert not tiny & small  # each stage draws its own learning rates
@@ -205,7 +222,8 @@ def test_chief_and_two_workers_on_localhost_complete_a_search(tmp_path, small_ca
     assert [r["trial"] for r in chief["trials"]] == ["0", "1", "2"]
     assert all(r["status"] == "COMPLETED" for r in chief["trials"])
     best = _by_trial(chief["trials"], chief["best_trial"])
-    assert best["val_kappa"] == max(r["val_kappa"] for r in chief["trials"]) and chief["lr"] == best["lr"]
+    assert best["val_kappa_optimized"] == max(r["val_kappa_optimized"] for r in chief["trials"])
+    assert chief["lr"] == best["lr"]
     ran = outputs["worker0"]["trials"] + outputs["worker1"]["trials"]
     assert sorted(ran) == ["0", "1", "2"]  # every trial ran on a worker, once
     assert outputs["worker0"]["role"] == outputs["worker1"]["role"] == "worker"
@@ -326,4 +344,5 @@ def test_trials_share_one_trainer_traced_once_and_run_as_a_fresh_trainer_would(t
     steps = max(1, round(config.tune.data_fraction * train_input.steps_per_epoch(8)))
     fresh = _train_trial(trainer, TrialInputs(trainer, train_input, val_input), steps, 1)
     assert fresh.loss == pytest.approx(last["loss"], rel=1e-4)
-    assert fresh.val_loss == pytest.approx(last["val_loss"], rel=1e-4) and fresh.kappa == last["val_kappa"]
+    assert fresh.row["val_loss"] == pytest.approx(last["val_loss"], rel=1e-4)
+    assert fresh.row["val_kappa"] == last["val_kappa"] and fresh.row["val_kappa_optimized"] == last["val_kappa_optimized"]
