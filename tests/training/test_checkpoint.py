@@ -46,3 +46,21 @@ def test_model_weights_feed_transfer(tmp_path):
     weights = model_weights_from_checkpoint(tmp_path / "best.npz")
     np.testing.assert_array_equal(weights["head_grade"][0], np.asarray(model.get_layer("head_grade").kernel))
     assert len(weights["block1_conv1"]) == 2
+
+
+def test_checkpoint_carries_the_dropout_random_state(tmp_path):
+    """A run resumed from its last checkpoint draws the same dropout masks as one never stopped (issue 15)."""
+    def model():
+        return keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, name="drop", seed=3)])
+
+    x = np.ones((4, 64), "float32")
+    running = model()
+    running(x, training=True)  # advance the generator: the saved state is not the initial one
+    save_checkpoint(running, None, tmp_path / "c.npz")
+    uninterrupted = [np.asarray(running(x, training=True)) for _ in range(2)]
+    resumed = model()  # a fresh process's model: its generator starts from the beginning again
+    fresh = np.asarray(model()(x, training=True))
+    restore_checkpoint(resumed, None, tmp_path / "c.npz")
+    after = [np.asarray(resumed(x, training=True)) for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, after))
+    assert not np.array_equal(fresh, uninterrupted[0])  # without the state, the masks would differ
