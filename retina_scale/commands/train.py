@@ -84,7 +84,8 @@ def run(args) -> int:
     elif summary is not None:
         from retina_scale.evidence.report import format_closing
 
-        print("\n" + format_closing(summary, report["stages"][-1].get("export_path")))
+        searched = any(s.get("lr_source") == "search" for s in report["stages"])
+        print("\n" + format_closing(summary, report["stages"][-1].get("export_path"), searched))
     return 0
 
 

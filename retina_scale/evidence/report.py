@@ -534,13 +534,15 @@ def _throughput_section(throughput) -> list[str]:
                     "input, training and validation.", ""]
 
 
-def format_closing(summary: dict, export_path: str | None = None) -> str:
+def format_closing(summary: dict, export_path: str | None = None, searched: bool = False) -> str:
     """The main job's last words: per stage test kappa with its interval, mild-DR F1, referable sensitivity
-    and specificity and seconds, then where the report is and what to do next with the export.
+    and specificity and seconds, then where the report is, what to do next with the export, and how the
+    learning rates were set (the search, ``--tune``, stays a visible part of the main job).
 
     Args:
         summary: what :func:`write_report` returned (``report_md`` included).
         export_path: the last stage's SavedModel version folder, if it was exported.
+        searched: whether Keras Tuner chose the stages' learning rates in this run.
     """
     rows = []
     for s in summary["stages"]:
@@ -559,4 +561,8 @@ def format_closing(summary: dict, export_path: str | None = None) -> str:
         f"Evaluate the export on new photos: retina-scale evaluate --model {model} --data PHOTOS --format folders",
         f"Serve it: TF Serving on {Path(model).parent} (README, 'Run TF Serving'), or grade a folder without a "
         f"server: retina-scale predict --model {model} --images PHOTOS --out predictions.csv",
+        ("Learning rates: searched per stage by Keras Tuner (trial tables in the report); --no-tune uses the "
+         "config's" if searched else
+         "Learning rates: the config's; add --tune to search each stage's with Keras Tuner first (README, "
+         "'Learning-rate search')"),
     ])

@@ -213,8 +213,9 @@ class StepwiseScaler:
         run.state["status"] = "done"
         run.state["result"] = result
         write_json(files.state, run.state)
-        self.log(f"Stage {run.index} {spec.name}: {spec.input_size} px, {run.state['epoch']} epochs, best val kappa "
-                 f"{result['val_kappa']:.4f} (epoch {result['best_epoch']}), {result['seconds']:.0f} s")
+        self.log(f"Stage {run.index} {spec.name}: {spec.input_size} px, {run.state['epoch']} epochs, {result['seconds']:.0f} s; "
+                 f"best epoch {result['best_epoch']} by {result['selection']} {result['selection_score']:.4f} "
+                 f"(val kappa at cut-offs 0.5/1.5/2.5/3.5: {result['val_kappa']:.4f})")
         return result
 
     def _start_stage(self, run: _StageRun, previous: Path | None, cache_dir, splits_file) -> dict:
@@ -291,7 +292,7 @@ class StepwiseScaler:
                 iterator = iter(train_input.distribute(self.strategy, run.batch_size, training=True,
                                                        start_epoch=epoch, epochs=run.cfg.epochs - epoch))
             progbar = keras.utils.Progbar(steps, verbose=progbar_verbosity(self.verbose, sys.stdout),
-                                          stateful_metrics=["val_loss", "val_kappa"])
+                                          stateful_metrics=["val_loss", "val_kappa", "val_kappa_opt"])
             if self.verbose:
                 self._log(f"Epoch {epoch + 1}/{run.cfg.epochs}")
             loss = run.trainer.train_steps(iterator, steps, progbar=_ProgbarAdapter(progbar) if self.verbose else None)
@@ -302,8 +303,8 @@ class StepwiseScaler:
             labels, scores = validate()
             row = _epoch_row(epoch, loss, labels, scores, lr, time.time() - t_epoch)
             if self.verbose:
-                progbar.update(steps, values=[("val_loss", row["val_loss"]), ("val_kappa", row["val_kappa"])],
-                               finalize=True)
+                progbar.update(steps, values=[("val_loss", row["val_loss"]), ("val_kappa", row["val_kappa"]),
+                                              ("val_kappa_opt", row["val_kappa_optimized"])], finalize=True)
             epoch += 1
             self._record_epoch(run, row, writer)
 

@@ -363,6 +363,8 @@ def test_train_ends_with_the_report_and_a_closing_table(uninterrupted, small_cac
     assert closing[4] == f"Report: {report_md} (tables and figures: {report_md.parent / 'figures'})"
     assert closing[5].startswith("Evaluate the export on new photos: retina-scale evaluate --model ")
     assert closing[6].startswith("Serve it: ")
+    # tune.enabled=false in this run: the closing says how to search (the search stays visible in the main job).
+    assert closing[7].startswith("Learning rates: the config's; add --tune to search")
 
 
 def test_a_stage_builds_its_training_input_once_and_its_validation_input_once(tmp_path, small_cache, monkeypatch):
