@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from retina_scale.data.synthetic.plan import INTRARETINAL_HAEMORRHAGES
-from retina_scale.run_layout import ExplainLayout, StageLayout
+from retina_scale.run_layout import ExplainLayout, RunLayout, StageLayout
 from retina_scale.utils.errors import UserError
 
 HOT_FRACTION = 0.05
@@ -305,7 +305,11 @@ def load_stage(path) -> Explainable:
     model = keras.saving.load_model(keras_file, safe_mode=True)
     result = (read_json(stage.state).get("result") or {}) if stage.state.is_file() else {}
     thresholds = tuple(float(t) for t in (result.get("thresholds") or DEFAULT_THRESHOLDS))
-    return Explainable(model, int(model.input_size), thresholds, run_preprocessing(stage.run_root), str(keras_file))
+    notes = [] if RunLayout(stage.run_root).config.is_file() else [
+        "no run folder around this model: photo files are preprocessed with the defaults (no normalisation, "
+        "circular mask)"]
+    return Explainable(model, int(model.input_size), thresholds, run_preprocessing(stage.run_root), str(keras_file),
+                       notes)
 
 
 def load_export_model(path) -> Explainable:
@@ -423,6 +427,8 @@ def _load(photo: Photo) -> tuple[np.ndarray | None, tuple | None, str]:
         return None, None, str(exc)
     except OSError as exc:
         return None, None, f"cannot read the file ({exc.strerror or exc})"
+    except Exception as exc:  # an exotic file (or a bug): its row says so, the other photos go on (as the cache does)
+        return None, None, f"preprocessing failed ({type(exc).__name__}: {exc})"
     return image, geometry, ""
 
 
@@ -561,7 +567,6 @@ def draw_overlay(path, image, heat, title: str, hot=None, lesions: Iterable[tupl
 def study_hit_rates(study) -> dict[str, dict] | None:
     """``{stage name: lesion hit rates}`` of a resolution study's ladder stages from their ``explain.json``
     (``StudyLayout.explain``); None when no stage has been explained."""
-    from retina_scale.run_layout import RunLayout
     from retina_scale.utils.fileio import read_json
 
     found = {}
@@ -577,8 +582,6 @@ def explain_study(study, lesions_csv, *, n_boot: int = 200, seed: int = 0, overl
     """Grad-CAM and lesion hit rates of every finished ladder stage of a study, on its test photos of true grade
     1 or more (the synthetic benchmark's ``lesions_csv``); a stage already explained is read, not redone.
     Returns :func:`study_hit_rates`."""
-    from retina_scale.run_layout import RunLayout
-
     lesions = read_lesions(lesions_csv)
     run = RunLayout.from_folder(study.ladder.root)  # the config says where the cache is
     for stage in run.stages():
