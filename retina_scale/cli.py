@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("retina_scale.commands.tune", "search one stage's learning rate with Keras Tuner (resumable, distributable)"),
     "report": ("retina_scale.commands.report", "the resolution report of a run or study: tables, figures, REPORT.md"),
     "study": ("retina_scale.commands.study", "the resolution study: the ladder, the top stage from scratch, throughput, report"),
+    "explain": ("retina_scale.commands.explain", "Grad-CAM heat maps of a stage or export on any photos: PNG overlays, lesion hit rates"),
 }
 
 

@@ -13,6 +13,10 @@ A resolution study lives in ``<out>/``::
 
     study.json  throughput.json  REPORT.md  report.json  figures/
     data/synthetic/  data/cache/  runs/stepwise/  runs/scratch/  saved_models/
+    explain/<i>-<stage>/   Grad-CAM of each ladder stage on the test split (ExplainLayout)
+
+``retina-scale explain --out OUT`` writes ``OUT/explain.json``, ``OUT/explain.csv`` and ``OUT/overlays/*.png``
+(:class:`ExplainLayout`).
 
 Nothing here touches the disk except :meth:`RunLayout.stages`, which lists the stage folders
 present, and :meth:`RunLayout.from_folder`, which reads ``config.yaml`` to find a cache kept
@@ -96,6 +100,11 @@ class StageLayout:
     @property
     def search_md(self) -> Path:
         return self.tuning / "search.md"
+
+    @property
+    def run_root(self) -> Path:
+        """The run folder this stage folder belongs to (``<run>/stages/<i>-<name>``)."""
+        return self.dir.parent.parent
 
 
 class _Folder:
@@ -254,6 +263,10 @@ class StudyLayout(_WithData):
         """True when the folder holds a finished study's ladder."""
         return self.ladder.report_json.exists()
 
+    def explain(self, stage: StageLayout) -> "ExplainLayout":
+        """Where the study keeps the Grad-CAM maps and lesion hit rates of one ladder stage."""
+        return ExplainLayout(self.root / "explain" / stage.dir.name)
+
 
 @dataclasses.dataclass(frozen=True)
 class ReportLayout(_Folder):
@@ -278,3 +291,32 @@ class ReportLayout(_Folder):
     def throughput(self) -> Path:
         """Where ``retina-scale report --measure`` writes: where a study keeps its measurement."""
         return self.root / "throughput.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainLayout(_Folder):
+    """The files ``retina-scale explain`` (``retina_scale.evidence.explain``) writes into its output folder.
+
+    >>> ExplainLayout("out").overlay("10_left").as_posix()
+    'out/overlays/10_left.png'
+    """
+
+    root: Path
+
+    @property
+    def summary(self) -> Path:
+        """The model, the settings, one record per photo and the lesion hit rates, for machines."""
+        return self.root / "explain.json"
+
+    @property
+    def table(self) -> Path:
+        """One row per photo: score, grade, error, lesion hits."""
+        return self.root / "explain.csv"
+
+    @property
+    def overlays(self) -> Path:
+        return self.root / "overlays"
+
+    def overlay(self, key: str) -> Path:
+        """The overlay PNG of one photo; ``key`` is a file-name-safe id (``retina_scale.data.cache.cache_key``)."""
+        return self.overlays / f"{key}.png"

@@ -39,7 +39,7 @@ def resolve(args) -> dict:
     run = Path(args.run)
     if not run.exists():
         raise FileNotFoundError(f"no such run folder: {run}")
-    study = None
+    study = hit_rates = None
     scratch = Path(args.scratch) if args.scratch else None
     throughput = Path(args.throughput) if args.throughput else None
     out = Path(args.out) if args.out else None
@@ -52,6 +52,9 @@ def resolve(args) -> dict:
             throughput = folder.throughput
         if folder.timings.exists():
             study = read_json(folder.timings)
+        from retina_scale.evidence.explain import study_hit_rates
+
+        hit_rates = study_hit_rates(folder)
         out = out or folder.root
     elif not RunLayout(run).report_json.exists():
         raise FileNotFoundError(f"{run} holds no finished stepwise run (no report.json) and no study (no "
@@ -60,7 +63,7 @@ def resolve(args) -> dict:
         if path is not None and not path.exists():
             raise FileNotFoundError(f"{name}: no such file or folder: {path}")
     return {"run": run, "scratch": scratch, "throughput": throughput, "out": out or RunLayout(run).report_dir,
-            "study": study}
+            "study": study, "hit_rates": hit_rates}
 
 
 def run(args) -> int:
@@ -85,7 +88,7 @@ def run(args) -> int:
         if not args.json:
             print(format_throughput(result))
     summary = write_report(paths["run"], paths["out"], scratch_dir=paths["scratch"], throughput_file=throughput,
-                           study=paths["study"])
+                           study=paths["study"], hit_rates=paths["hit_rates"])
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "complexity"}, indent=2))
     else:

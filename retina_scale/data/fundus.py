@@ -275,6 +275,19 @@ def choose_reduction(info: ImageInfo, largest_size: int, allowed: bool = True) -
     return 1
 
 
+def refine_reduction(k: int, r: float, largest_size: int) -> int:
+    """The reduction to decode again with when the disc found at reduction ``k`` (radius ``r`` there) is too
+    small for ``largest_size``: halve ``k`` until the disc's diameter covers it (or ``k`` is 1).
+
+    >>> refine_reduction(8, 100.0, 448)
+    2
+    """
+    while k > 1 and 2 * r < largest_size:
+        k //= 2
+        r *= 2
+    return k
+
+
 # Bytes put before a JPEG's last end marker by jpeg_truncated: anything but 0xFF that decodes to varied values
 # (the serving graph has its own copy).
 _JPEG_PROBE = hashlib.shake_256(b"retina_scale: is this JPEG cut short?").digest(64).replace(b"\xff", b"\x7f")
@@ -419,11 +432,20 @@ def check_square(disc: Disc, max_pixels: int) -> None:
         raise BadImage(f"no fundus found (its bounding square, {side}x{side} px, would hold more than twice max_pixels)")
 
 
+def crop_box(disc: Disc) -> tuple[int, int, int]:
+    """``(x0, y0, side)``: the disc's bounding square in the photo, its top-left pixel and its side (``2r``
+    rounded), in pixel coordinates of the photo the disc was found in.
+
+    >>> crop_box(Disc(500.0, 400.0, 300.0))
+    (200, 100, 600)
+    """
+    side = max(2, int(round(2 * disc.r)))
+    return int(round(disc.cx - side / 2)), int(round(disc.cy - side / 2)), side
+
+
 def crop_square(img: np.ndarray, disc: Disc) -> np.ndarray:
     """The disc's bounding square (side ``2r``), padded with black where it leaves the photo."""
-    side = max(2, int(round(2 * disc.r)))
-    x0 = int(round(disc.cx - side / 2))
-    y0 = int(round(disc.cy - side / 2))
+    x0, y0, side = crop_box(disc)
     h, w = img.shape[:2]
     out = np.zeros((side, side) + img.shape[2:], img.dtype)
     sx0, sy0 = max(x0, 0), max(y0, 0)
@@ -500,10 +522,7 @@ def preprocess_file(path, sizes, config: PreprocessConfig = PreprocessConfig(), 
     disc = find_disc(img)
     if k > 1 and 2 * disc.r < largest:
         # The disc is smaller than the frame suggested: decode finer so no size is upscaled needlessly.
-        r = disc.r
-        while k > 1 and 2 * r < largest:
-            k //= 2
-            r *= 2
+        k = refine_reduction(k, disc.r, largest)
         img = decode(data, k)
         disc = find_disc(img)
     check_square(disc, config.max_pixels)

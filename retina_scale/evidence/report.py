@@ -151,6 +151,10 @@ def findings(stages: list[dict], comparison: dict | None, throughput: dict | Non
                              f"{rated[0]['stage']} to {rated[-1]['stage']}; recall "
                              f"{rated[0]['evaluation']['table_iv'][key]['recall']['value'] or 0:.3f} -> "
                              f"{rated[-1]['evaluation']['table_iv'][key]['recall']['value'] or 0:.3f}.")
+        aucs = [(s["stage"], (s["evaluation"].get("mild_dr_auc") or {}).get("value")) for s in rated]
+        if all(v is not None for _, v in aucs):
+            lines.append("Mild-DR AUC (the score, grade 1 against grade 0): " + ", ".join(
+                f"{name} {v:.3f}" for name, v in aucs) + " (0.5: no better than chance).")
         lines.append("Validation kappa at the fixed cut-offs 0.5/1.5/2.5/3.5 (best epoch) against test kappa at the "
                      "cut-offs optimised on validation: " + ", ".join(
                          f"{s['stage']} {s['val_kappa']:.3f} / {s['evaluation']['kappa']['value']:.3f}"
@@ -315,7 +319,7 @@ def _strip_curves(comparison: dict | None) -> dict | None:
 
 
 def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, study: dict | None = None,
-                 complexity: bool = True) -> dict:
+                 complexity: bool = True, hit_rates: dict | None = None) -> dict:
     """Writes REPORT.md, report.json and figures/ for the run in ``run_dir`` into ``out``.
 
     Args:
@@ -325,6 +329,8 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
         throughput_file: a ``throughput.json`` written by :mod:`retina_scale.evidence.throughput`, or None.
         study: the study's step timings (``study.json``), shown in the report.
         complexity: count weights / multiply-adds / activations (builds each stage once with Keras).
+        hit_rates: ``{stage name: lesion hit rates}`` (``retina_scale.evidence.explain.study_hit_rates``), or
+            None: each stage's ``ma_hit_rate`` (microaneurysms) and ``lesion_hit_rates`` (every group).
 
     Returns:
         The summary written to ``report.json``, plus ``report_md`` (the REPORT.md path).
@@ -345,7 +351,7 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
     summary = {
         "run_dir": str(run_dir),
         "width": width,
-        "stages": [_stage_summary(s) for s in stages],
+        "stages": [_stage_summary(s, (hit_rates or {}).get(s["stage"])) for s in stages],
         "complexity": records,
         "scratch": _strip_curves(comparison),
         "throughput": throughput,
@@ -360,7 +366,7 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
     return summary
 
 
-def _stage_summary(s: dict) -> dict:
+def _stage_summary(s: dict, hit_rates: dict | None = None) -> dict:
     evaluation = s.get("evaluation") or {}
     return {
         "stage": s["stage"], "size": s["size"], "epochs": s["epochs"], "weights": s["weights"],
@@ -368,6 +374,9 @@ def _stage_summary(s: dict) -> dict:
         "test_kappa": evaluation.get("kappa"),
         "table_iv": evaluation.get("table_iv"),
         "referable": evaluation.get("referable"),
+        "mild_dr_auc": evaluation.get("mild_dr_auc"),
+        "ma_hit_rate": (hit_rates or {}).get("microaneurysm"),
+        "lesion_hit_rates": hit_rates,
         "test_images": s.get("test_images"),
         "val_loss": [r["val_loss"] for r in s["history"]],
         "val_kappa_per_epoch": [r["val_kappa"] for r in s["history"]],
@@ -405,7 +414,7 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
     """REPORT.md: a header, the findings, then one section per table or figure of the paper."""
     stages, figs = run["stages"], summary["figures"]
     lines = _header_section(run, summary, throughput, study)
-    lines += _kappa_section(stages, figs)
+    lines += _kappa_section(stages, figs, summary["stages"])
     lines += _table_iv_section(stages)
     lines += _figure_section("## 3. Validation loss per epoch (Fig. 2)", figs, "val_loss", "validation loss")
     lines += _confusion_section(stages, figs)
@@ -441,21 +450,38 @@ def _figure_section(title: str, figs: dict, name: str, alt: str) -> list[str]:
     return lines
 
 
-def _kappa_section(stages, figs) -> list[str]:
+def _kappa_section(stages, figs, summaries) -> list[str]:
     lines = ["## 1. Kappa per stage (Table III)", "",
-             "Test split, thresholds optimised on validation; 95 % percentile bootstrap intervals over patients.", ""]
+             "Test split, thresholds optimised on validation; 95 % percentile bootstrap intervals over patients. "
+             "Mild-DR AUC: the score's AUC for grade 1 against grade 0 (images of those grades only).", ""]
+    hits = any(x.get("ma_hit_rate") for x in summaries)
     rows = []
-    for s in stages:
+    for s, x in zip(stages, summaries):
         ev = s.get("evaluation") or {}
         rows.append((s["stage"], s["size"], s["epochs"], f"{s['weights'] / 1e6:.3f} M",
                      f"{s['val_kappa']:.3f}" if s["val_kappa"] is not None else "n/a",
-                     _cell(ev.get("kappa")), ev.get("n_images", 0),
+                     _cell(ev.get("kappa")), _cell(ev.get("mild_dr_auc")),
+                     *((_cell(x.get("ma_hit_rate")),) if hits else ()), ev.get("n_images", 0),
                      f"{PAPER_TABLE_III[s['stage']]:.3f}" if s["stage"] in PAPER_TABLE_III else "-"))
-    lines += markdown_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]", "test images",
+    lines += markdown_table(("stage", "px", "epochs", "weights", "best val kappa", "test kappa [95 % CI]",
+                             "mild-DR AUC [95 % CI]", *(("MA hit rate [95 % CI]",) if hits else ()), "test images",
                              "paper (EyePACS)"), rows) + [""]
+    if hits:
+        lines += _hit_rate_lines(summaries)
     if "kappa_vs_stage" in figs:
         lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
     return lines
+
+
+def _hit_rate_lines(summaries) -> list[str]:
+    """The lesion hit rates of every stage and group (``retina-scale explain``), against chance."""
+    rows = [(x["stage"], group, _cell(r), r["n_lesions"], r["n_photos"], f"{r['chance']:.2f}")
+            for x in summaries for group, r in (x.get("lesion_hit_rates") or {}).items()]
+    return (["Lesion hit rate (Grad-CAM of each stage on the test photos with lesions; `retina-scale explain`): the "
+             "share of lesions inside the hottest part of the fundus area of their photo's heat map; "
+             "microaneurysms on grade-1 photos, haemorrhages and hard exudates on any photo that has them.", ""]
+            + markdown_table(("stage", "lesions", "hit rate [95 % CI]", "lesions counted", "photos", "chance"), rows)
+            + [""])
 
 
 def _table_iv_section(stages) -> list[str]:

@@ -9,6 +9,8 @@ One study folder (:class:`retina_scale.run_layout.StudyLayout`) holds everything
     <out>/saved_models/       the ladder's exports
     <out>/study.json          the wall time of each step
     <out>/throughput.json     per-stage speeds and this machine's fp32 matmul peak
+    <out>/explain/<i>-<stage>/  Grad-CAM of each ladder stage on the test photos with lesions, and the lesion
+                              hit rates (the synthetic benchmark only: it needs lesions.csv)
     <out>/REPORT.md, report.json, figures/*.png
 
 Every step is skipped when its result is already there, so an interrupted study resumes where it
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Callable
 
 from retina_scale.config import StageConfig, TrainConfig
@@ -129,6 +132,13 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
             log(f"From scratch: stage {scratch_cfg.stages[0].stage} for {scratch_cfg.stages[0].max_seconds:.0f} s "
                 f"(the ladder's training time), up to {scratch_cfg.stages[0].epochs} epochs")
         step("scratch_seconds", lambda: StepwiseScaler(scratch_cfg, verbose=verbose, log=log).run())
+    hit_rates = None
+    lesions_csv = Path(ladder.data.data) / "lesions.csv"
+    if lesions_csv.is_file():  # the synthetic benchmark: where each stage looks, against the drawn lesions
+        from retina_scale.evidence.explain import explain_study
+
+        hit_rates = explain_study(study, lesions_csv, n_boot=ladder.eval_bootstrap, seed=ladder.seed,
+                                  progress=bool(verbose), log=log if verbose else None)
     throughput_file = None
     if throughput:
         from retina_scale.evidence.throughput import measure_run_throughput
@@ -137,7 +147,7 @@ def run_study(out, config: TrainConfig, *, scratch: bool = True, throughput: boo
         step("throughput_seconds", lambda: _write_json(throughput_file, measure_run_throughput(
             study.ladder.root, steps=throughput_steps, log=log if verbose else None, peak_sizes=peak_sizes)))
     return write_report(study.ladder.root, study.root, scratch_dir=scratch_dir, throughput_file=throughput_file,
-                        study=step.timings)
+                        study=step.timings, hit_rates=hit_rates)
 
 
 def _with_synthetic_data(ladder: TrainConfig, study: StudyLayout, step: _Steps, verbose: int,

@@ -8,13 +8,18 @@ output), cuts the scores into grades with the given thresholds and reports:
 - ``table_iv``: the rows of the paper's Table IV, each one-vs-rest: ``no_dr`` (grade 0),
   ``any_dr`` (grade >= 1), ``mild_dr`` (grade 1), each with ``precision``, ``recall`` and ``f1``;
 - ``referable``: referable DR (grade >= 2) ``sensitivity`` and ``specificity`` of the thresholded
-  grade, and ``auc``, the ROC AUC of the continuous score for referable DR.
+  grade, and ``auc``, the ROC AUC of the continuous score for referable DR;
+- ``mild_dr_auc``: the ROC AUC of the continuous score for mild DR (grade 1) against no DR (grade 0), on
+  the images of those two grades only: does the score rank a photo with microaneurysms only above a
+  healthy one, whatever the cut-offs.
 
 Every statistic is a dict ``{"value", "ci_low", "ci_high", "n_valid"}``: the point estimate and a
 percentile bootstrap interval (95 % by default) over ``n_valid`` resamples in which the statistic is
 defined (e.g. a resample without a referable eye has no sensitivity). A statistic that is undefined
 on the data itself is ``None``. When ``groups`` (patient ids) is given, the bootstrap resamples
 patients with all their images, since the two eyes of a patient are not independent.
+:func:`bootstrap_statistics` is that bootstrap for any statistic of weighted items (the lesion hit
+rates of ``retina_scale.evidence.explain`` use it).
 
 A note on the paper: computed from the confusion matrix of its Fig. 3 (rows = true grade), the
 recall of No DR, any DR and mild DR is 0.932 / 0.842 / 0.466 and the precision 0.943 / 0.815 /
@@ -47,7 +52,7 @@ from retina_scale.grading.kappa import as_grades, kappa_from_confusion
 from retina_scale.grading.thresholds import apply_thresholds, validate_thresholds
 from retina_scale.utils.errors import UserError
 
-__all__ = ["all_statistics", "evaluate_predictions", "format_evaluation"]
+__all__ = ["all_statistics", "bootstrap_statistics", "evaluate_predictions", "format_evaluation"]
 
 # The one-vs-rest rows of the paper's Table IV: name -> (label, grades counted as positive).
 TABLE_IV_ROWS = {
@@ -82,15 +87,17 @@ class _Statistics:
         _, self.score_rank = np.unique(scores, return_inverse=True)
         self.n_scores = int(self.score_rank.max()) + 1 if scores.size else 0
         self.referable = np.isin(grades, REFERABLE_GRADES)
+        self.mild, self.no_dr = grades == 1, grades == 0
 
     def confusion(self, weights: np.ndarray) -> np.ndarray:
         counts = np.bincount(self.cells, weights=weights, minlength=NUM_GRADES**2)
         return counts.reshape(NUM_GRADES, NUM_GRADES)
 
-    def auc(self, weights: np.ndarray) -> float:
-        """Weighted ROC AUC: P(score of a referable eye > score of a non-referable one), ties 1/2."""
-        pos = np.bincount(self.score_rank, weights=weights * self.referable, minlength=self.n_scores)
-        neg = np.bincount(self.score_rank, weights=weights * ~self.referable, minlength=self.n_scores)
+    def auc(self, weights: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
+        """Weighted ROC AUC: P(score of a ``positive`` eye > score of a ``negative`` one), ties 1/2; images in
+        neither mask do not count."""
+        pos = np.bincount(self.score_rank, weights=weights * positive, minlength=self.n_scores)
+        neg = np.bincount(self.score_rank, weights=weights * negative, minlength=self.n_scores)
         neg_below = np.cumsum(neg) - neg
         return _ratio(float(np.sum(pos * (neg_below + 0.5 * neg))), float(pos.sum() * neg.sum()))
 
@@ -105,7 +112,8 @@ class _Statistics:
         tp, fp, fn, tn = _one_vs_rest(matrix, REFERABLE_GRADES)
         out["referable.sensitivity"] = _ratio(tp, tp + fn)
         out["referable.specificity"] = _ratio(tn, tn + fp)
-        out["referable.auc"] = self.auc(weights)
+        out["referable.auc"] = self.auc(weights, self.referable, ~self.referable)
+        out["mild_dr_auc"] = self.auc(weights, self.mild, self.no_dr)
         return out
 
 
@@ -145,11 +153,8 @@ def evaluate_predictions(
     cuts = validate_thresholds(thresholds, NUM_GRADES)
     grades, values = _checked_input(y_true, scores, n_boot, confidence)
     predicted = apply_thresholds(values, cuts)  # also rejects NaN / inf scores
-    unit_of_image, n_units, unit = _resampling_units(groups, grades.size)
     statistics = _Statistics(grades, predicted, values)
-    point = statistics(np.ones(grades.size))
-    samples = _bootstrap(statistics, unit_of_image, n_units, int(n_boot), seed)
-    summary = {name: _summarise(value, samples.get(name, []), confidence) for name, value in point.items()}
+    summary, n_units, unit = bootstrap_statistics(statistics, grades.size, groups, n_boot, seed, confidence)
     return {
         "n_images": int(grades.size),
         "n_patients": None if groups is None else n_units,
@@ -163,6 +168,7 @@ def evaluate_predictions(
         "referable": {
             m: summary[f"referable.{m}"] for m in ("sensitivity", "specificity", "auc")
         },
+        "mild_dr_auc": summary["mild_dr_auc"],
         "bootstrap": {
             "method": "percentile",
             "n_boot": int(n_boot),
@@ -187,11 +193,47 @@ def _checked_input(y_true, scores, n_boot, confidence) -> tuple[np.ndarray, np.n
         )
     if grades.size == 0:
         raise UserError("nothing to evaluate: y_true and scores are empty")
+    _check_bootstrap(n_boot, confidence)
+    return grades, values
+
+
+def _check_bootstrap(n_boot, confidence) -> None:
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
         raise UserError(f"n_boot must be a non-negative integer, got {n_boot!r}")
     if not 0.0 < float(confidence) < 1.0:
         raise UserError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
-    return grades, values
+
+
+def bootstrap_statistics(statistic, n_items: int, groups=None, n_boot: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> tuple[dict[str, dict[str, Any]], int, str]:
+    """Point estimates and percentile bootstrap intervals of weighted statistics.
+
+    Args:
+        statistic: ``statistic(weights) -> {name: value}``, where ``weights`` holds one float per item (all 1
+            for the point estimate; how many times each item was drawn in a resample). A value that is
+            undefined in a resample is NaN there.
+        n_items: the number of items (images, photos).
+        groups: optional id per item (a patient id): the bootstrap then draws groups with all their items.
+        n_boot: resamples (0: point estimates only, intervals ``None``).
+        seed: seed of the resampling.
+        confidence: coverage of the intervals, in (0, 1).
+
+    Returns:
+        ``({name: {"value", "ci_low", "ci_high", "n_valid"}}, number of units drawn, "image" or "patient")``.
+
+    Example:
+    >>> hits = np.array([1.0, 0.0, 1.0, 1.0])
+    >>> summary, n, unit = bootstrap_statistics(lambda w: {"rate": float(np.sum(w * hits) / np.sum(w))}, 4,
+    ...                                         groups=["a", "a", "b", "c"], n_boot=50)
+    >>> summary["rate"]["value"], n, unit
+    (0.75, 3, 'patient')
+    """
+    _check_bootstrap(n_boot, confidence)
+    unit_of_image, n_units, unit = _resampling_units(groups, n_items)
+    point = statistic(np.ones(n_items))
+    samples = _bootstrap(statistic, unit_of_image, n_units, int(n_boot), seed)
+    summary = {name: _summarise(value, samples.get(name, []), confidence) for name, value in point.items()}
+    return summary, n_units, unit
 
 
 def _resampling_units(groups, n_images: int) -> tuple[np.ndarray, int, str]:
@@ -209,7 +251,7 @@ def _resampling_units(groups, n_images: int) -> tuple[np.ndarray, int, str]:
     return unit_of_image, int(unit_of_image.max()) + 1, "patient"
 
 
-def _bootstrap(statistics: _Statistics, unit_of_image: np.ndarray, n_units: int, n_boot: int,
+def _bootstrap(statistics, unit_of_image: np.ndarray, n_units: int, n_boot: int,
                seed: int) -> dict[str, list[float]]:
     """Every statistic on ``n_boot`` resamples of the units (drawn with replacement).
 
@@ -275,6 +317,9 @@ def format_evaluation(result: dict[str, Any]) -> str:
     for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
                        ("auc", "AUC (score)")):
         lines.append(f"  {label:20}{_cell(result['referable'][key])}")
+    if "mild_dr_auc" in result:  # absent from evaluation.json files written before it existed
+        lines += ["", "Mild DR (grade 1) against no DR (grade 0)",
+                  f"  {'AUC (score)':20}{_cell(result['mild_dr_auc'])}"]
 
     partial = [
         name for name, stat in all_statistics(result)
@@ -295,10 +340,13 @@ def format_evaluation(result: dict[str, Any]) -> str:
 
 
 def all_statistics(result: dict[str, Any]):
-    """Every ``(name, statistic)`` of an ``evaluate_predictions`` result: kappa, the Table IV rows, referable DR."""
+    """Every ``(name, statistic)`` of an ``evaluate_predictions`` result: kappa, the Table IV rows, referable DR,
+    mild DR against no DR."""
     yield "kappa", result["kappa"]
     for name, row in result["table_iv"].items():
         for metric, stat in row.items():
             yield f"{name}.{metric}", stat
     for metric, stat in result["referable"].items():
         yield f"referable.{metric}", stat
+    if "mild_dr_auc" in result:
+        yield "mild_dr_auc", result["mild_dr_auc"]

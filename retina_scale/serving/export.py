@@ -88,6 +88,7 @@ __all__ = [
     "export_saved_model",
     "list_versions",
     "load_export",
+    "read_export_weights",
     "run_preprocessing",
 ]
 
@@ -178,6 +179,7 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
     import tensorflow as tf
 
     import retina_scale
+    from retina_scale.models.convnet import RetinaConvNet
 
     user = dict(user)
     preprocessing = user.pop("preprocessing", None)
@@ -189,6 +191,9 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
         "stage": model.stage.name,
         "input_size": int(model.input_size),
         "width": float(getattr(model, "width", 1.0)),
+        # The network's constructor arguments: what rebuilds it from the weights, read as data (read_export_weights).
+        "model_config": ({k: v for k, v in model.get_config().items() if k not in ("name", "trainable")}
+                         if isinstance(model, RetinaConvNet) else None),
         "thresholds": list(thresholds),
         "num_grades": NUM_GRADES,
         "referable_grade": REFERABLE_GRADE,
@@ -605,6 +610,24 @@ def load_export(path, signature: str = "serving_default"):
     if signature not in ("serving_default", "predict_images"):
         raise UserError(f"signature must be 'serving_default' or 'predict_images'; got {signature!r}")
     path = Path(path)
+    metadata = _read_metadata(path)
+
+    import tensorflow as tf
+
+    # The graph's own record is read from saved_model.pb as data: get_metadata is never run (issue 16).
+    embedded = _graph_metadata(path)
+    loaded = tf.saved_model.load(str(path))
+    missing = {"serving_default", "get_metadata", signature} - set(loaded.signatures)
+    if missing:
+        raise UserError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
+    _check_embedded(metadata, embedded)
+    serve = loaded.signatures[signature]
+    serve._retina_scale_loaded = loaded  # keep the loaded object (and its variables) alive
+    return serve, metadata
+
+
+def _read_metadata(path: Path) -> dict:
+    """The version's ``metadata.json``, once the folder is checked to be one of our exports (see :func:`load_export`)."""
     if not path.exists():
         raise FileNotFoundError(f"no such export folder: {path}")
     if not path.is_dir():
@@ -630,21 +653,51 @@ def load_export(path, signature: str = "serving_default"):
             f"not a retina_scale SavedModel this version reads: format_version "
             f"{metadata.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
+    return metadata
 
-    import tensorflow as tf
 
-    # The graph's own record is read from saved_model.pb as data: get_metadata is never run (issue 16).
-    embedded = _graph_metadata(path)
-    loaded = tf.saved_model.load(str(path))
-    missing = {"serving_default", "get_metadata", signature} - set(loaded.signatures)
-    if missing:
-        raise UserError(f"not a retina_scale SavedModel: {path} lacks signature(s) {sorted(missing)}")
+def _check_embedded(metadata: dict, embedded: dict) -> None:
+    """``metadata.json`` and the graph's own record must agree on what decides the grades."""
     for key in ("stage", "input_size", "thresholds", "preprocessing"):
         if embedded.get(key) != metadata.get(key):
             raise UserError(
                 f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "
                 f"but the graph holds {embedded.get(key)!r}"
             )
-    serve = loaded.signatures[signature]
-    serve._retina_scale_loaded = loaded  # keep the loaded object (and its variables) alive
-    return serve, metadata
+
+
+def read_export_weights(path) -> tuple[dict, dict]:
+    """The metadata and the network's weights of one of our exports, read as data: nothing of the SavedModel runs.
+
+    ``metadata.json`` is checked as :func:`load_export` checks it (our ``format``, and the same record in
+    ``saved_model.pb``); the variables' names come from the SavedModel's object graph (parsed, not loaded) and
+    their values from its ``variables/`` checkpoint (``tf.train.load_checkpoint`` reads the tensor files). So an
+    export can be looked into (``retina-scale explain`` rebuilds the network from ``model_config`` and these
+    weights) without calling any of its functions.
+
+    Returns:
+        ``(metadata, {variable path, e.g. "block1_conv1/kernel": numpy array})``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UserError: "not a retina_scale SavedModel: ..." as :func:`load_export`, or no variables found.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(path)
+    metadata = _read_metadata(path)
+    _check_embedded(metadata, _graph_metadata(path))
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    names = {}
+    for graph in proto.meta_graphs:
+        nodes = graph.object_graph_def.nodes
+        lists = [c.node_id for c in (nodes[0].children if nodes else ()) if c.local_name == "_all_variables"]
+        for child in nodes[lists[0]].children if lists else ():
+            names[f"_all_variables/{child.local_name}/.ATTRIBUTES/VARIABLE_VALUE"] = nodes[child.node_id].variable.name
+    if not names:
+        raise UserError(f"not a retina_scale SavedModel: {path} has no variables in its object graph")
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    return metadata, {name: reader.get_tensor(key) for key, name in names.items()}

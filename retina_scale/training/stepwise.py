@@ -406,6 +406,7 @@ class StepwiseScaler:
             "thresholds": thresholds,
             "thresholds_fit": fit.to_dict(),
             "test_kappa": evaluation["kappa"]["value"] if evaluation else None,
+            "mild_dr_auc": evaluation["mild_dr_auc"]["value"] if evaluation else None,
             "test_images": evaluation["n_images"] if evaluation else 0,
             "seconds": round(state["seconds"], 1),
             "weights": model.count_params(),

@@ -220,3 +220,25 @@ def test_study_presets_describe_the_documented_ladders(preset, sizes, width):
     assert config.model.width == width and not config.tune.enabled
     assert config.data.synth_size >= sizes[-1]
     assert all(s.max_seconds is None for s in config.stages)
+
+
+@pytest.mark.slow
+def test_study_reports_mild_dr_auc_and_lesion_hit_rates_per_stage(study):
+    out, summary = study
+    run_dir = out / "runs" / "stepwise"
+    text = (out / "REPORT.md").read_text()
+    on_disk = json.loads((out / "report.json").read_text())
+    assert "mild-DR AUC [95 % CI]" in text and "MA hit rate [95 % CI]" in text and "Lesion hit rate" in text
+    for stage, name in zip(on_disk["stages"], ("1-tiny", "2-small")):
+        evaluation = json.loads((run_dir / "stages" / name / "evaluation.json").read_text())
+        auc = evaluation["mild_dr_auc"]
+        assert stage["mild_dr_auc"] == auc and 0.0 <= auc["value"] <= 1.0
+        assert f"{auc['value']:.3f} [{auc['ci_low']:.3f}, {auc['ci_high']:.3f}]" in text
+        # The study explained each ladder stage on its test photos with lesions (the synthetic benchmark).
+        explained = json.loads((out / "explain" / name / "explain.json").read_text())
+        assert stage["lesion_hit_rates"] == explained["lesion_hit_rates"]
+        assert stage["ma_hit_rate"] == explained["lesion_hit_rates"]["microaneurysm"]
+        for rate in explained["lesion_hit_rates"].values():
+            assert 0.0 <= rate["value"] <= 1.0 and rate["chance"] == 0.05 and rate["n_lesions"] > 0
+        assert all(row["true_grade"] >= 1 and row["error"] == "" for row in explained["photos"])
+        assert 1 <= len(list((out / "explain" / name / "overlays").glob("*.png"))) <= 8

@@ -175,3 +175,33 @@ def test_format_evaluation_shows_the_numbers():
 def test_bad_input_gives_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         evaluate_predictions(**kwargs)
+
+
+def test_mild_dr_auc_on_hand_made_scores():
+    # Grades 0 and 1 only count. Grade-1 scores 0.4 and 1.0 against grade-0 scores 0.1, 0.5, 0.9, 0.4:
+    # 0.4 beats 0.1, ties 0.4 (1/2) -> 1.5; 1.0 beats all four -> 4; AUC = 5.5 / 8. The grade-2 (0.0) and
+    # grade-4 (0.2) photos, scored below every grade-1 one, would change it if they counted.
+    y = [0, 0, 0, 0, 1, 1, 2, 4]
+    scores = [0.1, 0.5, 0.9, 0.4, 0.4, 1.0, 0.0, 0.2]
+    result = evaluate_predictions(y, scores, n_boot=0)
+    assert result["mild_dr_auc"]["value"] == pytest.approx(5.5 / 8, abs=1e-12)
+    assert result["mild_dr_auc"]["ci_low"] is None
+    keep = np.isin(y, (0, 1))
+    assert result["mild_dr_auc"]["value"] == pytest.approx(
+        skm.roc_auc_score(np.array(y)[keep] == 1, np.array(scores)[keep]), abs=1e-12)
+
+
+def test_mild_dr_auc_has_a_patient_bootstrap_interval_and_a_line_in_the_report():
+    y, scores = synthetic(400, seed=5)
+    patients = np.arange(400) // 2
+    result = evaluate_predictions(y, scores, (0.5, 1.5, 2.5, 3.5), n_boot=200, seed=2, groups=patients)
+    auc = result["mild_dr_auc"]
+    keep = y <= 1
+    assert auc["value"] == pytest.approx(skm.roc_auc_score(y[keep] == 1, scores[keep]), abs=1e-12)
+    assert auc["ci_low"] < auc["value"] < auc["ci_high"] and auc["n_valid"] == 200
+    assert ("mild_dr_auc", auc) in list(all_statistics(result))
+    text = format_evaluation(result)
+    assert "Mild DR (grade 1) against no DR (grade 0)" in text
+    assert f"AUC (score)         {auc['value']:.4f} [{auc['ci_low']:.4f}, {auc['ci_high']:.4f}]" in text
+    # Without a grade-1 image it is undefined, not a number.
+    assert evaluate_predictions([0, 0, 2, 3], [0.1, 0.3, 2.0, 3.1], n_boot=0)["mild_dr_auc"]["value"] is None
