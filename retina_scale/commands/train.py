@@ -30,7 +30,8 @@ def add_arguments(parser):
                         help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                         help="search each stage's learning rate with Keras Tuner before training it (tune.enabled; "
-                             "on in the quick preset); --no-tune uses the config's learning rates")
+                             "off in the presets: their rates beat a short search, README); --no-tune uses the "
+                             "config's learning rates")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or stage lines")
     parser.add_argument("--no-report", dest="report", action="store_false",

@@ -23,7 +23,7 @@ def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):
         f"data.data={json.dumps(str(data))}", f"data.cache={json.dumps(str(cache))}", "data.workers=1",
         "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
         f"stages=[{{stage: tiny, epochs: 1, lr: 0.003}}, {{stage: small, epochs: {small_epochs}, lr: 0.001}}]",
-        "tune.enabled=false",  # the quick preset searches learning rates; these tests are about the trainer
+        "tune.enabled=false",  # explicit: these tests are about the trainer, not the search
         *extra,
     ]
 
