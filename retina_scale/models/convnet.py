@@ -180,8 +180,9 @@ class RetinaConvNet(keras.Model):
     the stage's input size divided by 16, so that the last feature map is 2x2 or larger) and returns
     one continuous grade per image, shape ``(batch, 1)`` (with an auxiliary head, ``[grade, aux logits]``).
     At the stage's own input size it is exactly the paper's design (with the default ``head_pooling`` and
-    ``aux``); at other sizes the head's grid pooling adapts its window (see ``GridRMSPool2D``). Its config is its constructor's arguments (as keras-hub models do), so a
-    ``.keras`` file records which stage and width it is.
+    ``aux``); at other sizes the head's grid pooling adapts its window (see ``GridRMSPool2D``). Its config
+    is its constructor's arguments (as keras-hub models do), so a ``.keras`` file records which stage and
+    width it is.
 
     Args:
         stage: ``"tiny"``, ``"small"``, ``"median"``, ``"large"``, ``"xlarge"``, ``"stageN"``, an
