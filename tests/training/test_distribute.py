@@ -213,14 +213,14 @@ def test_aux_weight_zero_gives_the_squared_error_exactly(aux):
     assert (np.asarray(per_example_loss([grade, logits], labels, aux, 1.0)) > plain).all()
 
 
-def _aux_trainer(aux, weight, seed=2):
+def _aux_trainer(aux, weight, seed=2, head_pooling="rms"):
     import keras
 
     from retina_scale.config import LossConfig
     from retina_scale.models.convnet import build_model
     from retina_scale.training.distribute import DistributedTrainer
 
-    model = build_model("tiny", width=0.125, dropout=0.0, l2=0.0, seed=seed, aux=aux)
+    model = build_model("tiny", width=0.125, dropout=0.0, l2=0.0, seed=seed, aux=aux, head_pooling=head_pooling)
     return DistributedTrainer(model, keras.optimizers.Adam(1e-3), choose_strategy("default"), global_batch_size=8,
                               loss=LossConfig(aux=aux, aux_weight=weight))
 
@@ -277,3 +277,20 @@ def test_a_model_and_a_loss_config_that_disagree_are_refused():
     with pytest.raises(ValueError, match="loss.aux is 'classification'"):
         DistributedTrainer(model, keras.optimizers.Adam(1e-3), choose_strategy("default"), 8,
                            loss=LossConfig(aux="classification"))
+
+
+def test_a_mixed_bfloat16_model_with_attention_pooling_and_an_aux_head_trains_with_a_float32_loss():
+    import tensorflow as tf
+
+    from retina_scale.training.stage import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        trainer = _aux_trainer("ordinal", 1.0, head_pooling="attention")
+    model = trainer.model
+    assert model.get_layer("head_attnpool").compute_dtype == "bfloat16"
+    assert [o.dtype for o in model.outputs] == ["float32", "float32"]
+    images = np.random.default_rng(6).uniform(0, 255, (8, 112, 112, 3)).astype("float32")
+    labels = (np.arange(8) % 5).astype("float32")
+    losses = [trainer.train_steps(trainer.distribute_training(
+        lambda: tf.data.Dataset.from_tensor_slices((images, labels))), 1) for _ in range(3)]
+    assert all(np.isfinite(losses))
