@@ -52,6 +52,8 @@ Normalization = Literal["none", "graham"]
 SplitName = Literal["train", "val", "test"]
 Selection = Literal["val_kappa_optimized", "val_kappa", "val_loss"]
 Precision = Literal["float32", "mixed_bfloat16", "auto"]
+HeadPooling = Literal["rms", "max", "attention"]
+AuxLoss = Literal["none", "ordinal", "classification"]
 STRATEGIES = get_args(StrategyName)
 TUNERS = get_args(TunerName)
 FORMATS = get_args(DataFormat)
@@ -59,6 +61,8 @@ NORMALIZATIONS = get_args(Normalization)
 SPLIT_NAMES = get_args(SplitName)
 SELECTIONS = get_args(Selection)
 PRECISIONS = get_args(Precision)
+HEAD_POOLINGS = get_args(HeadPooling)
+AUX_LOSSES = get_args(AuxLoss)
 
 # ------------------------------------------------------------------------------- the ladder's rungs
 BASE_SIZE = 112
@@ -190,16 +194,26 @@ class ResampleConfig:
 
     ``w0`` ~ the inverse class frequencies of EyePACS (so epoch 0 is balanced), drifting at rate ``r`` per epoch
     to ``wf``. ``w0="balanced"`` uses the inverse frequencies of the data at hand instead.
+
+    ``grade1_boost`` (ours, not the paper's or o_O's; issue 14): a factor >= 1 multiplying grade 1's (mild DR's)
+    weight ``w_t[1]`` at every epoch, so mild-DR photos are drawn more often; 1 (the default) is o_O's schedule
+    unchanged. It needs ``enabled: true`` (a plain shuffle has no weights to boost).
     """
 
     enabled: bool = True
     r: float = O_O_R
     w0: Union[tuple[float, ...], str] = O_O_W0
     wf: tuple[float, ...] = O_O_WF
+    grade1_boost: float = 1.0
 
     def __post_init__(self):
         if not 0 <= self.r <= 1:
             raise UserError(f"r must be in [0, 1], got {self.r}")
+        if not 1 <= self.grade1_boost < math.inf:
+            raise UserError(f"grade1_boost must be a finite factor >= 1 (1: o_O's weights), got {self.grade1_boost}")
+        if self.grade1_boost != 1 and not self.enabled:
+            raise UserError(f"grade1_boost {self.grade1_boost:g} needs enabled: true (a plain shuffle draws no "
+                            "weights to boost); set grade1_boost: 1 or enabled: true")
         if isinstance(self.w0, str):
             if self.w0 != "balanced":
                 raise UserError(f"w0 must be 5 weights or 'balanced', got {self.w0!r}")
@@ -241,7 +255,12 @@ class StageConfig:
 class ModelConfig:
     """The network (``retina_scale.models.RetinaConvNet``): ``width`` multiplies every layer's units;
     ``min_filters`` (0 = off) is a floor on any convolution block's filters after that, e.g. 16: at width
-    0.25 the first block has 8, which oneDNN runs at under half the speed of 16 (issue 13)."""
+    0.25 the first block has 8, which oneDNN runs at under half the speed of 16 (issue 13).
+
+    ``head_pooling`` pools the last feature map for the head: ``rms`` (the default and the paper's: RMS
+    pooling to a 2x2 grid), or, ours, not the paper's (issue 14: RMS over 3x3 windows dilutes one small
+    strong activation), ``max`` (max pooling to the same 2x2 grid) or ``attention`` (a learned softmax
+    weighting of the positions, one pooled vector). See ``retina_scale.models.convnet``."""
 
     width: float = 1.0
     dropout: float = 0.5
@@ -251,10 +270,38 @@ class ModelConfig:
     # different networks, not one network shown three data orders.
     seed: Optional[int] = None
     min_filters: int = 0
+    head_pooling: HeadPooling = "rms"
 
     def __post_init__(self):
         if isinstance(self.min_filters, int) and self.min_filters < 0:
             raise ConfigError(f"model.min_filters must be >= 0 (0: no floor); got {self.min_filters}")
+        if self.head_pooling not in HEAD_POOLINGS:
+            raise ConfigError(f"model.head_pooling must be one of {', '.join(HEAD_POOLINGS)} (rms: the paper's); "
+                              f"got {self.head_pooling!r}")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    """The training loss: the squared error of the regression output (the paper's MSE on the grade), plus,
+    ours, not the paper's (issue 14), ``aux_weight`` times the loss of an auxiliary output ``head_aux``.
+
+    Args:
+        aux: ``none`` (the default: the paper's MSE alone, one output), ``ordinal`` (4 logits, one per
+            ``grade > k`` for k = 0..3, each a sigmoid cross-entropy; their mean) or ``classification`` (5
+            logits, softmax cross-entropy against the grade).
+        aux_weight: the auxiliary term's weight (>= 0; ignored with ``aux: none``). 0 trains the extra head's
+            weights on nothing, and the loss is exactly the MSE.
+
+    Prediction, thresholds, evaluation, validation loss and exports use the regression output only.
+    """
+
+    aux: AuxLoss = "none"
+    aux_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.aux not in AUX_LOSSES:
+            raise ConfigError(f"loss.aux must be one of {', '.join(AUX_LOSSES)} (none: the paper's MSE alone); "
+                              f"got {self.aux!r}")
 
 
 @dataclasses.dataclass
@@ -384,6 +431,7 @@ class TrainConfig:
     model_name: str = "retina"
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig("tiny", 5)])
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -458,14 +506,21 @@ def paper_preset() -> TrainConfig:
 
 
 def study_preset() -> TrainConfig:
-    """The resolution study's CPU ladder (``scripts/resolution_study.py``): about an hour on 2 cores.
+    """The resolution study's CPU ladder (``scripts/resolution_study.py``): the paper's four stages,
+    112 -> 224 -> 448 -> 896, on a 1024 px synthetic fundus (issue 14, item 1: at 896 px a median
+    microaneurysm is about 4 px across, 2 px at 448 px on the old 512 px fundus).
 
-    112 -> 224 -> 448 at width 0.25 on 4000 synthetic photos (EyePACS's prior, fundus 512 px), Adam
-    with the quick preset's per-stage learning rates and no search (the search would double the
-    time; the study compares resolutions, not learning rates).
+    Width 0.25, 2000 synthetic photos (EyePACS's prior), 10 / 6 / 4 / 3 epochs, Adam with decreasing
+    per-stage learning rates and no search (the search would double the time; the study compares
+    resolutions, not learning rates). **These sizes are placeholders, not measured**: issue 14 asks for
+    the whole study (ladder, from-scratch control for the ladder's time, throughput, report) in at most
+    2 hours on a 2-core machine, and training speed differs several-fold between such machines (94 and
+    20 img/s were measured at 448 px, width 0.25). Time a stage at 896 px on the machine first and size
+    the epochs, photos and width from it (``stages.3.epochs=...``, ``data.synth_count=...``,
+    ``model.width=...``).
     """
-    return _adam_ladder("stepwise", [("tiny", 12, 1e-3), ("small", 8, 5e-4), ("median", 6, 3e-4)], width=0.25,
-                        synth_count=4000, synth_size=512)
+    return _adam_ladder("stepwise", [("tiny", 10, 1e-3), ("small", 6, 5e-4), ("median", 4, 3e-4), ("large", 3, 2e-4)],
+                        width=0.25, synth_count=2000, synth_size=1024)
 
 
 def study_full_preset() -> TrainConfig:
@@ -542,6 +597,7 @@ VALUE_RANGES = {
     "model.l2": (">= 0", lambda v: v >= 0),
     "model.seed": _SEED,
     "model.min_filters": ("in [0, 4096] (0: no floor)", lambda v: 0 <= v <= 4096),
+    "loss.aux_weight": (">= 0 (0: the MSE alone)", lambda v: v >= 0),
     "optim.lr": ("> 0", lambda v: v > 0),
     "optim.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "optim.weight_decay": (">= 0", lambda v: v >= 0),

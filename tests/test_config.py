@@ -43,7 +43,8 @@ def test_resample_section_is_one_class_with_enabled_and_balanced():
     assert isinstance(cfg.resample, ResampleConfig)
     assert cfg.resample.enabled is False and cfg.resample.w0 == "balanced"
     assert to_dict(load_train_config("quick").resample) == {
-        "enabled": True, "r": 0.975, "w0": [1.36, 14.4, 6.6, 40.2, 49.6], "wf": [1.0, 2.0, 2.0, 2.0, 2.0]}
+        "enabled": True, "r": 0.975, "w0": [1.36, 14.4, 6.6, 40.2, 49.6], "wf": [1.0, 2.0, 2.0, 2.0, 2.0],
+        "grade1_boost": 1.0}  # issue 14's lever, off (o_O's weights unchanged)
     with pytest.raises(ConfigError, match="w0 must be 5 weights or 'balanced'"):
         load_train_config("quick", ["resample.w0=uniform"])
     with pytest.raises(ConfigError, match="wf must be 5 non-negative weights"):
@@ -186,7 +187,7 @@ def test_every_field_of_a_run_has_a_check():
         "data.label_col", "data.format", "data.synth_prior",
         "stages.*.stage",  # stage_index and the increasing sizes
         "augment.strength", "augment.zoom", "augment.translation", "augment.color_sigma",  # AugmentConfig
-        "resample.r", "resample.w0", "resample.wf",  # ResampleConfig
+        "resample.r", "resample.w0", "resample.wf", "resample.grade1_boost",  # ResampleConfig
         "tune.tuner", "tune.lr_min", "tune.lr_max", "tune.max_trials", "tune.epochs", "tune.data_fraction", "tune.extra", "tune.seed",  # check_tune_config
     }
     unchecked = [key for key, tp in _leaves(TrainConfig)
@@ -237,3 +238,47 @@ def test_min_filters_is_off_by_default_and_refuses_a_negative_floor():
     assert load_train_config("quick", ["model.min_filters=16"]).model.min_filters == 16
     with pytest.raises(ConfigError, match="model.min_filters must be >= 0"):
         load_train_config("quick", ["model.min_filters=-4"])
+
+
+# ------------------------------------------------------------------ issue 14's levers: off by default
+def test_the_levers_default_to_the_papers_design_in_every_preset():
+    from retina_scale.config import PRESETS
+
+    for name in PRESETS:
+        config = load_train_config(name)
+        assert config.model.head_pooling == "rms", name
+        assert (config.loss.aux, config.resample.grade1_boost) == ("none", 1.0), name
+
+
+def test_the_levers_are_config_options():
+    config = load_train_config("quick", ["model.head_pooling=attention", "loss.aux=ordinal", "loss.aux_weight=0.5",
+                                         "resample.grade1_boost=3"])
+    assert (config.model.head_pooling, config.loss.aux, config.loss.aux_weight) == ("attention", "ordinal", 0.5)
+    assert config.resample.grade1_boost == 3.0
+    assert to_dict(config)["loss"] == {"aux": "ordinal", "aux_weight": 0.5}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.head_pooling=avg"], "'model.head_pooling': expected one of 'rms', 'max', 'attention', got str 'avg'"),
+    (["loss.aux=focal"], "'loss.aux': expected one of 'none', 'ordinal', 'classification'"),
+    (["loss.aux_weight=-0.5"], "loss.aux_weight must be >= 0 (0: the MSE alone); got -0.5"),
+    (["loss.aux_weight=.inf"], "loss.aux_weight must be a finite number >= 0"),
+    (["resample.grade1_boost=0.5"], "resample.grade1_boost must be a finite factor >= 1 (1: o_O's weights), got 0.5"),
+    (["resample.grade1_boost=.nan"], "resample.grade1_boost must be a finite factor >= 1"),
+    (["resample.enabled=false", "resample.grade1_boost=2"], "resample.grade1_boost 2 needs enabled: true"),
+])
+def test_bad_lever_values_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_train_config("quick", overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_levers_given_as_dataclasses_are_checked_too():
+    from retina_scale.config import LossConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match="model.head_pooling must be one of rms, max, attention"):
+        ModelConfig(head_pooling="mean")
+    with pytest.raises(ConfigError, match="loss.aux must be one of none, ordinal, classification"):
+        LossConfig(aux="ranking")
+    with pytest.raises(UserError, match="grade1_boost must be a finite factor >= 1"):
+        ResampleConfig(grade1_boost=0.0)

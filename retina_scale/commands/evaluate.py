@@ -81,8 +81,9 @@ def _keras_predictor(keras_file: Path):
 
     import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
     from retina_scale.grading.thresholds import DEFAULT_THRESHOLDS
+    from retina_scale.models.convnet import regression_model
 
-    model = keras.saving.load_model(keras_file, safe_mode=True)
+    model = regression_model(keras.saving.load_model(keras_file, safe_mode=True))  # the grade alone (issue 14's aux)
     thresholds = tuple(DEFAULT_THRESHOLDS)
     state = _stage_folder(keras_file.parent).state
     if state.exists():

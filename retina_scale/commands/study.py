@@ -5,7 +5,7 @@ measurement, then writes REPORT.md, report.json and figures/ into the study fold
 resume after an interruption; finished steps are not repeated.
 
 Examples:
-  retina-scale study                      # CPU: 112 -> 224 -> 448 at width 0.25, ~1-1.5 h
+  retina-scale study                      # CPU: 112 -> 224 -> 448 -> 896 at width 0.25 (size it first: config.study_preset)
   retina-scale study --full               # GPU: the paper's four stages at full width
   retina-scale study --data ~/eyepacs --out runs/study-eyepacs stages.2.epochs=10
   retina-scale report --run runs/resolution-study/runs/stepwise   # the report of any stepwise run

@@ -37,7 +37,12 @@ from retina_scale.utils.errors import UserError
 
 
 def class_weights(epoch: int, config: ResampleConfig = ResampleConfig(), labels=None) -> np.ndarray:
-    """``w_t = r**t * w0 + (1 - r**t) * wf`` for epoch ``t`` (``labels`` needed when ``w0="balanced"``)."""
+    """``w_t = r**t * w0 + (1 - r**t) * wf`` for epoch ``t`` (``labels`` needed when ``w0="balanced"``), with
+    grade 1's weight multiplied by ``config.grade1_boost`` (1 by default: o_O's weights).
+
+    >>> class_weights(0, ResampleConfig(w0=(1, 1, 1, 1, 1), grade1_boost=3)).tolist()
+    [1.0, 3.0, 1.0, 1.0, 1.0]
+    """
     if epoch < 0:
         raise UserError(f"epoch must be >= 0, got {epoch}")
     if isinstance(config.w0, str):
@@ -46,7 +51,9 @@ def class_weights(epoch: int, config: ResampleConfig = ResampleConfig(), labels=
     else:
         w0 = np.asarray(config.w0, np.float64)
     decay = config.r ** epoch
-    return decay * w0 + (1 - decay) * np.asarray(config.wf, np.float64)
+    weights = decay * w0 + (1 - decay) * np.asarray(config.wf, np.float64)
+    weights[1] *= config.grade1_boost
+    return weights
 
 
 def draw_epoch(labels: np.ndarray, epoch: int, seed: int, resample: ResampleConfig | None) -> np.ndarray:

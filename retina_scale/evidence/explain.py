@@ -289,6 +289,7 @@ def load_stage(path) -> Explainable:
 
     import retina_scale.models  # noqa: F401  (registers our layers for safe_mode loading)
     from retina_scale.grading.thresholds import DEFAULT_THRESHOLDS
+    from retina_scale.models.convnet import regression_model
     from retina_scale.serving.export import run_preprocessing
     from retina_scale.utils.fileio import read_json
 
@@ -302,7 +303,7 @@ def load_stage(path) -> Explainable:
     if keras_file.suffix != ".keras" or not keras_file.is_file():
         raise UserError(f"{path} is not a model to explain: expected a run folder, a stage folder with best.keras "
                         "(a finished stage), a .keras file or an export")
-    model = keras.saving.load_model(keras_file, safe_mode=True)
+    model = regression_model(keras.saving.load_model(keras_file, safe_mode=True))  # the grade alone (issue 14's aux)
     result = (read_json(stage.state).get("result") or {}) if stage.state.is_file() else {}
     thresholds = tuple(float(t) for t in (result.get("thresholds") or DEFAULT_THRESHOLDS))
     notes = [] if RunLayout(stage.run_root).config.is_file() else [

@@ -351,6 +351,7 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
     summary = {
         "run_dir": str(run_dir),
         "width": width,
+        "data": data_summary(run),
         "stages": [_stage_summary(s, (hit_rates or {}).get(s["stage"])) for s in stages],
         "complexity": records,
         "scratch": _strip_curves(comparison),
@@ -364,6 +365,60 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
     _write_text(files.markdown, text)
     summary["report_md"] = str(files.markdown)
     return summary
+
+
+def data_summary(run: dict) -> dict:
+    """What the run's photos were (``load_run``'s dict): ``data`` (the config's folder; None: the run's own
+    synthetic set), ``normalize`` (``none`` or ``graham``), ``prior`` (the class prior a synthetic set was drawn
+    from, read from its ``summary.json``: ``{"name": "eyepacs" | "balanced" | None, "fractions": [5 numbers]}``;
+    None for photos the generator did not make) and ``grades`` (per split, the number of photos of each grade
+    0-4, from the run's ``splits.csv``; None without one). Issue 14: a study of mild DR may enrich its share, so
+    the report says which prior it used."""
+    cfg = run["config"].get("data") or {}
+    layout = RunLayout(run["dir"])
+    summary_file = (Path(cfg["data"]) if cfg.get("data") else layout.synthetic) / "summary.json"
+    prior = None
+    if summary_file.is_file():
+        made = _read_json(summary_file)
+        if isinstance(made, dict) and "levels" in made and len(made.get("prior") or ()) == 5:
+            prior = {"name": _prior_name(made["prior"]), "fractions": [float(p) for p in made["prior"]]}
+    return {"data": cfg.get("data"), "normalize": cfg.get("normalize", "none"), "prior": prior,
+            "grades": _split_grades(layout.splits) if layout.splits.is_file() else None}
+
+
+def _prior_name(fractions) -> str | None:
+    """The generator's name for these five fractions (``data.synthetic.plan.PRIORS``), or None."""
+    from retina_scale.data.synthetic.plan import PRIORS
+
+    for name, values in PRIORS.items():
+        total = sum(values)
+        if all(abs(float(f) - v / total) <= 1e-6 for f, v in zip(fractions, values)):
+            return name
+    return None
+
+
+def _split_grades(splits_csv) -> dict[str, list[int]]:
+    """``{split: [photos of grade 0, ..., 4]}`` of a run's ``splits.csv`` (unlabelled rows left out)."""
+    import csv
+
+    counts: dict[str, list[int]] = {}
+    with open(splits_csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            label = (row.get("label") or "").strip()
+            if label.isdigit() and int(label) < 5:
+                counts.setdefault(row["split"], [0] * 5)[int(label)] += 1
+    return {split: counts[split] for split in ("train", "val", "test") if split in counts}
+
+
+def _data_line(data: dict) -> str:
+    """REPORT.md's line on the photos: where from, the class prior, the normalisation, grades per split."""
+    prior = data["prior"]
+    where = f"`{data['data']}`" if data["data"] else "the run's own synthetic set"
+    drawn = ("" if prior is None else f", drawn with the {prior['name'] or 'custom'} class prior "
+             f"({', '.join(f'{f:.3f}' for f in prior['fractions'])} for grades 0-4)")
+    grades = "; ".join(f"{split} {'/'.join(map(str, n))}" for split, n in (data["grades"] or {}).items())
+    return (f"Photos: {where}{drawn}; colour normalisation {data['normalize']}"
+            + (f"; photos per grade 0/1/2/3/4: {grades}" if grades else "") + ".")
 
 
 def _stage_summary(s: dict, hit_rates: dict | None = None) -> dict:
@@ -434,7 +489,8 @@ def _header_section(run, summary, throughput, study) -> list[str]:
               f"global batch {cfg.get('global_batch_size', '?')}; optimiser {(cfg.get('optim') or {}).get('name', '?')}; "
               f"strategy {run['report'].get('strategy')} x{run['report'].get('replicas')}.",
               f"Machine: {machine.get('platform')}, {machine.get('cpus')} CPUs"
-              + (f", TensorFlow {machine['tensorflow']}, Keras {machine['keras']}" if "tensorflow" in machine else "") + "."]
+              + (f", TensorFlow {machine['tensorflow']}, Keras {machine['keras']}" if "tensorflow" in machine else "") + ".",
+              _data_line(summary["data"])]
     if study:
         lines.append("Wall time per step: " + ", ".join(f"{k.replace('_seconds', '')} {v:.0f} s" for k, v in study.items()) + ".")
     lines.append("")

@@ -16,7 +16,7 @@ One study folder (:class:`retina_scale.run_layout.StudyLayout`) holds everything
 Every step is skipped when its result is already there, so an interrupted study resumes where it
 stopped (the runs themselves resume mid-stage).
 
-Example (it trains for about an hour, so it is not run as a doctest; ``retina-scale study`` runs it)::
+Example (it trains for an hour or more, so it is not run as a doctest; ``retina-scale study`` runs it)::
 
     from retina_scale.config import load_train_config
     summary = run_study("runs/resolution-study", load_train_config("study"))

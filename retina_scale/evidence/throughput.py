@@ -69,7 +69,7 @@ def train_images_per_second(config, spec, steps: int = 20, warmup: int = 3, min_
     batch = config.global_batch_size
     model = build_stage_model(config, spec)
     optimizer = make_optimizer(config.optim)
-    trainer = DistributedTrainer(model, optimizer, strategy, batch)
+    trainer = DistributedTrainer(model, optimizer, strategy, batch, loss=config.loss)
     size = spec.input_size
     image = tf.random.stateless_uniform((size, size, 3), seed=(5, 6), maxval=255.0)
     examples = tf.data.Dataset.from_tensors((image, tf.constant(2.0))).repeat()

@@ -4,7 +4,8 @@ The counts follow the conventions of the paper's Fig. 4 (as far as its numbers l
 
 - weights: every trainable and non-trainable parameter (``model.count_params()``);
 - multiply-adds: convolutions (``out_h * out_w * out_c * k_h * k_w * in_c``) and dense layers
-  (``in * out``), per image; biases, activations and pooling are not counted;
+  (``in * out``), per image, and the attention pooling's scoring (a 1x1 convolution to one channel:
+  ``h * w * c``); biases, activations and pooling are not counted;
 - activations: the output values, per image, of every layer that computes a new tensor
   (convolutions, pooling, dense, maxout). Element-wise layers that run in place (leaky ReLU, dropout,
   the input rescaling) and views (flatten) are not counted again.
@@ -17,7 +18,7 @@ import math
 
 import keras
 
-from retina_scale.models.layers import GridRMSPool2D, Maxout, RMSPool2D
+from retina_scale.models.layers import AttentionPool2D, GridMaxPool2D, GridRMSPool2D, Maxout, RMSPool2D
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import atomic_path
 from retina_scale.utils.tables import number, text_table
@@ -37,6 +38,8 @@ _COUNTED_OUTPUTS = (
     keras.layers.AveragePooling2D,
     RMSPool2D,
     GridRMSPool2D,
+    GridMaxPool2D,
+    AttentionPool2D,
     Maxout,
 )
 
@@ -72,18 +75,23 @@ class ModelComplexity:
         return sum(layer.activations for layer in self.layers)
 
 
-def _chain(model: keras.Model) -> list[keras.layers.Layer]:
-    """The model's layers in order, checking that it is a simple chain (as every stage is)."""
+def _chain(model: keras.Model) -> list[tuple[keras.layers.Layer, int]]:
+    """The model's layers in order, each with the index (-1: the model's input) of the earlier layer whose output
+    it takes, checking that it is a chain (as every stage is), or a chain with a branch off one of its layers
+    (an auxiliary head beside the grade's)."""
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    previous = model.inputs[0]
+    sources = [model.inputs[0]]
+    out = []
     for layer in layers:
-        if layer.input is not previous:
+        found = [i for i, tensor in enumerate(sources) if layer.input is tensor]
+        if not found or (found[0] != len(sources) - 1 and layer is not layers[-1]):
             raise UserError(
-                f"count_complexity handles chains of layers only; layer {layer.name!r} does not "
-                "take the previous layer's output"
+                f"count_complexity handles chains of layers only (and a last layer branching off one of them); "
+                f"layer {layer.name!r} does not take the previous layer's output"
             )
-        previous = layer.output
-    return layers
+        out.append((layer, found[0] - 1))
+        sources.append(layer.output)
+    return out
 
 
 def count_complexity(model: keras.Model, input_size: int | tuple[int, int]) -> ModelComplexity:
@@ -92,20 +100,25 @@ def count_complexity(model: keras.Model, input_size: int | tuple[int, int]) -> M
     Shapes are propagated through the built layers with ``compute_output_shape``; nothing is run.
 
     Args:
-        model: a chain-shaped functional model, such as ``build_model(...)`` returns.
+        model: a chain-shaped functional model, such as ``build_model(...)`` returns (its last layer may
+            branch off an earlier one, as the auxiliary head ``head_aux`` does).
         input_size: the image's side in pixels, or ``(height, width)``.
     """
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-    shape = (1, height, width, model.inputs[0].shape[-1])
+    shapes = []  # the output shape of each layer so far
     rows = []
-    for layer in _chain(model):
+    for layer, source in _chain(model):
+        shape = shapes[source] if source >= 0 else (1, height, width, model.inputs[0].shape[-1])
         out_shape = tuple(layer.compute_output_shape(shape))
+        shapes.append(out_shape)
         macs = 0
         if isinstance(layer, keras.layers.Conv2D):
             kh, kw, in_c, out_c = layer.kernel.shape
             macs = math.prod(out_shape[1:3]) * out_c * kh * kw * in_c
         elif isinstance(layer, keras.layers.Dense):
             macs = shape[-1] * out_shape[-1]
+        elif isinstance(layer, AttentionPool2D):  # its scoring is a 1x1 convolution to one channel
+            macs = math.prod(shape[1:])
         rows.append(
             LayerComplexity(
                 name=layer.name,
@@ -116,7 +129,6 @@ def count_complexity(model: keras.Model, input_size: int | tuple[int, int]) -> M
                 activations=math.prod(out_shape[1:]) if isinstance(layer, _COUNTED_OUTPUTS) else 0,
             )
         )
-        shape = out_shape
     return ModelComplexity(model.name, height, rows)
 
 

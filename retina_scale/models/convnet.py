@@ -16,6 +16,21 @@ xlarge       1792   large + MP, C3-2048 x2 (our extension: channels keep doublin
 Head (every stage): RMS pooling to 2x2, flatten, Dense-1024, Maxout-512, Dropout, Dense-1024,
 Maxout-512, one linear unit (the grade as a regression).
 
+Options that depart from the paper (ours, issue 14; the defaults are the paper's design):
+
+- ``head_pooling``: ``"rms"`` (the paper's ``GridRMSPool2D(grid=2)``, layer ``head_rmspool``), ``"max"``
+  (``GridMaxPool2D(grid=2)``, layer ``head_maxpool``: the same 2x2 grid, so the head's input has the same
+  shape, 2x2 x channels, and every head layer has the same weights' shapes as with ``rms``) or
+  ``"attention"`` (``AttentionPool2D``, layer ``head_attnpool``: one pooled vector, so ``head_dense1``'s input
+  is the channels alone, a quarter of the grid's; the pooling's own scoring kernel has one weight per channel
+  of the last block). Between stages the poolings transfer as the head always does: ``head_dense1`` (and
+  ``head_attnpool``, whose channels grow with the stage too) start afresh, everything after them is carried.
+- ``aux``: ``"none"`` (one output), or an auxiliary output ``head_aux`` beside ``head_grade``, on the same
+  features (the second maxout): 4 ordinal logits (``"ordinal"``: ``grade > k`` for k = 0..3) or 5 class
+  logits (``"classification"``). The model then returns ``[grade, aux logits]``; :func:`grade_output` picks
+  the grade, and :func:`regression_model` gives the same network without ``head_aux`` (what exports,
+  evaluation and explanations use). ``head_aux`` has the same shape at every stage, so it is carried.
+
 Layer names are the key for weight transfer between stages (``retina_scale.models.transfer``), so
 they are stable: ``block3_conv2`` is the same layer in every stage that has it.
 """
@@ -29,18 +44,23 @@ import zlib
 import keras
 
 from retina_scale.config import (  # noqa: F401
+    AUX_LOSSES,
     BASE_SIZE,
+    HEAD_POOLINGS,
+    NUM_GRADES,
     STAGE_NAMES,
     stage_index,
     stage_name,
     stage_size,
 )
-from retina_scale.models.layers import GridRMSPool2D, Maxout, RGBRescale
+from retina_scale.models.layers import AttentionPool2D, GridMaxPool2D, GridRMSPool2D, Maxout, RGBRescale
 from retina_scale.utils.errors import UserError
 
 FEATURE_MAP_SIZE = 7
 """Height and width of the last feature map at every stage's own input size."""
 
+AUX_UNITS = {"ordinal": NUM_GRADES - 1, "classification": NUM_GRADES}
+"""Logits of the auxiliary output ``head_aux``: one per ``grade > k`` (k = 0..3), or one per grade."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +178,11 @@ class RetinaConvNet(keras.Model):
 
     The model takes float RGB images with values in ``[0, 255]`` of any height and width (at least
     the stage's input size divided by 16, so that the last feature map is 2x2 or larger) and returns
-    one continuous grade per image, shape ``(batch, 1)``. At the stage's own input size it is exactly
-    the paper's design; at other sizes the head's RMS pooling adapts its window (see
-    ``GridRMSPool2D``). Its config is its constructor's arguments (as keras-hub models do), so a
-    ``.keras`` file records which stage and width it is.
+    one continuous grade per image, shape ``(batch, 1)`` (with an auxiliary head, ``[grade, aux logits]``).
+    At the stage's own input size it is exactly the paper's design (with the default ``head_pooling`` and
+    ``aux``); at other sizes the head's grid pooling adapts its window (see ``GridRMSPool2D``). Its config
+    is its constructor's arguments (as keras-hub models do), so a ``.keras`` file records which stage and
+    width it is.
 
     Args:
         stage: ``"tiny"``, ``"small"``, ``"median"``, ``"large"``, ``"xlarge"``, ``"stageN"``, an
@@ -180,6 +201,9 @@ class RetinaConvNet(keras.Model):
         min_filters: a floor on every convolution block's filters after ``width`` (0: none), e.g. 16 so
             that a thin net's first blocks feed the CPU's vector units; layer names stay the same, so
             stages built with the same floor transfer weights as before.
+        head_pooling: ``"rms"`` (the paper's), ``"max"`` or ``"attention"`` (ours; see the module docstring).
+        aux: ``"none"`` (the paper's one output), ``"ordinal"`` or ``"classification"``: an auxiliary
+            output ``head_aux``, and the model returns ``[grade, aux logits]`` (see the module docstring).
         name: the model's name; defaults to ``retina_<stage>``.
 
     Example:
@@ -201,6 +225,8 @@ class RetinaConvNet(keras.Model):
         kernel_initializer="orthogonal",
         seed: int | None = None,
         min_filters: int = 0,
+        head_pooling: str = "rms",
+        aux: str = "none",
         name: str | None = None,
         **kwargs,
     ):
@@ -215,11 +241,17 @@ class RetinaConvNet(keras.Model):
             raise UserError(f"l2 must be >= 0; got {l2!r}")
         if isinstance(min_filters, bool) or not isinstance(min_filters, int) or min_filters < 0:
             raise UserError(f"min_filters must be a whole number >= 0 (0: no floor); got {min_filters!r}")
+        if head_pooling not in HEAD_POOLINGS:
+            raise UserError(f"head_pooling must be one of {', '.join(HEAD_POOLINGS)}; got {head_pooling!r}")
+        if aux not in AUX_LOSSES:
+            raise UserError(f"aux must be one of {', '.join(AUX_LOSSES)}; got {aux!r}")
         inputs, outputs = _build_graph(spec, width, dropout, leaky_slope, l2, head_units,
-                                       kernel_initializer, seed, min_filters)
+                                       kernel_initializer, seed, min_filters, head_pooling, aux)
         super().__init__(inputs, outputs, name=name or f"retina_{spec.name}", **kwargs)
         self.stage = spec
         self.width = float(width)
+        self.head_pooling = head_pooling
+        self.aux = aux
         self._args = dict(
             stage=spec.name, width=float(width), dropout=dropout, leaky_slope=leaky_slope, l2=l2,
             head_units=head_units, seed=seed,
@@ -227,6 +259,10 @@ class RetinaConvNet(keras.Model):
         )
         if min_filters:  # absent when off, so configs (and .keras files) of earlier models stay as they were
             self._args["min_filters"] = int(min_filters)
+        if head_pooling != "rms":  # the same: absent at the paper's design
+            self._args["head_pooling"] = head_pooling
+        if aux != "none":
+            self._args["aux"] = aux
 
     @property
     def input_size(self) -> int:
@@ -245,7 +281,51 @@ class RetinaConvNet(keras.Model):
         return cls(**config)
 
 
-def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initializer, seed, min_filters=0):
+def grade_output(outputs):
+    """The grade ``(batch, 1)`` among a model's outputs: the outputs themselves for a one-output model, the first
+    of ``[grade, aux logits]`` for a model with an auxiliary head."""
+    return outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+
+
+def regression_model(model):
+    """``model`` itself unless it has an auxiliary head; else the same network without ``head_aux``: a
+    ``RetinaConvNet`` of the same configuration (``aux="none"``, built under Keras's current dtype policy)
+    holding ``model``'s weights layer by layer, whose one output is the grade.
+
+    Example:
+    >>> import numpy as np
+    >>> both = build_model("tiny", width=0.125, seed=0, aux="ordinal")
+    >>> grade = regression_model(both)
+    >>> x = np.zeros((1, 112, 112, 3))
+    >>> len(both(x)), bool(np.array_equal(np.asarray(grade(x)), np.asarray(both(x)[0])))
+    (2, True)
+    """
+    if getattr(model, "aux", "none") == "none":
+        return model
+    config = {k: v for k, v in model.get_config().items() if k != "aux"}
+    copy = RetinaConvNet.from_config(config)
+    for layer in copy.layers:
+        if layer.weights:
+            layer.set_weights(model.get_layer(layer.name).get_weights())
+    return copy
+
+
+_POOLINGS = {"rms": (GridRMSPool2D, "head_rmspool"), "max": (GridMaxPool2D, "head_maxpool"),
+             "attention": (AttentionPool2D, "head_attnpool")}
+
+
+def _head_pooling(x, head_pooling, kernel_initializer, regularizer):
+    """The head's pooling layer (its name says which pooling, so transfer by name never mixes two kinds)."""
+    layer, name = _POOLINGS[head_pooling]
+    if head_pooling != "attention":
+        return layer(grid=2, name=name)(x)
+    # A zero scoring kernel starts as mean pooling; a shape-only build keeps its own initializer.
+    init = "zeros" if kernel_initializer == "orthogonal" else kernel_initializer
+    return layer(kernel_initializer=init, kernel_regularizer=regularizer, name=name)(x)
+
+
+def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initializer, seed, min_filters=0,
+                 head_pooling="rms", aux="none"):
     regularizer = keras.regularizers.L2(l2) if l2 > 0 else None
     conv_gain = math.sqrt(2.0 / (1.0 + leaky_slope**2))
 
@@ -268,7 +348,7 @@ def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initi
             x = keras.layers.LeakyReLU(negative_slope=leaky_slope, name=f"{layer_name}_lrelu")(x)
 
     units = scaled(head_units, width)
-    x = GridRMSPool2D(grid=2, name="head_rmspool")(x)
+    x = _head_pooling(x, head_pooling, kernel_initializer, regularizer)
     x = keras.layers.Flatten(name="head_flatten")(x)
     for k in (1, 2):
         layer_name = f"head_dense{k}"
@@ -290,4 +370,13 @@ def _build_graph(spec, width, dropout, leaky_slope, l2, head_units, kernel_initi
         name="head_grade",
         dtype="float32",
     )(x)
-    return inputs, outputs
+    if aux == "none":
+        return inputs, outputs
+    aux_logits = keras.layers.Dense(
+        AUX_UNITS[aux],
+        kernel_initializer=_initializer(kernel_initializer, seed, "head_aux"),
+        kernel_regularizer=regularizer,
+        name="head_aux",
+        dtype="float32",
+    )(x)
+    return inputs, [outputs, aux_logits]

@@ -1,6 +1,7 @@
-"""The two layers of the paper's head that Keras does not ship: RMS pooling and Maxout.
+"""The two layers of the paper's head that Keras does not ship: RMS pooling and Maxout; and, ours (issue 14),
+the head's other poolings: a grid max pooling and a learned attention pooling.
 
-Both are written with ``keras.ops`` only (backend-neutral) and registered serializable, so a model that
+All are written with ``keras.ops`` only (backend-neutral) and registered serializable, so a model that
 uses them saves to ``.keras`` and loads back with ``safe_mode=True``.
 """
 
@@ -81,8 +82,51 @@ class RMSPool2D(keras.layers.Layer):
         return config
 
 
+class _GridPool2D(keras.layers.Layer):
+    """Pooling onto a fixed ``grid x grid`` output, whatever the input's height and width (the reduction is the
+    subclass's ``_reduce`` over axes 2 and 4 of the ``(batch, grid, step_h, grid, step_w, channels)`` blocks).
+
+    Window and stride are both ``floor(n / grid)`` along each axis, computed at run time, and the remainder
+    rows/columns at the far edge are dropped, exactly as valid pooling drops them.
+    """
+
+    def __init__(self, grid=2, **kwargs):
+        super().__init__(**kwargs)
+        if int(grid) < 1:
+            raise UserError(f"grid must be a positive int; got {grid!r}")
+        self.grid = int(grid)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def _reduce(self, blocks):
+        raise NotImplementedError
+
+    def call(self, inputs):
+        g = self.grid
+        shape = ops.shape(inputs)
+        batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+        step_h = height // g
+        step_w = width // g
+        cropped = inputs[:, : step_h * g, : step_w * g, :]
+        return self._reduce(ops.reshape(cropped, (batch, g, step_h, g, step_w, channels)))
+
+    def compute_output_shape(self, input_shape):
+        for n in input_shape[1:3]:
+            if n is not None and n < self.grid:
+                raise UserError(
+                    f"{type(self).__name__}(grid={self.grid}) needs a feature map of at least "
+                    f"{self.grid}x{self.grid}; got {input_shape[1]}x{input_shape[2]} "
+                    "(the input image is too small for this stage)"
+                )
+        return (input_shape[0], self.grid, self.grid, input_shape[3])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(grid=self.grid)
+        return config
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class GridRMSPool2D(keras.layers.Layer):
+class GridRMSPool2D(_GridPool2D):
     """RMS pooling onto a fixed ``grid x grid`` output, whatever the input's height and width.
 
     Window and stride are both ``floor(n / grid)`` along each axis, computed at run time, and the
@@ -103,36 +147,92 @@ class GridRMSPool2D(keras.layers.Layer):
     """
 
     def __init__(self, grid=2, epsilon=1e-12, **kwargs):
-        super().__init__(**kwargs)
-        if int(grid) < 1:
-            raise UserError(f"grid must be a positive int; got {grid!r}")
-        self.grid = int(grid)
+        super().__init__(grid, **kwargs)
         self.epsilon = float(epsilon)
-        self.input_spec = keras.layers.InputSpec(ndim=4)
 
-    def call(self, inputs):
-        g = self.grid
-        shape = ops.shape(inputs)
-        batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
-        step_h = height // g
-        step_w = width // g
-        cropped = inputs[:, : step_h * g, : step_w * g, :]
-        blocks = ops.reshape(ops.square(cropped), (batch, g, step_h, g, step_w, channels))
-        return ops.sqrt(ops.mean(blocks, axis=(2, 4)) + self.epsilon)
-
-    def compute_output_shape(self, input_shape):
-        for n in input_shape[1:3]:
-            if n is not None and n < self.grid:
-                raise UserError(
-                    f"GridRMSPool2D(grid={self.grid}) needs a feature map of at least "
-                    f"{self.grid}x{self.grid}; got {input_shape[1]}x{input_shape[2]} "
-                    "(the input image is too small for this stage)"
-                )
-        return (input_shape[0], self.grid, self.grid, input_shape[3])
+    def _reduce(self, blocks):
+        return ops.sqrt(ops.mean(ops.square(blocks), axis=(2, 4)) + self.epsilon)
 
     def get_config(self):
         config = super().get_config()
-        config.update(grid=self.grid, epsilon=self.epsilon)
+        config.update(epsilon=self.epsilon)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class GridMaxPool2D(_GridPool2D):
+    """Max pooling onto a fixed ``grid x grid`` output: the windows of :class:`GridRMSPool2D` (on a 7x7 map
+    with ``grid=2``: ``[0:3]`` and ``[3:6]`` of each axis), each reduced by its maximum rather than its root
+    mean square. One strong activation in a 3x3 window keeps its value (RMS divides it by 3). Ours, not the
+    paper's (issue 14); the output has the same shape as the RMS pooling's, so the head after it is unchanged.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.zeros((1, 7, 7, 1)); x[0, 1, 1, 0] = 6.0
+    >>> keras.ops.convert_to_numpy(GridMaxPool2D(2)(x))[0, :, :, 0].tolist()
+    [[6.0, 0.0], [0.0, 0.0]]
+    """
+
+    def _reduce(self, blocks):
+        return ops.max(blocks, axis=(2, 4))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class AttentionPool2D(keras.layers.Layer):
+    """Learned spatial attention pooling: ``(batch, h, w, c) -> (batch, c)``.
+
+    A 1x1 convolution (a kernel of ``c`` weights, no bias: the softmax ignores a constant) scores every
+    position, a softmax over the ``h * w`` positions turns the scores into weights summing to 1, and the output
+    is the weighted sum of the feature vectors. Ours, not the paper's (issue 14): one small lesion's position
+    can take most of the weight, where an average or RMS over a window dilutes it. The default zero kernel
+    starts as mean pooling (every position weighted ``1 / (h * w)``); the softmax is computed in float32
+    under any dtype policy.
+
+    Args:
+        kernel_initializer: of the scoring kernel ``(c, 1)``.
+        kernel_regularizer: of the scoring kernel.
+
+    Example:
+    >>> import numpy as np
+    >>> x = np.arange(2 * 3 * 3 * 2, dtype="float32").reshape(2, 3, 3, 2)
+    >>> pool = AttentionPool2D()
+    >>> out = keras.ops.convert_to_numpy(pool(x))
+    >>> out.shape, bool(np.allclose(out, x.mean(axis=(1, 2))))  # zero kernel: mean pooling
+    ((2, 2), True)
+    """
+
+    def __init__(self, kernel_initializer="zeros", kernel_regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise UserError("AttentionPool2D needs a known number of channels (the last axis)")
+        self.kernel = self.add_weight(name="kernel", shape=(int(channels), 1), initializer=self.kernel_initializer,
+                                      regularizer=self.kernel_regularizer)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: int(channels)})
+
+    def attention(self, inputs):
+        """The weights of each position, ``(batch, h, w)``, float32, summing to 1 over ``h, w``."""
+        shape = ops.shape(inputs)
+        scores = ops.cast(ops.matmul(inputs, ops.cast(self.kernel, inputs.dtype)), "float32")
+        weights = ops.softmax(ops.reshape(scores, (shape[0], shape[1] * shape[2])), axis=-1)
+        return ops.reshape(weights, (shape[0], shape[1], shape[2]))
+
+    def call(self, inputs):
+        weights = ops.cast(self.attention(inputs), inputs.dtype)
+        return ops.sum(inputs * weights[..., None], axis=(1, 2))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+                      kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer))
         return config
 
 

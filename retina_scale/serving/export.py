@@ -430,7 +430,9 @@ def export_saved_model(
 
     Args:
         model: a built ``RetinaConvNet`` (``retina_scale.models.build_model``); its stage and input
-            size are recorded, and images are resized in the graph to its input size.
+            size are recorded, and images are resized in the graph to its input size. A model with an
+            auxiliary head (``aux``, issue 14) is exported without it
+            (``retina_scale.models.convnet.regression_model``): the export serves the grade alone.
         base_dir: the folder holding one sub-folder per model name (``saved_models``); created if
             missing.
         model_name: the model's folder name (letters, digits, ``.``, ``_``, ``-``).
@@ -454,7 +456,10 @@ def export_saved_model(
     """
     user = _check_arguments(model, model_name, version, keep, metadata)
     thresholds = validate_thresholds(thresholds, NUM_GRADES)
+    from retina_scale.models.convnet import regression_model
     from retina_scale.serving.preprocess import preprocess_spec
+
+    model = regression_model(model)
 
     preprocess_spec(user.get("preprocessing"), int(model.input_size))  # a bad record fails before any write
     model_dir = Path(base_dir) / model_name

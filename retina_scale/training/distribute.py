@@ -14,6 +14,10 @@ and ``MultiWorkerMirroredStrategy`` alike:
   replicas of all workers run the same number of steps (an uneven last batch would hang the
   collective ops of a multi-worker run) and predictions are gathered back to every worker.
 
+The loss is the squared error of the grade (the paper's MSE), per example, plus, for a model with an
+auxiliary head (``loss.aux``, issue 14; the model then returns ``[grade, aux logits]``), ``loss.aux_weight``
+times that head's per-example loss (:func:`per_example_loss`); evaluation reads the grade alone.
+
 This module is TensorFlow code (distribution belongs here); the models stay ``keras.ops``-only.
 """
 
@@ -25,8 +29,37 @@ import os
 
 import numpy as np
 
-from retina_scale.config import STRATEGIES
+from retina_scale.config import NUM_GRADES, STRATEGIES, LossConfig
 from retina_scale.utils.errors import UserError
+
+
+def per_example_loss(outputs, labels, aux: str = "none", aux_weight: float = 0.0):
+    """The training loss of each example, float32 ``(batch,)``: ``(grade - label)**2``, plus ``aux_weight``
+    times the auxiliary head's loss when ``aux`` is not ``none`` (``outputs`` is then ``[grade, aux logits]``):
+
+    - ``ordinal``: 4 logits, the mean over k = 0..3 of the sigmoid cross-entropy of logit k against
+      ``label > k``;
+    - ``classification``: 5 logits, the softmax cross-entropy against the grade (the label rounded, in 0..4).
+
+    With ``aux_weight`` 0 the value is the squared error exactly (the auxiliary term is finite, times 0).
+    """
+    import tensorflow as tf
+
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.float32)
+    if aux == "none":
+        return tf.square(tf.cast(tf.reshape(outputs, [-1]), tf.float32) - labels)
+    grade, logits = outputs[0], tf.cast(outputs[1], tf.float32)
+    squared = tf.square(tf.cast(tf.reshape(grade, [-1]), tf.float32) - labels)
+    if aux == "ordinal":
+        cuts = tf.range(NUM_GRADES - 1, dtype=tf.float32) + 0.5  # label > k, for whole grades k = 0..3
+        targets = tf.cast(labels[:, None] > cuts[None, :], tf.float32)
+        term = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=logits), axis=-1)
+    elif aux == "classification":
+        classes = tf.cast(tf.clip_by_value(tf.round(labels), 0, NUM_GRADES - 1), tf.int32)
+        term = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=classes, logits=logits)
+    else:
+        raise UserError(f"unknown auxiliary loss {aux!r}; accepted: none, ordinal, classification")
+    return squared + float(aux_weight) * term
 
 
 def choose_strategy(name: str = "auto"):
@@ -107,11 +140,13 @@ class DistributedTrainer:
     The model and optimizer must be created inside ``strategy.scope()``.
 
     Args:
-        model: a Keras model with one regression output ``(batch, 1)``.
+        model: a Keras model with one regression output ``(batch, 1)``, or, with ``loss.aux``, the outputs
+            ``[grade, aux logits]`` of a ``RetinaConvNet`` built with the same ``aux``.
         optimizer: a Keras optimizer created under the same strategy.
         strategy: the ``tf.distribute.Strategy``.
         global_batch_size: examples per step over all replicas of all workers; must be a multiple
             of ``strategy.num_replicas_in_sync``.
+        loss: the run's ``LossConfig`` (None: the squared error of the grade alone, the paper's).
 
     Example (ten steps on random 112 px images; ``tests/training/distributed_worker.py`` runs the same
     under each strategy)::
@@ -136,8 +171,10 @@ class DistributedTrainer:
         loss = trainer.train_steps(trainer.distribute_training(make_examples), steps=10)
     """
 
-    def __init__(self, model, optimizer, strategy, global_batch_size: int):
+    def __init__(self, model, optimizer, strategy, global_batch_size: int, loss: LossConfig | None = None):
         import tensorflow as tf
+
+        from retina_scale.models.convnet import grade_output
 
         replicas = strategy.num_replicas_in_sync
         if global_batch_size < 1 or global_batch_size % replicas:
@@ -145,6 +182,11 @@ class DistributedTrainer:
                 f"global batch size {global_batch_size} must be a positive multiple of the "
                 f"{replicas} replica(s) in sync"
             )
+        loss = loss or LossConfig()
+        if getattr(model, "aux", "none") != loss.aux:
+            raise UserError(f"the model's auxiliary head is {getattr(model, 'aux', 'none')!r} but loss.aux is "
+                            f"{loss.aux!r}; build the model with aux={loss.aux!r}")
+        aux, aux_weight = loss.aux, loss.aux_weight
         self.model = model
         self.optimizer = optimizer
         self.strategy = strategy
@@ -160,8 +202,8 @@ class DistributedTrainer:
                 weights = tf.ones_like(labels, tf.float32)
             with tf.GradientTape() as tape:
                 # The loss in float32 whatever the model computes in (a mixed-precision policy's bf16).
-                predictions = tf.cast(tf.reshape(model(images, training=True), [-1]), tf.float32)
-                per_example = tf.square(predictions - tf.cast(labels, tf.float32)) * tf.cast(weights, tf.float32)
+                per_example = (per_example_loss(model(images, training=True), labels, aux, aux_weight)
+                               * tf.cast(weights, tf.float32))
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
                 if model.losses:
                     penalties = [tf.cast(penalty, tf.float32) for penalty in model.losses]
@@ -171,7 +213,7 @@ class DistributedTrainer:
             return loss
 
         def replica_predict(images, labels, weights, keys):
-            predictions = tf.cast(tf.reshape(model(images, training=False), [-1]), tf.float32)
+            predictions = tf.cast(tf.reshape(grade_output(model(images, training=False)), [-1]), tf.float32)
             return predictions, tf.cast(labels, tf.float32), tf.cast(weights, tf.float32), tf.cast(keys, tf.int64)
 
         @tf.function

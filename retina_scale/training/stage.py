@@ -146,7 +146,8 @@ def build_stage_model(config: TrainConfig, spec, policy: str | None = None):
     m = config.model
     with dtype_policy(policy or machine_precision(config.precision)):
         return build_model(spec, width=m.width, dropout=m.dropout, leaky_slope=m.leaky_slope, l2=m.l2,
-                           seed=config.seed if m.seed is None else m.seed, min_filters=m.min_filters)
+                           seed=config.seed if m.seed is None else m.seed, min_filters=m.min_filters,
+                           head_pooling=m.head_pooling, aux=config.loss.aux)
 
 
 @contextlib.contextmanager
@@ -300,7 +301,8 @@ def check_same_config(layout: RunLayout, config: TrainConfig) -> None:
         return
     old = to_dict(load_config(TrainConfig, layout.config))
     new = to_dict(config)
-    keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim", "selection")
+    keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim", "selection",
+            "loss")
     changed = [k for k in keep if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(

@@ -255,7 +255,8 @@ class StepwiseScaler:
         with self.strategy.scope():
             run.optimizer = make_optimizer(self.config.optim, weight_decay=hparams.get("weight_decay"),
                                            momentum=hparams.get("momentum"))
-        run.trainer = DistributedTrainer(run.model, run.optimizer, self.strategy, run.batch_size)  # builds it
+        run.trainer = DistributedTrainer(run.model, run.optimizer, self.strategy, run.batch_size,  # builds it
+                                         loss=self.config.loss)
 
     @staticmethod
     def _restore_last_good(run: _StageRun) -> None:

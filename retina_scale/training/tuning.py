@@ -277,7 +277,7 @@ class StageTuner(keras_tuner.Tuner):
         if key not in self.trainers:
             with strategy.scope():
                 optimizer = make_optimizer(self.config.optim, weight_decay=key[1], momentum=key[2])
-            self.trainers[key] = DistributedTrainer(self._model, optimizer, strategy, key[0])
+            self.trainers[key] = DistributedTrainer(self._model, optimizer, strategy, key[0], loss=self.config.loss)
             self._trial_inputs[key] = TrialInputs(self.trainers[key], *self._stage_inputs())
         restore_checkpoint(self._model, None, self.initial_weights)
         for variable, value in self._model_states:

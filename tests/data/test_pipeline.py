@@ -54,6 +54,42 @@ def test_class_weights_follow_o_o_schedule():
         ResampleConfig(wf=(1, 2))
 
 
+def test_grade1_boost_multiplies_grade_1s_expected_draw_share_as_computed_by_hand():
+    labels = np.repeat(np.arange(5), [7348, 696, 1507, 248, 201])  # EyePACS-like shares
+    counts = [7348, 696, 1507, 248, 201]
+    boost = 3.0
+    # Epoch 0: o_O's w0 per image. Grade 1's share of the draw is n1 * b * w1 / (sum_g n_g w_g + (b - 1) n1 w1).
+    mass = [n * w for n, w in zip(counts, O_O_W0)]
+    plain_share = mass[1] / sum(mass)
+    boosted_share = boost * mass[1] / (sum(mass) + (boost - 1) * mass[1])
+    assert (round(plain_share, 3), round(boosted_share, 3)) == (0.201, 0.43)  # ~ balanced; boosted: 3 x 0.2 of 1.4
+    boosted = ResampleConfig(grade1_boost=boost)
+    drawn = np.concatenate([labels[draw_epoch(labels, e, 0, boosted)] for e in range(4)])  # 4 x 9999 draws
+    plain = np.concatenate([labels[draw_epoch(labels, e, 0, ResampleConfig())] for e in range(4)])
+    # Binomial standard deviation of a share over 40k draws: about 0.0025; the tolerance is 4 of them.
+    assert np.mean(drawn == 1) == pytest.approx(boosted_share, abs=0.01)
+    assert np.mean(plain == 1) == pytest.approx(plain_share, abs=0.01)
+    # The other grades keep their proportions to one another.
+    others = np.bincount(drawn[drawn != 1], minlength=5)[[0, 2, 3, 4]]
+    expected = np.array([mass[0], mass[2], mass[3], mass[4]]) / (sum(mass) - mass[1])
+    np.testing.assert_allclose(others / others.sum(), expected, atol=0.01)
+    # At a later epoch too (the weights have drifted towards wf): the boost applies at every epoch.
+    w = [O_O_R**100 * a + (1 - O_O_R**100) * b for a, b in zip(O_O_W0, O_O_WF)]
+    late_mass = [n * x for n, x in zip(counts, w)]
+    late_share = boost * late_mass[1] / (sum(late_mass) + (boost - 1) * late_mass[1])
+    late = np.concatenate([labels[draw_epoch(labels, 100 + e, 0, boosted)] for e in range(4)])
+    assert np.mean(late == 1) == pytest.approx(late_share, abs=0.01)
+
+
+def test_grade1_boost_of_one_draws_exactly_as_before():
+    labels = np.repeat(np.arange(5), [50, 10, 20, 5, 5])
+    for epoch in (0, 3):
+        np.testing.assert_array_equal(draw_epoch(labels, epoch, 2, ResampleConfig(grade1_boost=1.0)),
+                                      draw_epoch(labels, epoch, 2, ResampleConfig()))
+    np.testing.assert_array_equal(class_weights(5, ResampleConfig(grade1_boost=2.5)) / class_weights(5),
+                                  [1.0, 2.5, 1.0, 1.0, 1.0])
+
+
 def test_resampling_draw_is_deterministic_and_rebalances():
     # EyePACS-like class shares.
     labels = np.repeat(np.arange(5), [7348, 696, 1507, 248, 201])

@@ -230,3 +230,25 @@ def test_an_export_that_is_not_ours_is_refused(thin_export, tmp_path):
     (copy / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="not a retina_scale SavedModel"):
         load_export_model(copy)
+
+
+@pytest.mark.slow  # an export and a .keras file: ~8 s
+def test_a_model_with_issue_14s_head_is_explained_by_its_grade(tmp_path, _fresh_keras_session):
+    from retina_scale.evidence.explain import load_stage
+    from retina_scale.models import build_model
+    from retina_scale.serving.export import export_saved_model
+
+    model = build_model("tiny", width=0.125, seed=3, head_pooling="attention", aux="classification")
+    model.get_layer("head_attnpool").kernel.assign(np.linspace(-1, 1, 16).reshape(16, 1).astype(np.float32))
+    images = np.random.default_rng(1).uniform(0, 255, (2, 112, 112, 3)).astype(np.float32)
+    grade = np.asarray(model(images)[0]).reshape(-1)
+    model.save(tmp_path / "best.keras")
+    # A stage's best.keras keeps its aux head; explain reads the network without it: Grad-CAM of the grade.
+    stage = load_stage(tmp_path / "best.keras")
+    assert stage.model.aux == "none" and stage.model.head_pooling == "attention"
+    heat, scores, _ = grad_cam(stage.model, images)
+    np.testing.assert_allclose(scores, grade, rtol=1e-5, atol=1e-6)
+    assert heat.shape == (2, 112, 112)
+    # An export of it is rebuilt from its model_config (the attention pooling, no aux head) and its weights.
+    target = load_export_model(export_saved_model(model, tmp_path / "exports", "aux"))
+    np.testing.assert_allclose(np.asarray(target.model(images, training=False)).reshape(-1), grade, atol=1e-5)

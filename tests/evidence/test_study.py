@@ -210,16 +210,49 @@ def test_findings_state_the_trend_and_the_overlap():
     assert np.isclose(float(text[0].split("change ")[1].split(" ")[0]), -0.02)
 
 
-@pytest.mark.parametrize("preset, sizes, width", [("study", [112, 224, 448], 0.25),
-                                                  ("study-full", [112, 224, 448, 896], 1.0)])
-def test_study_presets_describe_the_documented_ladders(preset, sizes, width):
+@pytest.mark.parametrize("preset, sizes, width, fundus", [("study", [112, 224, 448, 896], 0.25, 1024),
+                                                          ("study-full", [112, 224, 448, 896], 1.0, 1024)])
+def test_study_presets_describe_the_documented_ladders(preset, sizes, width, fundus):
     from retina_scale.models.convnet import get_stage
 
     config = load_train_config(preset)
     assert [get_stage(s.stage).input_size for s in config.stages] == sizes
     assert config.model.width == width and not config.tune.enabled
-    assert config.data.synth_size >= sizes[-1]
+    assert config.data.synth_size == fundus >= sizes[-1]
     assert all(s.max_seconds is None for s in config.stages)
+    # The paper's design beside the ladder: none of issue 14's levers is on in a preset.
+    assert (config.model.head_pooling, config.loss.aux, config.resample.grade1_boost) == ("rms", "none", 1.0)
+    assert (config.data.normalize, config.data.synth_prior) == ("none", "eyepacs")
+
+
+def test_the_study_passes_graham_normalisation_and_the_levers_through(tmp_path):
+    import argparse
+
+    from retina_scale.commands.study import add_arguments, build_config
+    from retina_scale.evidence.study import study_configs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["data.normalize=graham", "data.synth_prior='0.4,0.4,0.1,0.05,0.05'",
+                              "model.head_pooling=max", "loss.aux=classification", "resample.grade1_boost=2"])
+    ladder = study_configs(build_config(args), tmp_path / "study")
+    assert (ladder.data.normalize, ladder.data.synth_prior) == ("graham", "0.4,0.4,0.1,0.05,0.05")
+    assert (ladder.model.head_pooling, ladder.loss.aux, ladder.resample.grade1_boost) == ("max", "classification", 2)
+    assert ladder.data.cache == str(tmp_path / "study" / "data" / "cache")
+
+
+@pytest.mark.slow
+def test_the_study_report_records_the_class_prior_and_normalisation(study):
+    out, summary = study
+    on_disk = json.loads((out / "report.json").read_text())
+    # small_cache's photos were drawn with the balanced prior (the preset's synth_prior did not make them).
+    assert on_disk["data"]["prior"] == {"name": "balanced", "fractions": [0.2] * 5}
+    assert on_disk["data"]["normalize"] == "none" and on_disk["data"] == summary["data"]
+    grades = on_disk["data"]["grades"]
+    assert set(grades) == {"train", "val", "test"} and sum(map(sum, grades.values())) == 48
+    assert on_disk["stages"][-1]["test_images"] == sum(grades["test"])
+    text = (out / "REPORT.md").read_text()
+    assert "drawn with the balanced class prior (0.200, 0.200, 0.200, 0.200, 0.200 for grades 0-4)" in text
 
 
 @pytest.mark.slow

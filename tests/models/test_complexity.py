@@ -48,3 +48,16 @@ def test_counts_at_other_input_sizes_scale_with_area():
     head = sum(layer.macs for layer in at_112.layers if layer.kind == "Dense")
     assert at_224.macs - head == pytest.approx(4 * (at_112.macs - head), rel=1e-9)
     assert at_224.weights == at_112.weights
+
+
+def test_an_aux_head_and_the_attention_pooling_are_counted():
+    plain = count_complexity(build_model("tiny", width=0.125, kernel_initializer="zeros"), 112)
+    aux = count_complexity(build_model("tiny", width=0.125, aux="classification", kernel_initializer="zeros"), 112)
+    # head_aux: 64 maxout features (512 x 1/8) -> 5 logits.
+    assert (aux.weights - plain.weights, aux.macs - plain.macs) == (64 * 5 + 5, 64 * 5)
+    assert aux.activations - plain.activations == 5
+    att = count_complexity(build_model("tiny", width=0.125, head_pooling="attention", kernel_initializer="zeros"), 112)
+    rows = {r.name: r for r in att.layers}
+    # The scoring kernel is a 1x1 convolution of the 7x7x16 map; head_dense1 then takes 16 features, not 2x2x16.
+    assert (rows["head_attnpool"].macs, rows["head_attnpool"].weights) == (7 * 7 * 16, 16)
+    assert rows["head_dense1"].macs == 16 * 128 and rows["head_attnpool"].output_shape == (16,)

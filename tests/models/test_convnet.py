@@ -168,3 +168,97 @@ def test_a_floored_model_round_trips_through_its_config():
     model = build_model("tiny", width=0.25, min_filters=16, kernel_initializer="zeros")
     again = RetinaConvNet.from_config(model.get_config())
     assert again.get_layer("block1_conv1").filters == 16 and again.count_params() == model.count_params()
+
+
+# ------------------------------------------------------------------ issue 14's options: pooling and aux head
+def _weight_shapes(model):
+    return {layer.name: [tuple(w.shape) for w in layer.weights] for layer in model.layers if layer.weights}
+
+
+def test_max_pooling_changes_the_pooling_layer_and_nothing_else():
+    from retina_scale.models.layers import GridMaxPool2D
+
+    rms = build_model("small", width=0.125, seed=4)
+    mx = build_model("small", width=0.125, seed=4, head_pooling="max")
+    assert isinstance(mx.get_layer("head_maxpool"), GridMaxPool2D)
+    names = [layer.name for layer in rms.layers]
+    assert [layer.name for layer in mx.layers] == [n if n != "head_rmspool" else "head_maxpool" for n in names]
+    # The same 2x2 grid: every weighted layer has the same shapes (and, same seed, the same initial weights).
+    assert _weight_shapes(mx) == _weight_shapes(rms)
+    for layer in rms.layers:
+        for a, b in zip(layer.get_weights(), mx.get_layer(layer.name if layer.name != "head_rmspool"
+                                                          else "head_maxpool").get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert mx.get_config()["head_pooling"] == "max" and "head_pooling" not in rms.get_config()
+
+
+def test_attention_pooling_gives_the_head_one_vector_of_the_last_blocks_channels():
+    from retina_scale.models.layers import AttentionPool2D
+
+    rms = build_model("small", width=0.125, seed=4)
+    att = build_model("small", width=0.125, seed=4, head_pooling="attention")
+    channels = 32  # block 4 of small: 256 x 0.125
+    assert isinstance(att.get_layer("head_attnpool"), AttentionPool2D)
+    assert tuple(att.get_layer("head_attnpool").kernel.shape) == (channels, 1)
+    assert tuple(att.get_layer("head_dense1").kernel.shape) == (channels, 128)
+    assert tuple(rms.get_layer("head_dense1").kernel.shape) == (4 * channels, 128)
+    same = {k: v for k, v in _weight_shapes(rms).items() if k != "head_dense1"}
+    assert {k: v for k, v in _weight_shapes(att).items() if k not in ("head_dense1", "head_attnpool")} == same
+    # It starts as mean pooling (zero scoring kernel), and runs on any input size as the grid poolings do.
+    np.testing.assert_array_equal(np.asarray(att.get_layer("head_attnpool").kernel), 0.0)
+    out = np.asarray(att(np.random.default_rng(0).uniform(0, 255, (2, 180, 250, 3)).astype("float32")))
+    assert out.shape == (2, 1) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("aux, units", [("ordinal", 4), ("classification", 5)])
+def test_aux_head_adds_one_output_and_changes_nothing_else(aux, units):
+    from retina_scale.models.convnet import grade_output
+
+    plain = build_model("tiny", width=0.125, seed=5)
+    both = build_model("tiny", width=0.125, seed=5, aux=aux)
+    x = np.random.default_rng(2).uniform(0, 255, (3, 112, 112, 3)).astype("float32")
+    outputs = both(x)
+    assert isinstance(outputs, list) and [tuple(o.shape) for o in outputs] == [(3, 1), (3, units)]
+    head = both.get_layer("head_aux")
+    assert head.units == units and head.input is both.get_layer("head_maxout2").output
+    assert both.count_params() == plain.count_params() + 64 * units + units  # maxout2 at width 1/8: 64 units
+    # The same seed gives the same network beside the new head: the same grade.
+    np.testing.assert_array_equal(np.asarray(grade_output(outputs)), np.asarray(plain(x)))
+    assert grade_output(plain(x)).shape == (3, 1)
+    assert both.get_config()["aux"] == aux and "aux" not in plain.get_config()
+
+
+def test_regression_model_is_the_grade_alone_with_the_same_weights():
+    from retina_scale.models.convnet import RetinaConvNet, regression_model
+
+    both = build_model("tiny", width=0.125, seed=6, aux="ordinal", head_pooling="attention")
+    for layer in both.layers:  # away from the seed's initial weights, so a rebuilt net cannot pass by itself
+        layer.set_weights([w + 0.01 for w in layer.get_weights()])
+    grade = regression_model(both)
+    assert isinstance(grade, RetinaConvNet) and grade.aux == "none" and grade.head_pooling == "attention"
+    assert "head_aux" not in [layer.name for layer in grade.layers]
+    assert grade.count_params() == both.count_params() - both.get_layer("head_aux").count_params()
+    x = np.random.default_rng(3).uniform(0, 255, (2, 112, 112, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(grade(x)), np.asarray(both(x)[0]), rtol=1e-6, atol=1e-6)
+    plain = build_model("tiny", width=0.125, seed=6)
+    assert regression_model(plain) is plain
+
+
+def test_aux_attention_model_round_trips_through_keras_file_in_safe_mode(tmp_path):
+    model = build_model("tiny", width=0.125, seed=7, l2=5e-4, head_pooling="attention", aux="classification")
+    model.get_layer("head_attnpool").kernel.assign(np.linspace(-1, 1, 16).reshape(16, 1).astype("float32"))
+    path = tmp_path / "aux.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert (loaded.aux, loaded.head_pooling, loaded.input_size) == ("classification", "attention", 112)
+    x = np.random.default_rng(4).uniform(0, 255, (2, 112, 112, 3)).astype("float32")
+    for a, b in zip(loaded(x), model(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert len(loaded.losses) == len(model.losses) == 13  # 8 convolutions, 4 dense (head_aux too), the attention
+
+
+@pytest.mark.parametrize("kwargs, message", [({"head_pooling": "avg"}, "head_pooling must be one of rms, max, attention"),
+                                             ({"aux": "focal"}, "aux must be one of none, ordinal, classification")])
+def test_unknown_head_options_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("tiny", width=0.125, **kwargs)

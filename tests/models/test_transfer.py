@@ -103,3 +103,41 @@ def test_transfer_between_stages_with_min_filters_carries_the_floored_blocks():
     # A floor on one side only changes the first blocks' shapes: they are reported, not carried.
     unfloored = build_model("small", width=0.25, seed=2)
     assert "block1_conv1" in transfer_weights(tiny, unfloored).mismatched
+
+
+# ------------------------------------------------------------------ issue 14's head options carry over too
+def _perturbed(model):
+    for layer in model.layers:
+        layer.set_weights([w + 0.5 for w in layer.get_weights()])
+    return model
+
+
+def test_max_pooling_transfers_exactly_as_rms_pooling():
+    rms = transfer_weights(_perturbed(build_model("tiny", width=0.125, seed=1)), build_model("small", width=0.125, seed=2))
+    mx = transfer_weights(_perturbed(build_model("tiny", width=0.125, seed=1, head_pooling="max")),
+                          build_model("small", width=0.125, seed=2, head_pooling="max"))
+    assert (mx.carried, mx.new, mx.mismatched, mx.dropped) == (rms.carried, rms.new, rms.mismatched, rms.dropped)
+    assert mx.summary() == rms.summary()
+
+
+def test_attention_pooling_starts_afresh_with_head_dense1_and_the_rest_is_carried():
+    tiny = _perturbed(build_model("tiny", width=0.125, seed=1, head_pooling="attention"))
+    small = build_model("small", width=0.125, seed=2, head_pooling="attention")
+    report = transfer_weights(tiny, small)
+    entries = {e.layer: e for e in report.layers}
+    # The scoring kernel has one weight per channel of the last block: 16 at tiny, 32 at small (width 1/8).
+    assert entries["head_attnpool"].src_shapes == [(16, 1)] and entries["head_attnpool"].dst_shapes == [(32, 1)]
+    assert report.mismatched == ["head_attnpool", "head_dense1"] and report.dropped == []
+    assert report.new == ["block4_conv1", "block4_conv2", "block4_conv3"]
+    assert {"block3_conv3", "head_dense2", "head_grade"} <= set(report.carried)
+    for src, dst in zip(tiny.get_layer("head_dense2").get_weights(), small.get_layer("head_dense2").get_weights()):
+        np.testing.assert_array_equal(src, dst)
+
+
+def test_the_aux_head_is_carried_between_stages_and_dropped_without_one():
+    tiny = _perturbed(build_model("tiny", width=0.125, seed=1, aux="ordinal"))
+    report = transfer_weights(tiny, build_model("small", width=0.125, seed=2, aux="ordinal"))
+    assert "head_aux" in report.carried and report.mismatched == ["head_dense1"]
+    assert transfer_weights(tiny, build_model("small", width=0.125, seed=2)).dropped == ["head_aux"]
+    assert transfer_weights(build_model("tiny", width=0.125), build_model("small", width=0.125, aux="ordinal")).new[-1] \
+        == "head_aux"

@@ -336,3 +336,22 @@ def test_loading_an_export_never_runs_its_graph_to_read_the_metadata(tmp_path, c
     # The crafted function does write the file when it is run: the checks above could have seen it.
     tf.saved_model.load(str(crafted)).signatures["get_metadata"]()
     assert marker.read_text() == "get_metadata ran"
+
+
+def test_a_model_with_an_aux_head_exports_and_serves_its_regression_output_alone(tmp_path):
+    from retina_scale.serving.export import read_export_weights
+
+    model = build_model("tiny", width=0.125, seed=2, aux="ordinal", head_pooling="attention")
+    model.get_layer("head_attnpool").kernel.assign(np.linspace(-2, 2, 16).reshape(16, 1).astype("float32"))
+    images = _images(6, seed=4)
+    grade = np.asarray(model(images)[0]).ravel()
+    path = export_saved_model(model, tmp_path, "aux", thresholds=(0.5, 1.5, 2.5, 3.5))
+    serve, meta = load_export(path)
+    out = {k: v.numpy() for k, v in serve(images=tf.constant(images)).items()}
+    assert set(out) == {"grade_continuous", "grade", "referable"} and out["grade_continuous"].shape == (6,)
+    np.testing.assert_allclose(out["grade_continuous"], grade, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["grade"], apply_thresholds(grade, (0.5, 1.5, 2.5, 3.5)))
+    # The export holds the network without head_aux; its model_config rebuilds that network.
+    assert "aux" not in meta["model_config"] and meta["model_config"]["head_pooling"] == "attention"
+    _, weights = read_export_weights(path)
+    assert not any(name.startswith("head_aux") for name in weights) and "head_attnpool/kernel" in weights

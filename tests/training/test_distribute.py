@@ -163,3 +163,134 @@ def test_the_step_trains_a_mixed_bfloat16_model_with_a_float32_loss():
     iterator, steps = trainer.distribute_evaluation(lambda: tf.data.Dataset.from_tensor_slices((x, y)), 16)
     labels, predictions = trainer.predict(iterator, steps)
     assert predictions.dtype == np.float32 and len(predictions) == 16
+
+
+# ------------------------------------------------------------------ the auxiliary loss (issue 14, item 2)
+def _bce(logit, target):
+    """Sigmoid cross-entropy of one logit, by hand: -t log s(x) - (1 - t) log(1 - s(x))."""
+    s = 1 / (1 + np.exp(-logit))
+    return -(target * np.log(s) + (1 - target) * np.log(1 - s))
+
+
+def test_ordinal_aux_loss_is_the_hand_computed_value():
+    from retina_scale.training.distribute import per_example_loss
+
+    grade = np.array([[0.5], [1.0], [4.0]], "float32")
+    logits = np.array([[0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 0.5, -3.0], [1.0, 1.0, 1.0, 1.0]], "float32")
+    labels = np.array([0.0, 2.0, 4.0], "float32")
+    # Targets grade > k for k = 0..3: grade 0 -> 0000, grade 2 -> 1100, grade 4 -> 1111.
+    targets = [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    term = [np.mean([_bce(x, t) for x, t in zip(row, trow)]) for row, trow in zip(logits, targets)]
+    assert term[0] == pytest.approx(np.log(2))  # four logits 0: log 2 each
+    expected = [(0.5 - 0) ** 2 + 0.3 * term[0], (1.0 - 2) ** 2 + 0.3 * term[1], 0.0 + 0.3 * term[2]]
+    got = np.asarray(per_example_loss([grade, logits], labels, "ordinal", 0.3))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_classification_aux_loss_is_the_hand_computed_value():
+    from retina_scale.training.distribute import per_example_loss
+
+    grade = np.array([[1.0], [3.5]], "float32")
+    logits = np.array([[0.0, 2.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 3.0]], "float32")
+    labels = np.array([1.0, 3.0], "float32")
+    # Cross-entropy -log softmax(logits)[grade]: grade 1 -> log(4 + e^2) - 2; grade 3 -> log(e + 3 + e^3) - 0.
+    term = [np.log(4 + np.exp(2.0)) - 2.0, np.log(np.e + 3 + np.exp(3.0))]
+    got = np.asarray(per_example_loss([grade, logits], labels, "classification", 2.0))
+    np.testing.assert_allclose(got, [0.0 + 2.0 * term[0], 0.25 + 2.0 * term[1]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("aux", ["ordinal", "classification"])
+def test_aux_weight_zero_gives_the_squared_error_exactly(aux):
+    from retina_scale.training.distribute import per_example_loss
+
+    rng = np.random.default_rng(1)
+    grade = rng.normal(2, 1, (16, 1)).astype("float32")
+    logits = rng.normal(0, 3, (16, 4 if aux == "ordinal" else 5)).astype("float32")
+    labels = (np.arange(16) % 5).astype("float32")
+    plain = np.asarray(per_example_loss(grade, labels))
+    np.testing.assert_array_equal(plain, (grade[:, 0] - labels) ** 2)
+    np.testing.assert_array_equal(np.asarray(per_example_loss([grade, logits], labels, aux, 0.0)), plain)
+    assert (np.asarray(per_example_loss([grade, logits], labels, aux, 1.0)) > plain).all()
+
+
+def _aux_trainer(aux, weight, seed=2, head_pooling="rms"):
+    import keras
+
+    from retina_scale.config import LossConfig
+    from retina_scale.models.convnet import build_model
+    from retina_scale.training.distribute import DistributedTrainer
+
+    model = build_model("tiny", width=0.125, dropout=0.0, l2=0.0, seed=seed, aux=aux, head_pooling=head_pooling)
+    return DistributedTrainer(model, keras.optimizers.Adam(1e-3), choose_strategy("default"), global_batch_size=8,
+                              loss=LossConfig(aux=aux, aux_weight=weight))
+
+
+def test_a_training_step_of_an_aux_model_reports_mse_plus_the_weighted_aux_loss_and_predicts_the_grade():
+    import tensorflow as tf
+
+    images = np.random.default_rng(3).uniform(0, 255, (8, 112, 112, 3)).astype("float32")
+    labels = (np.arange(8) % 5).astype("float32")
+    trainer = _aux_trainer("ordinal", 0.7)
+    grade, logits = (np.asarray(t, np.float64) for t in trainer.model(images, training=False))  # no dropout: same
+    targets = labels[:, None] > np.arange(4)[None, :]
+    term = np.mean(_bce(logits, targets), axis=1)
+    expected = np.mean((grade[:, 0] - labels) ** 2 + 0.7 * term)  # the batch is the global batch
+    examples = lambda: tf.data.Dataset.from_tensor_slices((images, labels))  # noqa: E731
+    loss = trainer.train_steps(trainer.distribute_training(examples), steps=1)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    # Evaluation reads the regression output alone: one number per image, the model's grade.
+    iterator, steps = trainer.distribute_evaluation(examples, 8)
+    got_labels, predictions = trainer.predict(iterator, steps)
+    assert predictions.shape == (8,)
+    np.testing.assert_allclose(predictions, np.asarray(trainer.model(images)[0])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_aux_weight_zero_trains_the_shared_network_as_the_plain_mse_does():
+    import tensorflow as tf
+
+    images = np.random.default_rng(4).uniform(0, 255, (16, 112, 112, 3)).astype("float32")
+    labels = (np.arange(16) % 5).astype("float32")
+    examples = lambda: tf.data.Dataset.from_tensor_slices((images, labels))  # noqa: E731
+    plain, aux = _aux_trainer("none", 1.0), _aux_trainer("classification", 0.0)
+    head = [np.asarray(w) for w in aux.model.get_layer("head_aux").weights]
+    losses = [(plain.train_steps(plain.distribute_training(examples), steps=1),
+               aux.train_steps(aux.distribute_training(examples), steps=1)) for _ in range(3)]
+    assert losses[0][0] == losses[0][1]  # the first step: the same network, the same loss, exactly
+    np.testing.assert_allclose([a for _, a in losses], [p for p, _ in losses], rtol=1e-5)
+    for layer in plain.model.layers:
+        for a, b in zip(layer.get_weights(), aux.model.get_layer(layer.name).get_weights()):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=layer.name)
+    for before, after in zip(head, aux.model.get_layer("head_aux").weights):  # no gradient reached it
+        np.testing.assert_array_equal(before, np.asarray(after))
+
+
+def test_a_model_and_a_loss_config_that_disagree_are_refused():
+    import keras
+
+    from retina_scale.config import LossConfig
+    from retina_scale.models.convnet import build_model
+    from retina_scale.training.distribute import DistributedTrainer
+
+    model = build_model("tiny", width=0.125, aux="ordinal")
+    with pytest.raises(ValueError, match="the model's auxiliary head is 'ordinal' but loss.aux is 'none'"):
+        DistributedTrainer(model, keras.optimizers.Adam(1e-3), choose_strategy("default"), 8)
+    with pytest.raises(ValueError, match="loss.aux is 'classification'"):
+        DistributedTrainer(model, keras.optimizers.Adam(1e-3), choose_strategy("default"), 8,
+                           loss=LossConfig(aux="classification"))
+
+
+def test_a_mixed_bfloat16_model_with_attention_pooling_and_an_aux_head_trains_with_a_float32_loss():
+    import tensorflow as tf
+
+    from retina_scale.training.stage import dtype_policy
+
+    with dtype_policy("mixed_bfloat16"):
+        trainer = _aux_trainer("ordinal", 1.0, head_pooling="attention")
+    model = trainer.model
+    assert model.get_layer("head_attnpool").compute_dtype == "bfloat16"
+    assert [o.dtype for o in model.outputs] == ["float32", "float32"]
+    images = np.random.default_rng(6).uniform(0, 255, (8, 112, 112, 3)).astype("float32")
+    labels = (np.arange(8) % 5).astype("float32")
+    losses = [trainer.train_steps(trainer.distribute_training(
+        lambda: tf.data.Dataset.from_tensor_slices((images, labels))), 1) for _ in range(3)]
+    assert all(np.isfinite(losses))

@@ -441,3 +441,57 @@ def test_a_log_file_gets_one_progress_line_per_epoch_and_a_terminal_a_live_bar()
     assert progbar_verbosity(1, Terminal()) == 1  # redrawn at every step
     assert progbar_verbosity(2, io.StringIO()) == 1  # --verbose: every step, even into a file
     assert progbar_verbosity(0, Terminal()) == 0
+
+
+@pytest.mark.slow
+def test_a_thin_ladder_with_issue_14s_levers_trains_transfers_and_exports_the_grade(tmp_path, small_cache):
+    """Attention pooling, an ordinal auxiliary head and a boosted grade 1, through `retina-scale train` with a
+    one-trial search per stage (the search's trainer takes the aux loss too): two stages, a transfer, exports."""
+    import keras
+    import tensorflow as tf
+
+    from retina_scale.models.convnet import get_stage
+    from retina_scale.models.layers import AttentionPool2D
+    from retina_scale.serving.export import load_export
+    from retina_scale.training.stage import stage_input
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    data, cache = small_cache
+    levers = ["model.head_pooling=attention", "loss.aux=ordinal", "loss.aux_weight=0.5", "resample.grade1_boost=3"]
+    search = ["tune.enabled=true", "tune.max_trials=1", "tune.epochs=1", "tune.data_fraction=0.5"]
+    overrides = _overrides(tmp_path, data, cache, small_epochs=2, extra=levers + search)
+    assert main(["train", "--quiet", "--no-report", *overrides]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [(s["stage"], s["epochs"]) for s in report["stages"]] == [("tiny", 1), ("small", 2)]
+    assert all(s["lr_source"] == "search" for s in report["stages"])
+    for name in ("1-tiny", "2-small"):
+        assert all(np.isfinite([r["loss"], r["val_loss"]]).all() for r in _state(run_dir, name)["history"])
+    transfer = json.loads((run_dir / "stages" / "2-small" / "transfer.json").read_text())
+    statuses = {row["layer"]: row["status"] for row in transfer["layers"]}
+    assert statuses["head_aux"] == statuses["head_grade"] == statuses["head_dense2"] == "carried"
+    assert statuses["head_attnpool"] == statuses["head_dense1"] == "shape mismatch"
+    # The stage's model keeps both outputs; the export serves the regression output alone, the same grade.
+    model = keras.saving.load_model(run_dir / "stages" / "2-small" / "best.keras", safe_mode=True)
+    assert (model.aux, model.head_pooling) == ("ordinal", "attention")
+    assert isinstance(model.get_layer("head_attnpool"), AttentionPool2D)
+    images = np.random.default_rng(5).uniform(0, 255, (4, 224, 224, 3)).astype("float32")
+    grade, logits = (np.asarray(t) for t in model(images))
+    assert grade.shape == (4, 1) and logits.shape == (4, 4)
+    serve, meta = load_export(report["stages"][1]["export_path"])
+    assert meta["model_config"]["head_pooling"] == "attention" and "aux" not in meta["model_config"]
+    served = serve(images=tf.constant(images))["grade_continuous"].numpy()
+    np.testing.assert_allclose(served, grade[:, 0], rtol=1e-4, atol=1e-4)
+    # The boost reaches the training draw: grade 1's share of the stage's draw, against the same draw unboosted.
+    config = load_train_config("quick", overrides)
+    plain = load_train_config("quick", overrides[:-len(search) - 1] + search)
+    assert config.resample.grade1_boost == 3 and plain.resample.grade1_boost == 1
+    shares = []
+    for cfg in (config, plain):
+        inp = stage_input(cfg, get_stage("small"), cfg.stages[1], cache, run_dir / "splits.csv", "train", True)
+        drawn = np.concatenate([inp.labels[inp.epoch_indices(e)] for e in range(10)])
+        shares.append(np.mean(drawn == 1))
+    assert shares[0] > 1.5 * shares[1]
+    # A rerun in the same folder with another loss is refused before any training (the loss is part of the run).
+    with pytest.raises(ValueError, match=r"\(loss differ\)"):
+        StepwiseScaler(load_train_config("quick", overrides + ["loss.aux=classification"]), verbose=0).run()
