@@ -6,8 +6,9 @@ A screening programme acts on "refer or not", so it needs a threshold on the sco
 - ``high_sensitivity``: the highest specificity among the thresholds with sensitivity >= 97.5 %;
 - ``youden``: the highest sensitivity + specificity - 1 (Youden's J).
 
-An eye is referred when its score is ``>=`` the threshold (scikit-learn's ``roc_curve`` convention; the
-thresholds are validation scores). Among equally good thresholds the one with the higher specificity wins (for
+An eye is referred when its score is ``>=`` the threshold. The threshold lies halfway between the lowest
+referred validation score and the next score below it (scikit-learn's ``roc_curve`` gives the scores), so an
+eye scored a hair differently elsewhere (another batch, the export's graph) falls on the same side. Among equally good thresholds the one with the higher specificity wins (for
 ``high_sensitivity``, the higher sensitivity).
 
 :func:`choose_operating_points` says so when a point cannot be had, instead of falling back to another: its
@@ -23,7 +24,7 @@ two EyePACS-1 points for reference.
 Example:
     >>> points = choose_operating_points([0, 0, 0, 2, 3, 4], [0.1, 0.4, 2.5, 1.9, 2.6, 3.5])
     >>> {name: p["threshold"] for name, p in points["points"].items()}
-    {'high_specificity': 2.6, 'high_sensitivity': 1.9, 'youden': 2.6}
+    {'high_specificity': 2.55, 'high_sensitivity': 1.15, 'youden': 2.55}
     >>> points["points"]["high_specificity"]["val_sensitivity"], points["points"]["high_sensitivity"]["val_specificity"]
     (0.6666666666666666, 0.6666666666666666)
 """
@@ -40,7 +41,7 @@ from retina_scale.grading.kappa import as_grades
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.tables import text_table
 
-__all__ = ["GULSHAN_EYEPACS1", "POINTS", "choose_operating_points", "evaluate_operating_points",
+__all__ = ["GULSHAN_EYEPACS1", "POINTS", "choose_operating_points", "evaluate_operating_points", "evaluation_text",
            "format_operating_points", "operating_point_rows", "refer"]
 
 POINTS = ("high_specificity", "high_sensitivity", "youden")
@@ -127,7 +128,7 @@ def choose_operating_points(y_true, scores, min_specificity: float = MIN_SPECIFI
         if degenerate(i):
             out["points"][name] = _unmet(rules[name], reason)
             continue
-        threshold = float(thresholds[i])
+        threshold = float((thresholds[i] + thresholds[i + 1]) / 2)  # a met point never refers every eye
         sensitivity, specificity = _rates(referable, values, threshold)
         out["points"][name] = {"met": True, "threshold": threshold, "val_sensitivity": sensitivity,
                                "val_specificity": specificity, "rule": rules[name], "reason": None}
@@ -246,3 +247,16 @@ def format_operating_points(result: dict[str, Any]) -> str:
         f"{name} sensitivity {g['sensitivity']:.1%}, specificity {g['specificity']:.1%}"
         for name, g in GULSHAN_EYEPACS1.items()))
     return "\n".join(lines)
+
+
+def evaluation_text(evaluation: dict[str, Any]) -> str:
+    """``format_evaluation``'s text of an evaluation, then how its scores were made when averaged over
+    test-time augmentation views (``tta_draws``) and its operating points (``operating_points``), if it has them."""
+    from retina_scale.grading.evaluation import format_evaluation
+
+    text = format_evaluation(evaluation)
+    if evaluation.get("tta_draws", 1) > 1:
+        text += f"\nScores: the mean over {evaluation['tta_draws']} test-time augmentation views of each image"
+    if evaluation.get("operating_points"):
+        text += "\n\n" + format_operating_points(evaluation["operating_points"])
+    return text

@@ -24,16 +24,17 @@ def test_hand_made_scores_give_the_known_points():
     chosen = choose_operating_points(grades, scores)
     points = chosen["points"]
     assert (chosen["n_referable"], chosen["n_not_referable"]) == (40, 50)
-    # High specificity: one false positive (4.9) allowed out of 50 (98 % exactly); 4.85 refers 31 of 40.
-    assert points["high_specificity"]["threshold"] == pytest.approx(4.85)
+    # High specificity: one false positive (4.9) allowed out of 50 (98 % exactly); 4.85 refers 31 of 40. The
+    # threshold lies halfway to the next score below (4.8).
+    assert points["high_specificity"]["threshold"] == pytest.approx(4.825)
     assert points["high_specificity"]["val_sensitivity"] == 31 / 40
     assert points["high_specificity"]["val_specificity"] == 49 / 50
     # High sensitivity: 39 of 40 referred first at 4.05, where 4.1 ... 4.9 (9 eyes) are false positives.
-    assert points["high_sensitivity"]["threshold"] == pytest.approx(4.05)
+    assert points["high_sensitivity"]["threshold"] == pytest.approx(4.025)
     assert points["high_sensitivity"]["val_sensitivity"] == 39 / 40
     assert points["high_sensitivity"]["val_specificity"] == 41 / 50
     # Youden: each step down the 10 mixed positives gains 0.025 sensitivity for 0.02 specificity: J 0.8 at 3.95.
-    assert points["youden"]["threshold"] == pytest.approx(3.95)
+    assert points["youden"]["threshold"] == pytest.approx(3.925)
     assert (points["youden"]["val_sensitivity"], points["youden"]["val_specificity"]) == (1.0, 0.8)
     assert all(points[name]["met"] and points[name]["reason"] is None for name in POINTS)
 
@@ -57,6 +58,7 @@ def test_random_scores_meet_their_constraints_and_no_threshold_does_better(seed)
         assert chosen[name]["met"], chosen[name]["reason"]
         sens, spec = _rates(referable, scores, chosen[name]["threshold"])
         assert (sens, spec) == (chosen[name]["val_sensitivity"], chosen[name]["val_specificity"])
+        assert np.min(np.abs(scores - chosen[name]["threshold"])) >= 0.05 - 1e-9  # halfway between 0.1-apart scores
     sens, spec = _rates(referable, scores, chosen["high_specificity"]["threshold"])
     assert spec >= 0.98
     assert sens == max(s for s, p in candidates if p >= 0.98)
