@@ -41,7 +41,7 @@ from retina_scale.grading.kappa import as_grades
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.tables import text_table
 
-__all__ = ["GULSHAN_EYEPACS1", "POINTS", "choose_operating_points", "evaluate_operating_points", "evaluation_text",
+__all__ = ["GULSHAN_EYEPACS1", "POINTS", "ROW_HEADER", "choose_operating_points", "evaluate_operating_points", "evaluation_text",
            "format_operating_points", "operating_point_rows", "refer"]
 
 POINTS = ("high_specificity", "high_sensitivity", "youden")
@@ -233,7 +233,7 @@ def operating_point_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 ROW_HEADER = ("point", "threshold", "val sensitivity", "val specificity", "test sensitivity [CI]",
-              "test specificity [CI]", "target holds on test")
+              "test specificity [CI]", "target holds on test (or why not met)")
 
 
 def format_operating_points(result: dict[str, Any]) -> str:
