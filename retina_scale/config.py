@@ -375,6 +375,18 @@ SEARCH_EXTRAS = ("weight_decay", "batch_size", "momentum")
 
 
 @dataclasses.dataclass
+class TTAConfig:
+    """Test-time augmentation (``retina_scale.data.tta``): each stage's validation and test scores, and its
+    export, average the continuous grade over ``draws`` fixed views of each photo (1: off)."""
+
+    draws: int = 1
+
+
+MAX_TTA_DRAWS = 256
+"""The most views ``tta.draws`` (and ``--tta``) accepts."""
+
+
+@dataclasses.dataclass
 class TuneConfig:
     """Keras Tuner's search of each stage's learning rate (and of any ``extra`` dimension), before the
     stage's fine-tuning.
@@ -438,6 +450,7 @@ class TrainConfig:
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     nan: NanPolicy = field(default_factory=NanPolicy)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
     global_batch_size: int = 32
     strategy: StrategyName = "auto"
     seed: int = 0
@@ -618,6 +631,8 @@ VALUE_RANGES = {
     "global_batch_size": (">= 1", lambda v: v >= 1),
     "seed": _SEED,
     "eval_bootstrap": (">= 0 (0: no intervals)", lambda v: v >= 0),
+    "tta.draws": (f"a whole number from 1 to {MAX_TTA_DRAWS} (1: no test-time augmentation)",
+                  lambda v: 1 <= v <= MAX_TTA_DRAWS),
 }
 
 

@@ -5,6 +5,11 @@ with a bootstrap 95 % interval over patients.
 --model takes an export (saved_models/NAME/VERSION, or saved_models/NAME for its newest version), a
 stage folder of a run (runs/NAME/stages/2-small) or a .keras file. The images are preprocessed
 exactly as for training (a cache at the model's input size is made, or reused, under --cache).
+
+--tta N averages the continuous grade over N test-time augmentation views of each image (the identity, flips,
+90-degree rotations, then the training augmentation at half strength; retina_scale.data.tta), and the output
+says what it cost in images per second. A model with recorded operating points (an export's metadata, a stage's
+state.json) is also measured at its referable-DR operating points.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def add_arguments(parser):
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (default: all cores)")
+    parser.add_argument("--tta", type=int, default=None,
+                        help="average the grade over N test-time augmentation views (default 1 = off)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", help="also write the JSON result to this file")
 
@@ -42,7 +49,10 @@ def _stage_folder(folder: Path) -> StageLayout:
 
 
 def load_predictor(path):
-    """``(predict(images) -> scores, thresholds, input_size, description)`` for any model form."""
+    """``(predict(images) -> scores, thresholds, input_size, description)`` for any model form.
+
+    ``predict.tta_draws`` is how many test-time augmentation views the model averages itself (an export made
+    with ``--tta``; else 1) and ``predict.operating_points`` its recorded operating points (or None)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
@@ -71,6 +81,8 @@ def _export_predictor(path: Path):
     def predict(images):
         return np.asarray(serve(images=images)["grade_continuous"])
 
+    predict.tta_draws = (meta.get("tta") or {}).get("draws", 1)
+    predict.operating_points = meta.get("operating_points")
     return predict, tuple(meta["thresholds"]), int(meta["input_size"]), f"export {path}"
 
 
@@ -86,6 +98,7 @@ def _keras_predictor(keras_file: Path):
     model = regression_model(keras.saving.load_model(keras_file, safe_mode=True))  # the grade alone (issue 14's aux)
     thresholds = tuple(DEFAULT_THRESHOLDS)
     state = _stage_folder(keras_file.parent).state
+    result = {}
     if state.exists():
         result = json.loads(state.read_text()).get("result") or {}
         thresholds = tuple(result.get("thresholds") or thresholds)
@@ -93,18 +106,45 @@ def _keras_predictor(keras_file: Path):
     def predict(images):
         return np.asarray(model(images, training=False)).reshape(-1)
 
+    predict.tta_draws = 1
+    predict.operating_points = result.get("operating_points")
     return predict, thresholds, int(model.input_size), f"{keras_file}"
 
 
-def run(args) -> int:
+def with_tta(predict, draws: int, normalize: str):
+    """``predict`` averaged over ``draws`` test-time augmentation views (``retina_scale.data.tta``); ``predict``
+    itself when ``draws`` is 1."""
+    import numpy as np
+
+    from retina_scale.data.tta import tta_scores, view_options
+
+    if draws == 1:
+        return predict
+    return lambda images: np.asarray(tta_scores(predict, images, draws, **view_options(normalize)))
+
+
+def _predict_all(inp, predict, args):
+    """Every image of ``inp`` through ``predict``: ``(scores, labels, ids, seconds in predict)``."""
+    import time
+
     import numpy as np
     from tqdm import tqdm
 
-    from retina_scale.data.cache import prepare_cache
-    from retina_scale.data.pipeline import CacheInput
-    from retina_scale.data.sources import parse_patient_eye, read_dataset
-    from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
-    from retina_scale.utils.fileio import atomic_path
+    scores, ids, labels, seconds = [], [], [], 0.0
+    batches = inp.dataset(args.batch_size, training=False, include_ids=True)
+    for images, y, image_ids in tqdm(batches, total=-(-len(inp) // args.batch_size), unit="batch",
+                                     disable=args.json, desc="predict", mininterval=bar_interval()):
+        start = time.perf_counter()
+        scores.append(predict(images))
+        seconds += time.perf_counter() - start
+        labels.append(y.numpy())
+        ids.extend(i.decode() for i in image_ids.numpy())
+    return np.concatenate(scores), np.concatenate(labels), np.array(ids), seconds
+
+
+def _check_arguments(args) -> int:
+    """The arguments' one-line errors, before any work; returns the TTA views asked (1 without --tta)."""
+    from retina_scale.data.tta import check_draws
 
     if args.split and not args.splits:
         raise UserError("--split needs --splits (the splits.csv of the run)")
@@ -112,7 +152,24 @@ def run(args) -> int:
         raise UserError("give --data (images to preprocess) or --cache (an existing cache)")
     if args.bootstrap < 0 or args.batch_size < 1:
         raise UserError("--bootstrap must be >= 0 and --batch-size >= 1")
+    return 1 if args.tta is None else check_draws(args.tta, "--tta")
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.pipeline import CacheInput
+    from retina_scale.data.sources import parse_patient_eye, read_dataset
+    from retina_scale.grading.evaluation import evaluate_predictions
+    from retina_scale.grading.operating_points import evaluate_operating_points, evaluation_text
+    from retina_scale.utils.fileio import atomic_path
+
+    draws = _check_arguments(args)
     predict, thresholds, size, description = load_predictor(args.model)
+    if draws > 1 and predict.tta_draws > 1:
+        raise UserError(f"{description} averages {predict.tta_draws} test-time augmentation views already (made "
+                        "with --tta); leave out --tta, or give a model made without it")
     with tempfile.TemporaryDirectory(prefix="retina-eval-") as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
         if args.data:
@@ -125,19 +182,19 @@ def run(args) -> int:
         labelled = ~np.isnan(inp.labels)
         if not labelled.any():
             raise UserError(f"no graded image to evaluate in {cache}")
-        scores, ids, labels = [], [], []
-        batches = inp.dataset(args.batch_size, training=False, include_ids=True)
-        for images, y, image_ids in tqdm(batches, total=-(-len(inp) // args.batch_size), unit="batch",
-                                         disable=args.json, desc="predict", mininterval=bar_interval()):
-            scores.append(predict(images))
-            labels.append(y.numpy())
-            ids.extend(i.decode() for i in image_ids.numpy())
-    scores, labels, ids = np.concatenate(scores), np.concatenate(labels), np.array(ids)
+        scores, labels, ids, seconds = _predict_all(
+            inp, with_tta(predict, draws, "graham" if inp.graham else "none"), args)
     keep = ~np.isnan(labels)
     groups = np.array([parse_patient_eye(i)[0] for i in ids[keep]])
     evaluation = evaluate_predictions(labels[keep].astype(int), scores[keep], thresholds,
                                       n_boot=args.bootstrap, groups=groups)
     evaluation["model"] = description
+    evaluation["tta_draws"] = max(draws, predict.tta_draws)
+    evaluation["prediction"] = {"images": int(scores.size), "seconds": round(seconds, 3), "batch_size": args.batch_size,
+                                "images_per_second": round(scores.size / seconds, 2) if seconds > 0 else None}
+    if predict.operating_points:
+        evaluation["operating_points"] = evaluate_operating_points(
+            predict.operating_points, labels[keep].astype(int), scores[keep], groups, n_boot=args.bootstrap)
     if args.out:
         with atomic_path(args.out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
@@ -145,5 +202,8 @@ def run(args) -> int:
         print(json.dumps(evaluation, indent=2))
     else:
         print(f"Model: {description} ({size} px)")
-        print(format_evaluation(evaluation))
+        print(evaluation_text(evaluation))
+        cost = evaluation["prediction"]
+        print(f"\nPrediction: {evaluation['tta_draws']} view(s) per image, {cost['images_per_second']} images/s "
+              f"({cost['images']} images in {cost['seconds']:.1f} s of model time, batch {args.batch_size})")
     return 0

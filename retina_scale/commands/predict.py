@@ -4,7 +4,8 @@ Runs the export's predict_images signature: the photos are decoded and preproces
 exactly as TF Serving would, so batch results and served results agree. The folder is walked lazily
 and read batch by batch (memory stays constant whatever its size); a photo that cannot be used gets
 its reason in the error column and the run goes on. predictions.csv (image, grade, grade_continuous,
-referable, error) is written under a temporary name and renamed into place when the run finishes; a
+referable, refer_high_sensitivity, refer_high_specificity, error) is written under a temporary name and renamed
+into place when the run finishes; a
 text cell that a spreadsheet would run as a formula (starting with = + - @, a tab or a carriage
 return, e.g. a file named "=cmd|calc.jpeg") is written with a leading apostrophe.
 
@@ -14,6 +15,12 @@ Only regular files are read (not a FIFO, a device or a link to one), up to a siz
 pixel limit. The content decides the format, as in TF Serving, which gets no file name: a PNG named
 .jpeg is graded. TIFF and BMP files are listed so that every photo of the folder has a row, but the
 graph decodes JPEG and PNG only (TensorFlow has no TIFF decoder), so their row says so.
+
+refer_high_sensitivity and refer_high_specificity say whether the photo is referred at the export's operating
+points for referable DR (chosen on validation: sensitivity >= 97.5 %, specificity >= 98 %); they are empty when
+the export has no such point (made before operating points existed, or the point was not met), and the command
+says so. --tta N averages the grade over N test-time augmentation views of each photo (an export made with
+--tta averages its own views already).
 
 Example:
     retina-scale predict --model saved_models/retina --images photos/ --out predictions.csv
@@ -32,7 +39,8 @@ from retina_scale.utils.console import bar_interval
 from retina_scale.utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-COLUMNS = ["image", "grade", "grade_continuous", "referable", "error"]
+REFER_COLUMNS = ["refer_high_sensitivity", "refer_high_specificity"]
+COLUMNS = ["image", "grade", "grade_continuous", "referable", *REFER_COLUMNS, "error"]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -73,6 +81,8 @@ def add_arguments(parser):
     parser.add_argument("--images", required=True, help="a folder of photos, or a CSV listing them")
     parser.add_argument("--out", required=True, help="the predictions CSV to write")
     parser.add_argument("--batch-size", type=int, default=16, help="photos per call (default 16)")
+    parser.add_argument("--tta", type=int, help="average the grade over N test-time augmentation views "
+                        "(default: the export's own, 1 = off)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -183,7 +193,8 @@ def predict_rows(predict, batch, max_bytes: int | None = None):
     max_bytes = max_file_bytes({}) if max_bytes is None else max_bytes
     rows, data, where = [], [], []
     for path, error in batch:
-        row = {"image": str(path), "grade": "", "grade_continuous": "", "referable": "", "error": error or ""}
+        row = {"image": str(path), "grade": "", "grade_continuous": "", "referable": "",
+               **dict.fromkeys(REFER_COLUMNS, ""), "error": error or ""}
         if not error:
             payload, row["error"] = _read(path, max_bytes)
             if payload is not None:
@@ -195,13 +206,15 @@ def predict_rows(predict, batch, max_bytes: int | None = None):
         return rows
 
     def fill(indices, payload):
-        out = predict(images=tf.constant(payload))
-        for i, g, c, r, e in zip(indices, out["grade"].numpy(), out["grade_continuous"].numpy(),
-                                 out["referable"].numpy(), out["error"].numpy()):
-            if e:
-                rows[i]["error"] = e.decode("utf-8", "replace")
+        out = {k: v.numpy() for k, v in predict(images=tf.constant(payload)).items()}
+        refer = [name for name in REFER_COLUMNS if name in out]  # an export without the point: left empty
+        for j, i in enumerate(indices):
+            if out["error"][j]:
+                rows[i]["error"] = out["error"][j].decode("utf-8", "replace")
             else:
-                rows[i].update(grade=int(g), grade_continuous=f"{float(c):.6f}", referable=int(bool(r)))
+                rows[i].update(grade=int(out["grade"][j]), grade_continuous=f"{float(out['grade_continuous'][j]):.6f}",
+                               referable=int(bool(out["referable"][j])),
+                               **{name: int(bool(out[name][j])) for name in refer})
 
     failures = (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError)
     try:
@@ -215,21 +228,56 @@ def predict_rows(predict, batch, max_bytes: int | None = None):
     return rows
 
 
+def load_predictor(export: Path, tta: int | None):
+    """``(predict_images, metadata, views averaged)``: the export's own signature, or, with ``tta`` views asked
+    of an export without TTA, its ``predict_images`` rebuilt in this process on its weights with those views."""
+    from retina_scale.serving.export import load_export, predict_images_function
+
+    predict, meta = load_export(export, signature="predict_images")
+    baked = (meta.get("tta") or {}).get("draws", 1)
+    if tta is None or tta == baked:
+        return predict, meta, baked
+    if baked > 1:
+        raise UserError(f"export {export} averages {baked} test-time augmentation views already (it was made "
+                        f"with --tta {baked}); leave out --tta, or give an export made without it")
+    from retina_scale.evidence.explain import load_export_model
+
+    return predict_images_function(load_export_model(export).model, meta, tta), meta, tta
+
+
+def empty_refer_columns(meta: dict) -> dict[str, str]:
+    """``{refer_* column: why it is empty}`` for an export's predictions: the columns it has no point for."""
+    points = meta.get("operating_points")
+    if not points:
+        why = (f"the export ({meta.get('model_name')} version {meta.get('version')}) records no operating points "
+               "(made before they existed)")
+        return dict.fromkeys(REFER_COLUMNS, why)
+    out = {}
+    for column in REFER_COLUMNS:
+        point = points["points"].get(column[len("refer_"):]) or {}
+        if not point.get("met"):
+            out[column] = f"operating point {column[len('refer_'):]} was not met on validation ({point.get('reason')})"
+    return out
+
+
 def run(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer; got {args.batch_size}")
+    if args.tta is not None:
+        from retina_scale.data.tta import check_draws
+
+        check_draws(args.tta, "--tta")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"the folder of --out {out} does not exist")
     items, total = list_images(args.images)
     from tqdm import tqdm
 
-    from retina_scale.serving.export import load_export
     from retina_scale.utils.fileio import atomic_path
 
     export = resolve_export(args.model)
-    predict, meta = load_export(export, signature="predict_images")
-    counts = {"images": 0, "errors": 0, "referable": 0}
+    predict, meta, draws = load_predictor(export, args.tta)
+    counts = {"images": 0, "errors": 0, "referable": 0, **dict.fromkeys(REFER_COLUMNS, 0)}
     start = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -241,16 +289,25 @@ def run(args) -> int:
                     writer.writerow({**row, "image": csv_safe(row["image"]), "error": csv_safe(row["error"])})
                     counts["images"] += 1
                     counts["errors"] += bool(row["error"])
-                    counts["referable"] += row["referable"] == 1
+                    for column in ("referable", *REFER_COLUMNS):
+                        counts[column] += row[column] == 1
                 bar.update(len(batch))
         handle.flush()
         os.fsync(handle.fileno())
     seconds = time.perf_counter() - start
-    summary = {**counts, "out": str(out), "model": str(export), "stage": meta.get("stage"),
-               "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / seconds, 2) if seconds else None}
+    summary = {**counts, "out": str(out), "model": str(export), "stage": meta.get("stage"), "tta": draws,
+               "seconds": round(seconds, 2), "images_per_second": round(counts["images"] / seconds, 2) if seconds else None,
+               "empty_columns": empty_refer_columns(meta)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{counts['images']} photos graded with {export} ({meta.get('stage')}, {meta.get('input_size')} px) "
-              f"in {seconds:.1f} s; {counts['referable']} referable, {counts['errors']} with errors -> {out}")
+        print(f"{counts['images']} photos graded with {export} ({meta.get('stage')}, {meta.get('input_size')} px"
+              f"{f', mean of {draws} test-time augmentation views' if draws > 1 else ''}) in {seconds:.1f} s; "
+              f"{counts['referable']} referable, {counts['errors']} with errors -> {out}")
+        empty = summary["empty_columns"]
+        present = [c for c in REFER_COLUMNS if c not in empty]
+        if present:
+            print("Referred at the operating points: " + ", ".join(f"{c[len('refer_'):]} {counts[c]}" for c in present))
+        for why in dict.fromkeys(empty.values()):  # one line per reason
+            print(f"{' and '.join(c for c in empty if empty[c] == why)} empty: {why}")
     return 0

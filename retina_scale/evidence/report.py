@@ -11,6 +11,8 @@ resolution study (:mod:`retina_scale.evidence.study`), and writes into ``out``::
     figures/complexity.png        weights, multiply-adds, activations per stage, log scale (Fig. 4)
     figures/kappa_vs_stage.png    test kappa per stage with 95 % intervals, marker area ~ weights (Fig. 5)
     figures/stepwise_vs_scratch.png  validation kappa against training time, ladder and scratch
+    figures/roc.png               test ROC curve for referable DR per stage, the last stage's operating points
+                                  and Gulshan et al.'s two EyePACS-1 points
 
 Nothing here needs TensorFlow except the complexity counts (Keras builds each stage once).
 
@@ -302,6 +304,44 @@ def plot_scratch(comparison: dict, path) -> None:
                     title="Stepwise against from scratch, same time budget")
 
 
+def _with_points(stages: list[dict]) -> list[dict]:
+    """The stages whose test evaluation has operating points and a test ROC curve."""
+    return [s for s in stages if ((s.get("evaluation") or {}).get("operating_points") or {}).get("test_roc")]
+
+
+def plot_roc(stages: list[dict], path) -> None:
+    """The test ROC curve for referable DR of every stage, the last stage's operating points at their test
+    sensitivity and specificity (95 % intervals as bars), and Gulshan et al.'s two EyePACS-1 points."""
+    from retina_scale.grading.operating_points import GULSHAN_EYEPACS1
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    rated = _with_points(stages)
+    for s in rated:
+        roc = s["evaluation"]["operating_points"]["test_roc"]
+        auc = ((s["evaluation"].get("referable") or {}).get("auc") or {}).get("value")
+        ax.plot(roc["fpr"], roc["tpr"], lw=1.2, label=f"{s['stage']} ({s['size']} px)"
+                + (f", AUC {auc:.3f}" if auc is not None else ""))
+    last = rated[-1]
+    for (name, point), marker in zip(last["evaluation"]["operating_points"]["points"].items(), "os^"):
+        if not point["met"]:
+            continue
+        sens, spec = point["test_sensitivity"], point["test_specificity"]
+        x, y = 1 - spec["value"], sens["value"]
+        xerr = [[x - (1 - spec["ci_high"])], [(1 - spec["ci_low"]) - x]] if spec["ci_low"] is not None else None
+        yerr = [[y - sens["ci_low"]], [sens["ci_high"] - y]] if sens["ci_low"] is not None else None
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=marker, ms=7, capsize=3,
+                    label=f"{last['stage']}: {name.replace('_', ' ')} (test)")
+    for (name, g), marker in zip(GULSHAN_EYEPACS1.items(), "*P"):
+        ax.plot([1 - g["specificity"]], [g["sensitivity"]], marker, color="black", ms=10,
+                label=f"Gulshan 2016 EyePACS-1: {name.replace('_', ' ')}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    _label_and_save(fig, ax, path, xlabel="1 - specificity (test)", ylabel="sensitivity (test)",
+                    title="Referable DR (grade >= 2): ROC and operating points", loc="lower right")
+
+
 # ----------------------------------------------------------------------------------------- the report
 def _cell(stat: dict | None, digits: int = 3) -> str:
     if not stat or stat.get("value") is None:
@@ -430,6 +470,9 @@ def _stage_summary(s: dict, hit_rates: dict | None = None) -> dict:
         "table_iv": evaluation.get("table_iv"),
         "referable": evaluation.get("referable"),
         "mild_dr_auc": evaluation.get("mild_dr_auc"),
+        "operating_points": {k: v for k, v in (evaluation.get("operating_points") or {}).items() if k != "test_roc"}
+        or None,
+        "tta_draws": evaluation.get("tta_draws", 1),
         "ma_hit_rate": (hit_rates or {}).get("microaneurysm"),
         "lesion_hit_rates": hit_rates,
         "test_images": s.get("test_images"),
@@ -461,6 +504,8 @@ def draw_figures(stages: list[dict], comparison: dict | None, records: list[dict
         draw("kappa_vs_stage", plot_kappa_vs_stage, stages)
     if comparison is not None:
         draw("stepwise_vs_scratch", plot_scratch, comparison)
+    if _with_points(stages):
+        draw("roc", plot_roc, stages)
     return made
 
 
@@ -478,6 +523,7 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
               "stage's weights, bars are the 95 % intervals, black ticks the paper's Table III.", ""]
     lines += _scratch_section(comparison, figs)
     lines += _throughput_section(throughput)
+    lines += _operating_points_section(stages, figs)
     return "\n".join(lines)
 
 
@@ -614,6 +660,30 @@ def _throughput_section(throughput) -> list[str]:
                     f"{throughput['stages'][0]['train']['batch']}); input img/s is the cached, augmented, resampled "
                     "training input alone; predict is the exported SavedModel's serving_default; the run's epochs include "
                     "input, training and validation.", ""]
+
+
+def _operating_points_section(stages, figs) -> list[str]:
+    """Section 9: each stage's referable-DR operating points, on validation and on test, beside Gulshan's."""
+    from retina_scale.grading.operating_points import GULSHAN_EYEPACS1, ROW_HEADER, operating_point_rows
+
+    lines = ["## 9. Operating points for referable DR", ""]
+    rated = [s for s in stages if (s.get("evaluation") or {}).get("operating_points")]
+    if not rated:
+        return lines + ["Not available: the stages' evaluations predate operating points (retrain to get them).", ""]
+    rows = [(s["stage"], *row) for s in rated for row in operating_point_rows(s["evaluation"]["operating_points"])]
+    gulshan = [(name.replace("_", " "), f"{g['sensitivity']:.1%}", f"{g['specificity']:.1%}")
+               for name, g in GULSHAN_EYEPACS1.items()]
+    lines += ["Thresholds on the continuous score chosen on validation (refer when score >= threshold): high "
+              "specificity = the highest sensitivity with specificity >= 98 %, high sensitivity = the highest "
+              "specificity with sensitivity >= 97.5 %, Youden = the highest sensitivity + specificity - 1. Test "
+              "rates with 95 % percentile bootstrap intervals over patients; a point the validation split could "
+              "not give says why.", ""]
+    lines += markdown_table(("stage", *ROW_HEADER), rows) + [""]
+    lines += ["Gulshan et al. (JAMA 2016), EyePACS-1, for reference:", ""]
+    lines += markdown_table(("operating point", "sensitivity", "specificity"), gulshan) + [""]
+    if "roc" in figs:
+        lines += [f"![ROC and operating points]({figs['roc']})", ""]
+    return lines
 
 
 def format_closing(summary: dict, export_path: str | None = None, searched: bool = False) -> str:

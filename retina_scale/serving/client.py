@@ -5,7 +5,8 @@ optional ``tensorflow-serving-api`` package (``pip install 'retina_scale[serving
 :meth:`ServingClient.predict_grpc` is called.
 
 Photos go as encoded JPEG/PNG bytes to the ``predict_images`` signature (over REST as ``{"b64": ...}``); each
-result is a dict ``{"grade", "grade_continuous", "referable", "valid", "error"}``. A photo the model cannot use
+result is a dict ``{"grade", "grade_continuous", "referable", "valid", "error"}``, plus ``refer_high_sensitivity``
+and ``refer_high_specificity`` when the export answers them (its operating points). A photo the model cannot use
 comes back with ``valid`` false and the reason in ``error``; the rest of the batch is graded.
 
 Errors (every failure of a call is a :class:`ServingError`):
@@ -48,6 +49,8 @@ from retina_scale.utils.errors import UserError
 __all__ = ["ServingClient", "ServingError", "read_images"]
 
 OUTPUTS = ("grade", "grade_continuous", "referable", "valid", "error")
+OPTIONAL_OUTPUTS = ("refer_high_sensitivity", "refer_high_specificity")
+"""Outputs of ``predict_images`` that only exports with operating points have: kept when the answer holds them."""
 RETRY_STATUSES = (502, 503, 504)
 
 
@@ -85,6 +88,7 @@ _OUTPUT_TYPES = {
     "referable": (lambda v: isinstance(v, bool), "true or false"),
     "valid": (lambda v: isinstance(v, bool), "true or false"),
     "error": (lambda v: isinstance(v, str), "a string"),
+    **dict.fromkeys(OPTIONAL_OUTPUTS, (lambda v: isinstance(v, bool), "true or false")),
 }
 
 
@@ -102,7 +106,7 @@ def _row(values, index: int = 0, signature: str = "predict_images") -> dict:
     if missing:
         raise ServingError(f"unexpected answer from TF Serving: row {index} has no {', '.join(missing)} "
                            f"({_SHORT.repr(values)})")
-    row = {k: values[k] for k in OUTPUTS if k in values}
+    row = {k: values[k] for k in (*OUTPUTS, *OPTIONAL_OUTPUTS) if k in values}
     if isinstance(row.get("error"), bytes):
         row["error"] = row["error"].decode("utf-8", "replace")
     for key, value in row.items():
@@ -344,6 +348,7 @@ class ServingClient:
                     raise last from None
         else:
             raise ServingError(f"{last} (gave up after {self.retries + 1} attempts)")
-        columns = {k: tf.make_ndarray(response.outputs[k]).tolist() for k in OUTPUTS if k in response.outputs}
+        columns = {k: tf.make_ndarray(response.outputs[k]).tolist() for k in (*OUTPUTS, *OPTIONAL_OUTPUTS)
+                   if k in response.outputs}
         n = len(next(iter(columns.values()), []))
         return [_row({k: v[i] for k, v in columns.items()}, i, signature) for i in range(n)]

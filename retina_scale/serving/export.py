@@ -35,7 +35,11 @@ Signatures (no Keras needed to serve or load them):
     ``preprocessing``), then grades as ``serving_default``.
 
     outputs ``grade_continuous``, ``grade``, ``referable`` as ``serving_default``, plus ``valid``
-    (bool ``(batch,)``) and ``error`` (string ``(batch,)``, ``""`` when valid). A photo that cannot
+    (bool ``(batch,)``) and ``error`` (string ``(batch,)``, ``""`` when valid), and, for each referable-DR
+    operating point the metadata's ``operating_points`` holds as met (chosen on validation,
+    :mod:`retina_scale.grading.operating_points`), ``refer_high_sensitivity`` / ``refer_high_specificity``
+    (bool ``(batch,)``: ``grade_continuous >= `` the point's threshold, false when not valid). An export
+    without a point (made before they existed, or the point was not met) has no such output. A photo that cannot
     be used (not JPEG/PNG, empty, truncated or cut short, grayscale, CMYK, 16-bit, too small, more
     pixels than the record's ``max_pixels`` (checked from the header, before decoding), no fundus
     found) does not fail the batch: its row has ``valid`` false, the reason in ``error``, ``grade`` -1,
@@ -43,6 +47,10 @@ Signatures (no Keras needed to serve or load them):
     (a JPEG whose frame header is damaged but whose end marker is present) makes the decoder fail
     the whole request: TF Serving answers HTTP 400 with the decoder's message. Our head is a
     regression head (one continuous grade), so there are no per-grade scores.
+
+Test-time augmentation (``export_saved_model(..., tta=N)``, ``retina-scale export --tta N``): both
+signatures then grade the mean of the network's scores over N fixed views of each image
+(:mod:`retina_scale.data.tta`); the metadata's ``tta`` says how many and which (``{"draws": 1}``: off).
 
 ``get_metadata``
     no input; returns ``input_size`` (int32), ``thresholds`` (float64 ``(4,)``), ``stage``,
@@ -77,6 +85,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from retina_scale.config import NUM_GRADES
+from retina_scale.data.tta import check_draws
 from retina_scale.grading.thresholds import DEFAULT_THRESHOLDS, validate_thresholds
 from retina_scale.utils.errors import UserError
 
@@ -85,9 +94,12 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_FILE",
     "REFERABLE_GRADE",
+    "SERVED_POINTS",
+    "check_operating_points",
     "export_saved_model",
     "list_versions",
     "load_export",
+    "predict_images_function",
     "read_export_weights",
     "run_preprocessing",
 ]
@@ -174,7 +186,56 @@ def _check_arguments(model, model_name, version, keep, metadata):
     return dict(metadata)
 
 
-def _describe(model, model_name, version, thresholds, user) -> dict:
+SERVED_POINTS = ("high_sensitivity", "high_specificity")
+"""The operating points ``predict_images`` answers for, as ``refer_<name>``, when the export records them."""
+
+
+def check_operating_points(points) -> dict | None:
+    """The operating-point record an export keeps (``choose_operating_points``'s keys, test results left out),
+    or a one-line :class:`UserError` for a malformed one; None stays None."""
+    import math
+
+    from retina_scale.grading.operating_points import POINTS
+
+    if points is None:
+        return None
+    if not isinstance(points, Mapping) or not isinstance(points.get("points"), Mapping):
+        raise UserError("operating_points must be choose_operating_points' record (a dict with 'points'); got "
+                        f"{type(points).__name__}")
+    kept = {}
+    for name, point in points["points"].items():
+        if name not in POINTS:
+            raise UserError(f"operating_points has an unknown point {name!r}; accepted: {', '.join(POINTS)}")
+        met = isinstance(point, Mapping) and point.get("met") is True
+        threshold = point.get("threshold") if isinstance(point, Mapping) else None
+        if met and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                    or not math.isfinite(threshold)):
+            raise UserError(f"operating point {name} is met but its threshold is {threshold!r}, not a finite number")
+        kept[name] = {k: point.get(k) for k in ("met", "threshold", "val_sensitivity", "val_specificity", "rule",
+                                                "reason")}
+        kept[name]["met"] = met
+    record = {k: points.get(k) for k in ("chosen_on", "n_referable", "n_not_referable", "min_specificity",
+                                         "min_sensitivity")}
+    return {**record, "points": kept}
+
+
+def _served_points(points: dict | None) -> list[str]:
+    """The names of the operating points ``predict_images`` answers for: those recorded and met."""
+    recorded = (points or {}).get("points") or {}
+    return [name for name in SERVED_POINTS if (recorded.get(name) or {}).get("met")]
+
+
+def _tta_record(draws: int) -> dict:
+    """The ``tta`` entry of the metadata: how many views the graph averages, and which."""
+    from retina_scale.data.tta import SYMMETRIES, TTA_SEED, TTA_STRENGTH, view_names
+
+    record = {"draws": int(draws), "views": view_names(draws)}
+    if draws > len(SYMMETRIES):
+        record.update(augment_strength=TTA_STRENGTH, augment_seed=TTA_SEED)
+    return record
+
+
+def _describe(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1) -> dict:
     import keras
     import tensorflow as tf
 
@@ -200,6 +261,8 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
         "preprocessing": preprocessing,
         "resize": _RESIZE_NOTE,
         "head": "regression: one continuous grade, no per-grade scores",
+        "tta": _tta_record(tta),
+        "operating_points": operating_points,
         "signatures": {
             "predict_images": {
                 "inputs": {"images": "string (batch,), encoded JPEG or PNG bytes"},
@@ -207,6 +270,8 @@ def _describe(model, model_name, version, thresholds, user) -> dict:
                     "grade_continuous": "float32 (batch,), NaN when not valid",
                     "grade": "int32 (batch,), -1 when not valid",
                     "referable": "bool (batch,)",
+                    **{f"refer_{name}": f"bool (batch,), score >= operating_points.points.{name}.threshold"
+                       for name in _served_points(operating_points)},
                     "valid": "bool (batch,)",
                     "error": "string (batch,), empty when valid",
                 },
@@ -256,6 +321,7 @@ def _endpoints(model, info: dict):
     """The functions behind ``serving_default``, ``predict_images`` and ``get_metadata``."""
     import tensorflow as tf
 
+    from retina_scale.data.tta import tta_scores, view_options
     from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
 
     size = info["input_size"]
@@ -265,9 +331,16 @@ def _endpoints(model, info: dict):
     referable_grade = tf.constant(REFERABLE_GRADE, dtype=tf.int32)
     spec = preprocess_spec(info["preprocessing"], size)
     constants = _metadata_constants(info)
+    draws = (info.get("tta") or {}).get("draws", 1)
+    views = view_options(spec.normalize)
+    points = {name: tf.constant(info["operating_points"]["points"][name]["threshold"], tf.float64)
+              for name in _served_points(info.get("operating_points"))}
 
-    def scores_of(images):
+    def network(images):
         return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+
+    def scores_of(images):  # the mean over the views with TTA; the network's scores themselves without
+        return tta_scores(network, images, draws, **views)
 
     def serve(images):
         scores = tf.debugging.assert_all_finite(
@@ -292,10 +365,13 @@ def _endpoints(model, info: dict):
             tf.where(valid, scores_of(pixels), 0.0), "retina_scale model produced a NaN or infinite grade"
         )
         grade = tf.where(valid, _grades(scores, cuts), -1)
+        refer = {f"refer_{name}": tf.logical_and(valid, tf.greater_equal(tf.cast(scores, tf.float64), t))
+                 for name, t in points.items()}
         return {
             "grade_continuous": tf.where(valid, scores, float("nan")),
             "grade": grade,
             "referable": tf.logical_and(valid, tf.greater_equal(grade, referable_grade)),
+            **refer,
             "valid": valid,
             "error": error,
         }
@@ -304,6 +380,17 @@ def _endpoints(model, info: dict):
         return dict(constants)
 
     return serve, predict_images, get_metadata
+
+
+def predict_images_function(model, metadata: dict, tta: int):
+    """The ``predict_images`` signature of an export, built in this process on ``model`` (its network rebuilt
+    from the export's weights) with ``tta`` views instead of the export's own: a ``tf.function`` called as
+    ``fn(images=...)``, returning the signature's outputs. ``retina-scale predict --tta N`` uses it."""
+    import tensorflow as tf
+
+    info = {**metadata, "tta": _tta_record(check_draws(tta, "--tta"))}
+    _, predict_images, _ = _endpoints(model, info)
+    return tf.function(predict_images, input_signature=[tf.TensorSpec((None,), tf.string, name="images")])
 
 
 def _metadata_constants(info: dict) -> dict:
@@ -425,6 +512,8 @@ def export_saved_model(
     metadata: Mapping[str, Any] | None = None,
     version: int | None = None,
     keep: int | None = None,
+    operating_points: Mapping[str, Any] | None = None,
+    tta: int = 1,
 ) -> Path:
     """Exports ``model`` as version ``<version>`` of ``<base_dir>/<model_name>/`` for TF Serving.
 
@@ -446,6 +535,10 @@ def export_saved_model(
             An existing version is refused (FileExistsError).
         keep: if given, after the new version is in place only the ``keep`` highest versions are
             kept, the new one always among them.
+        operating_points: the referable-DR points chosen on validation (``choose_operating_points``), kept in
+            the metadata; ``predict_images`` answers ``refer_high_sensitivity`` / ``refer_high_specificity``
+            (bool, ``score >= threshold``) for each of those two that was met. None: no such outputs.
+        tta: both signatures average the grade over this many views of each image (``data.tta``; 1: off).
 
     Returns:
         The path of the new version folder.
@@ -456,6 +549,7 @@ def export_saved_model(
     """
     user = _check_arguments(model, model_name, version, keep, metadata)
     thresholds = validate_thresholds(thresholds, NUM_GRADES)
+    points, tta = check_operating_points(operating_points), check_draws(tta, "tta")
     from retina_scale.models.convnet import regression_model
     from retina_scale.serving.preprocess import preprocess_spec
 
@@ -482,7 +576,7 @@ def export_saved_model(
         tmp = model_dir / f"{_TMP_PREFIX}{version}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            _write_version(model, tmp, _describe(model, model_name, version, thresholds, user))
+            _write_version(model, tmp, _describe(model, model_name, version, thresholds, user, points, tta))
             os.rename(tmp, target)
             _fsync(model_dir)
         except BaseException:
@@ -663,7 +757,7 @@ def _read_metadata(path: Path) -> dict:
 
 def _check_embedded(metadata: dict, embedded: dict) -> None:
     """``metadata.json`` and the graph's own record must agree on what decides the grades."""
-    for key in ("stage", "input_size", "thresholds", "preprocessing"):
+    for key in ("stage", "input_size", "thresholds", "preprocessing", "tta", "operating_points"):
         if embedded.get(key) != metadata.get(key):
             raise UserError(
                 f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "

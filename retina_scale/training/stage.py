@@ -223,14 +223,28 @@ def stage_input(config: TrainConfig, spec, stage_cfg, cache_dir, splits_file, sp
         raise
 
 
-def predict_input(trainer, inp, with_keys=False):
-    """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker."""
-    return make_predictor(trainer, inp, with_keys)()
+def predict_input(trainer, inp, with_keys=False, tta_draws: int = 1):
+    """Every image of ``inp`` once through ``trainer``: ``(labels, scores[, keys])``, same on every worker.
+
+    With ``tta_draws`` > 1 the scores are the mean over that many views of each image
+    (``retina_scale.data.tta``): one pass over ``inp`` per view, matched by key.
+    """
+    if tta_draws == 1:
+        return make_predictor(trainer, inp, with_keys)()
+    from retina_scale.data.tta import tta_view, view_options
+
+    options = view_options("graham" if inp.graham else "none")
+    passes = [make_predictor(trainer, inp, True, view=lambda x, k=k: tta_view(x, k, **options))()
+              for k in range(tta_draws)]  # each pass sorted by key
+    labels, _, keys = passes[0]
+    scores = np.mean(np.stack([p[1] for p in passes]), axis=0)
+    return (labels, scores, keys) if with_keys else (labels, scores)
 
 
-def make_predictor(trainer, inp, with_keys=False) -> Callable[[], tuple]:
+def make_predictor(trainer, inp, with_keys=False, view=None) -> Callable[[], tuple]:
     """``predict_input`` with its input built once: a function that runs every image of ``inp`` through
-    ``trainer`` (its current weights) each time it is called, e.g. validation after every epoch."""
+    ``trainer`` (its current weights) each time it is called, e.g. validation after every epoch. ``view``
+    (a function of a batch of images) transforms the images first."""
     import tensorflow as tf
 
     gb = trainer.global_batch_size
@@ -238,7 +252,10 @@ def make_predictor(trainer, inp, with_keys=False) -> Callable[[], tuple]:
         tf.lookup.KeyValueTensorInitializer(tf.constant(inp.image_ids), tf.range(len(inp), dtype=tf.int64)), -1)
 
     def make_examples(ctx):
-        ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True).unbatch()
+        ds = inp.dataset(gb, training=False, input_context=ctx, include_ids=True)
+        if view is not None:
+            ds = ds.map(lambda images, labels, ids: (view(images), labels, ids))
+        ds = ds.unbatch()
         return ds.map(lambda image, label, image_id: (image, label, tf.constant(1.0), table.lookup(image_id)))
 
     dataset, steps = trainer.evaluation_dataset(make_examples, len(inp))
@@ -302,7 +319,7 @@ def check_same_config(layout: RunLayout, config: TrainConfig) -> None:
     old = to_dict(load_config(TrainConfig, layout.config))
     new = to_dict(config)
     keep = ("stages", "model", "data", "augment", "resample", "global_batch_size", "seed", "optim", "selection",
-            "loss")
+            "loss", "tta")
     changed = [k for k in keep if old.get(k) != new.get(k)]
     if changed:
         raise ConfigError(

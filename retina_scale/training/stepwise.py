@@ -360,13 +360,16 @@ class StepwiseScaler:
 
     def _finish_stage(self, run: _StageRun, val_input, cache_dir, splits_file) -> dict:
         """The best epoch's thresholds on validation, its test evaluation, best.keras and the export."""
-        from retina_scale.grading.evaluation import evaluate_predictions, format_evaluation
+        from retina_scale.grading.evaluation import evaluate_predictions
         from retina_scale.grading.kappa import quadratic_weighted_kappa
+        from retina_scale.grading.operating_points import evaluate_operating_points, evaluation_text
         from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
 
         files, spec, state, model = run.files, run.spec, run.state, run.model
         restore_checkpoint(model, None, files.best)
-        labels, scores = predict_input(run.trainer, val_input)
+        draws = self.config.tta.draws  # scores averaged over the TTA views (1: the plain scores)
+        labels, scores = predict_input(run.trainer, val_input, tta_draws=draws)
+        points = self._choose_points(run, labels, scores)
         fit = fit_thresholds(labels, scores)
         thresholds = [float(t) for t in fit.thresholds]
         if fit.note:  # a cut-off the validation split cannot place keeps its default (also in evaluation.json)
@@ -376,19 +379,22 @@ class StepwiseScaler:
         test_input = stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
                                  missing_ok=True)
         if test_input is not None:
-            t_labels, t_scores, keys = predict_input(run.trainer, test_input, with_keys=True)
+            t_labels, t_scores, keys = predict_input(run.trainer, test_input, with_keys=True, tta_draws=draws)
             groups = patients_of(splits_file, test_input.image_ids[keys])
             evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
                                               seed=self.config.seed, groups=groups)
             evaluation["thresholds_fit"] = fit.to_dict()
+            evaluation["tta_draws"] = draws
+            evaluation["operating_points"] = evaluate_operating_points(
+                points, t_labels, t_scores, groups, n_boot=self.config.eval_bootstrap, seed=self.config.seed)
             write_json(files.evaluation_json, evaluation)
-            write_text(files.evaluation_md, format_evaluation(evaluation) + "\n")
-            self.log(format_evaluation(evaluation))
+            write_text(files.evaluation_md, evaluation_text(evaluation) + "\n")
+            self.log(evaluation_text(evaluation))
         if self.is_chief:
             model.save(files.best_keras)
         export_path = None
         if self.config.export and self.is_chief:
-            export_path = str(self._export(model, spec, thresholds))
+            export_path = str(self._export(model, spec, thresholds, points))
         return {
             "index": run.index,
             "stage": spec.name,
@@ -409,6 +415,8 @@ class StepwiseScaler:
             "test_kappa": evaluation["kappa"]["value"] if evaluation else None,
             "mild_dr_auc": evaluation["mild_dr_auc"]["value"] if evaluation else None,
             "test_images": evaluation["n_images"] if evaluation else 0,
+            "tta_draws": draws,
+            "operating_points": _points_summary(evaluation["operating_points"] if evaluation else points),
             "seconds": round(state["seconds"], 1),
             "weights": model.count_params(),
             "best_checkpoint": str(files.best),
@@ -417,7 +425,17 @@ class StepwiseScaler:
             "search": state.get("search"),
         }
 
-    def _export(self, model, spec, thresholds):
+    def _choose_points(self, run: _StageRun, labels, scores) -> dict:
+        """The referable-DR operating points on validation; a point that cannot be had is said, not replaced."""
+        from retina_scale.grading.operating_points import choose_operating_points
+
+        points = choose_operating_points(labels, scores)
+        for name, point in points["points"].items():
+            if not point["met"]:
+                self.log(f"Stage {run.index} {run.spec.name}: operating point {name} not met: {point['reason']}")
+        return points
+
+    def _export(self, model, spec, thresholds, points=None):
         from retina_scale.serving.export import export_saved_model, run_preprocessing
 
         # The cache's sizes and mask too: predict_images repeats the cache's resize chain (no train/serve skew).
@@ -432,7 +450,8 @@ class StepwiseScaler:
         }
         # A float32 copy of a mixed-precision model: the export computes the same on any hardware.
         return export_saved_model(float32_model(model), self.config.export_dir, self.config.model_name,
-                                  thresholds=thresholds, metadata=metadata)
+                                  thresholds=thresholds, metadata=metadata, operating_points=points,
+                                  tta=self.config.tta.draws)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -503,12 +522,23 @@ def format_stage_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _points_summary(points: dict) -> dict:
+    """The operating points as a run's report keeps them: without the test ROC curve (in evaluation.json)."""
+    return {k: v for k, v in points.items() if k != "test_roc"}
+
+
 def format_report(report: dict) -> str:
-    """The run's ``report.md``: the table of stages, then each stage's learning-rate search, if any."""
+    """The run's ``report.md``: the table of stages, then each stage's operating points and learning-rate
+    search, if any."""
     lines = [f"# Stepwise run `{report['name']}`", "",
              f"Strategy {report['strategy']} with {report['replicas']} replica(s).", "", "```",
              format_stage_table(report["stages"]), "```", ""]
     for stage in report["stages"]:
+        if stage.get("operating_points"):
+            from retina_scale.grading.operating_points import format_operating_points
+
+            lines += [f"## Operating points, stage {stage['index']} {stage['stage']}", "", "```",
+                      format_operating_points(stage["operating_points"]), "```", ""]
         if stage.get("search"):
             lines += [f"## Learning-rate search, stage {stage['index']} {stage['stage']}", "", "```",
                       format_search_table(stage["search"]), "```", ""]

@@ -248,3 +248,101 @@ def test_predict_gives_hostile_photos_an_error_row_each_and_grades_the_rest(expo
     assert all(rows[n]["error"] == "" and rows[n]["grade"] != "" for n in graded)
     assert rows["good.jpeg"]["grade"] == rows["'+1.jpeg"]["grade"]
     assert not any(r["grade"] for n, r in rows.items() if n not in graded)
+
+
+# ------------------------------------------------------------- operating points, test-time augmentation (issue 17)
+_POINTS = {"chosen_on": "validation", "n_referable": 10, "n_not_referable": 20, "min_specificity": 0.98,
+           "min_sensitivity": 0.975, "points": {
+               "high_sensitivity": {"met": True, "threshold": -1000.0, "val_sensitivity": 1.0, "val_specificity": 0.0,
+                                    "rule": "r", "reason": None},
+               "high_specificity": {"met": False, "threshold": None, "val_sensitivity": None, "val_specificity": None,
+                                    "rule": "r", "reason": "no threshold refers a referable eye"},
+               "youden": {"met": True, "threshold": 1000.0, "val_sensitivity": 0.5, "val_specificity": 1.0,
+                          "rule": "r", "reason": None}}}
+
+
+@pytest.fixture(scope="module")
+def exported_with_points(tmp_path_factory):
+    """The fake run's stage with operating points in its state.json (high sensitivity refers every photo,
+    high specificity not met), exported with two TTA views."""
+    root = tmp_path_factory.mktemp("points")
+    run = _fake_run(root)
+    state = run / "stages" / "1-tiny" / "state.json"
+    record = json.loads(state.read_text())
+    record["result"]["operating_points"] = _POINTS
+    state.write_text(json.dumps(record))
+    base = root / "saved_models"
+    assert main(["export", "--run", str(run), "--model-name", "retina", "--base", str(base), "--tta", "2"]) == 0
+    return dict(root=root, run=run, base=base, path=base / "retina" / "1")
+
+
+def test_export_records_the_stages_points_and_tta(exported_with_points, capsys):
+    predict, meta = load_export(exported_with_points["path"], signature="predict_images")
+    assert meta["operating_points"]["points"]["high_sensitivity"]["threshold"] == -1000.0
+    assert meta["tta"]["draws"] == 2 and meta["user"]["thresholds_tta_draws"] == 1
+    assert "refer_high_sensitivity" in predict.structured_outputs
+    assert "refer_high_specificity" not in predict.structured_outputs
+
+
+@pytest.mark.parametrize("command", ["export", "predict", "evaluate"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_tta_zero_or_negative_is_a_one_line_error_before_any_work(command, value, tmp_path, capsys):
+    args = {"export": ["--run", str(tmp_path / "run"), "--model-name", "m", "--base", str(tmp_path / "b")],
+            "predict": ["--model", str(tmp_path / "m"), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")],
+            "evaluate": ["--model", str(tmp_path / "m"), "--cache", str(tmp_path / "c")]}[command]
+    assert main([command, *args, "--tta", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"retina-scale {command}: error: --tta must be a whole number >= 1 (1: no test-time "
+                   f"augmentation); got {value}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.slow  # two folders graded with two exports: ~7 s
+def test_predict_csv_has_the_refer_columns_empty_where_the_export_has_no_point(exported, exported_with_points,
+                                                                                 photo_folder, tmp_path, capsys):
+    out = tmp_path / "with.csv"
+    assert main(["predict", "--model", str(exported_with_points["path"]), "--images", str(photo_folder / "sub"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _read(out)
+    graded = [r for r in rows if r["error"] == ""]
+    assert list(rows[0]) == ["image", "grade", "grade_continuous", "referable", "refer_high_sensitivity",
+                             "refer_high_specificity", "error"]
+    assert graded and all(r["refer_high_sensitivity"] == "1" for r in graded)  # threshold -1000: every photo
+    assert all(r["refer_high_specificity"] == "" for r in rows)
+    assert all(r["refer_high_sensitivity"] == "" for r in rows if r["error"])
+    assert "refer_high_specificity empty: operating point high_specificity was not met on validation" in printed
+    assert "mean of 2 test-time augmentation views" in printed
+    # An export without operating points (the module's, as exports were made before them): both columns empty.
+    out = tmp_path / "without.csv"
+    assert main(["predict", "--model", str(exported["path"]), "--images", str(photo_folder / "sub"),
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert all(r["refer_high_sensitivity"] == r["refer_high_specificity"] == "" for r in _read(out))
+    assert set(summary["empty_columns"]) == {"refer_high_sensitivity", "refer_high_specificity"}
+    assert "records no operating points" in summary["empty_columns"]["refer_high_sensitivity"]
+
+
+@pytest.mark.slow  # three exports graded and a network rebuilt: ~15 s
+def test_predict_tta_on_an_export_without_it_equals_the_export_made_with_it(exported, exported_with_points,
+                                                                           photo_folder, tmp_path, capsys):
+    rows = {}
+    for name, model, extra in (("baked", exported_with_points["path"], []), ("asked", exported["path"], ["--tta", "2"]),
+                               ("plain", exported["path"], [])):
+        out = tmp_path / f"{name}.csv"
+        assert main(["predict", "--model", str(model), "--images", str(photo_folder), "--out", str(out),
+                     "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["tta"] == (1 if name == "plain" else 2)
+        rows[name] = {r["image"]: r for r in _read(out)}
+    graded = [k for k, r in rows["baked"].items() if r["error"] == ""]
+    assert len(graded) == 5
+    for key in graded:
+        baked, asked = float(rows["baked"][key]["grade_continuous"]), float(rows["asked"][key]["grade_continuous"])
+        assert abs(baked - asked) < 1e-5 and rows["baked"][key]["grade"] == rows["asked"][key]["grade"]
+    # The two views differ from one: the average is not the plain score.
+    assert max(abs(float(rows["plain"][k]["grade_continuous"]) - float(rows["asked"][k]["grade_continuous"]))
+               for k in graded) > 1e-4
+    # An export that averages its own views refuses another number of them.
+    assert main(["predict", "--model", str(exported_with_points["path"]), "--images", str(photo_folder),
+                 "--out", str(tmp_path / "x.csv"), "--tta", "3"]) == 2
+    assert "averages 2 test-time augmentation views already" in capsys.readouterr().err

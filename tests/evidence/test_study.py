@@ -42,8 +42,8 @@ def test_study_writes_report_figures_and_json(study):
     out, summary = study
     assert summary["report_md"] == str(out / "REPORT.md")
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["complexity.png", "confusion.png", "kappa_vs_stage.png", "stepwise_vs_scratch.png",
-                       "val_loss.png"]
+    assert figures == ["complexity.png", "confusion.png", "kappa_vs_stage.png", "roc.png", "stepwise_vs_scratch.png",
+                       "val_loss.png"]  # roc.png: the operating points' figure (issue 17)
     for name in figures:
         data = (out / "figures" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name

@@ -215,6 +215,18 @@ def test_an_answer_that_is_not_tf_servings_is_a_serving_error(serving, body, mes
     assert len(server.requests) == 1  # a malformed answer is not retried
 
 
+def test_the_operating_points_outputs_are_kept_when_the_export_answers_them(serving):
+    rows = [{**GOOD_ROW, "refer_high_sensitivity": True, "refer_high_specificity": False}, GOOD_ROW]
+    server = serving(_answer(json.dumps({"predictions": rows}).encode()))
+    client = ServingClient(f"http://127.0.0.1:{server.port}", "retina", timeout=10)
+    got = client.predict([b"\x01a", b"\x01b"])
+    assert got[0]["refer_high_sensitivity"] is True and got[0]["refer_high_specificity"] is False
+    assert "refer_high_sensitivity" not in got[1]  # an export without operating points: not invented
+    bad = serving(_answer(json.dumps({"predictions": [{**GOOD_ROW, "refer_high_sensitivity": "yes"}]}).encode()))
+    with pytest.raises(ServingError, match="row 0 has refer_high_sensitivity 'yes'; expected true or false"):
+        ServingClient(f"http://127.0.0.1:{bad.port}", "retina", timeout=10).predict([b"\x01a"])
+
+
 def test_an_answer_over_the_size_cap_is_refused_unread(serving):
     big = json.dumps({"predictions": [GOOD_ROW], "padding": "x" * 5000}).encode()
     server = serving(_answer(big))

@@ -355,3 +355,74 @@ def test_a_model_with_an_aux_head_exports_and_serves_its_regression_output_alone
     assert "aux" not in meta["model_config"] and meta["model_config"]["head_pooling"] == "attention"
     _, weights = read_export_weights(path)
     assert not any(name.startswith("head_aux") for name in weights) and "head_attnpool/kernel" in weights
+
+
+# ------------------------------------------------------------------ test-time augmentation, operating points
+_POINTS = {
+    "chosen_on": "validation", "n_referable": 12, "n_not_referable": 30, "min_specificity": 0.98,
+    "min_sensitivity": 0.975,
+    "points": {
+        "high_specificity": {"met": False, "threshold": None, "val_sensitivity": None, "val_specificity": None,
+                             "rule": "highest sensitivity with specificity >= 98.0%",
+                             "reason": "no threshold refers a referable eye with specificity >= 98.0%"},
+        "high_sensitivity": {"met": True, "threshold": 0.25, "val_sensitivity": 1.0, "val_specificity": 0.5,
+                             "rule": "highest specificity with sensitivity >= 97.5%", "reason": None},
+        "youden": {"met": True, "threshold": 0.5, "val_sensitivity": 0.75, "val_specificity": 0.8,
+                   "rule": "Youden", "reason": None, "test_sensitivity": {"value": 0.7}},
+    },
+    "test_roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]},
+}
+
+
+@pytest.fixture(scope="module")
+def tta_export(exported):
+    """The same model exported with two test-time augmentation views and operating points (high sensitivity
+    met, high specificity not)."""
+    path = export_saved_model(exported["model"], exported["base"], "tta", thresholds=exported["thresholds"],
+                              metadata={"preprocessing": "graham"}, operating_points=_POINTS, tta=2)
+    return path
+
+
+def test_two_views_average_the_plain_export_over_the_image_and_its_mirror(exported, tta_export):
+    plain, plain_meta = load_export(exported["path"])
+    serve, meta = load_export(tta_export)
+    images = exported["images"]
+    got = serve(images=tf.constant(images))["grade_continuous"].numpy()
+    one = plain(images=tf.constant(images))["grade_continuous"].numpy()
+    mirrored = plain(images=tf.constant(images[:, :, ::-1]))["grade_continuous"].numpy()
+    np.testing.assert_allclose(got, (one + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(got - one)) > 1e-4  # the mirror changes the scores: the average is not the plain one
+    assert meta["tta"] == {"draws": 2, "views": ["identity", "flip_left_right"]}
+    assert plain_meta["tta"] == {"draws": 1, "views": ["identity"]} and plain_meta["operating_points"] is None
+
+
+def test_operating_points_are_recorded_and_served_only_where_met(exported, tta_export):
+    predict, meta = load_export(tta_export, signature="predict_images")
+    points = meta["operating_points"]
+    assert points["points"]["high_sensitivity"]["threshold"] == 0.25 and points["n_referable"] == 12
+    assert points["points"]["high_specificity"]["met"] is False
+    assert "test_roc" not in points and "test_sensitivity" not in points["points"]["youden"]  # choice only
+    outputs = set(predict.structured_outputs)
+    assert "refer_high_sensitivity" in outputs and "refer_high_specificity" not in outputs
+    assert "refer_youden" not in outputs
+    described = meta["signatures"]["predict_images"]["outputs"]
+    assert "refer_high_sensitivity" in described and "refer_high_specificity" not in described
+    plain, _ = load_export(exported["path"], signature="predict_images")
+    assert not {name for name in plain.structured_outputs if name.startswith("refer_")}
+    # The graph's own record says the same (load_export compares them).
+    loaded = tf.saved_model.load(str(tta_export))
+    embedded = json.loads(loaded.signatures["get_metadata"]()["metadata_json"].numpy())
+    assert embedded["operating_points"] == points and embedded["tta"]["draws"] == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tta=0), "tta must be a whole number >= 1"),
+    (dict(tta=-1), "tta must be a whole number >= 1"),
+    (dict(operating_points={"points": {"best": {"met": True, "threshold": 1.0}}}), "unknown point 'best'"),
+    (dict(operating_points={"points": {"youden": {"met": True, "threshold": None}}}), "not a finite number"),
+    (dict(operating_points=[0.5]), "choose_operating_points' record"),
+])
+def test_bad_tta_and_operating_points_are_refused_before_writing(exported, tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        export_saved_model(exported["model"], tmp_path / "m", "retina", **kwargs)
+    assert not (tmp_path / "m").exists()

@@ -71,7 +71,11 @@ def exported(tmp_path_factory, photos):
     cuts = np.sort(np.argsort(gaps)[-4:])  # the four widest gaps: grades as far from a tie as the data allow
     thresholds = tuple(float(scores[i] + scores[i + 1]) / 2 for i in cuts)
     base = tmp_path_factory.mktemp("saved_models")
-    path = export_saved_model(model, base, "retina", thresholds=thresholds,
+    # Operating points at the lowest and the highest cut: referred at high sensitivity = grade >= 1, at high
+    # specificity = grade 4.
+    points = {"points": {"high_sensitivity": {"met": True, "threshold": thresholds[0]},
+                         "high_specificity": {"met": True, "threshold": thresholds[3]}}}
+    path = export_saved_model(model, base, "retina", thresholds=thresholds, operating_points=points,
                               metadata={"preprocessing": {"normalize": "none", "sizes": LADDER}})
     return dict(model=model, path=path, cache=cache, thresholds=thresholds)
 
@@ -101,6 +105,12 @@ def test_predict_images_grades_photos_as_the_cache_images_are_graded(exported, p
     np.testing.assert_allclose(from_photos["grade_continuous"].numpy(), from_cache["grade_continuous"].numpy(),
                                atol=0.02)
     assert len(set(from_cache["grade"].numpy().tolist())) >= 3  # the comparison covers several grades
+    # The operating points' outputs: score >= each point's threshold (the lowest and the highest cut here).
+    grade = from_photos["grade"].numpy()
+    np.testing.assert_array_equal(from_photos["refer_high_sensitivity"].numpy(), grade >= 1)
+    np.testing.assert_array_equal(from_photos["refer_high_specificity"].numpy(), grade >= 4)
+    assert from_photos["refer_high_sensitivity"].numpy().any() and not from_photos["refer_high_sensitivity"].numpy().all()
+    assert from_photos["refer_high_specificity"].dtype == tf.bool
     assert meta["signatures"]["predict_images"]["outputs"]["error"].startswith("string")
     assert "no per-grade scores" in meta["head"]
 
@@ -121,6 +131,7 @@ def test_unusable_photos_get_an_error_each_and_do_not_stop_the_batch(exported, p
     grade = out["grade"].numpy()
     assert (grade[1:7] == -1).all() and np.isnan(out["grade_continuous"].numpy()[1:7]).all()
     assert not out["referable"].numpy()[1:7].any()
+    assert not out["refer_high_sensitivity"].numpy()[1:7].any() and not out["refer_high_specificity"].numpy()[1:7].any()
     alone = predict(images=tf.constant([good]))
     assert grade[0] == grade[7] == alone["grade"].numpy()[0]
     np.testing.assert_allclose(out["grade_continuous"].numpy()[[0, 7]], alone["grade_continuous"].numpy()[0],
@@ -267,9 +278,13 @@ def test_saved_model_cli_shows_and_runs_predict_images(exported, photos, tmp_pat
     assert show.returncode == 0, shown_err[-2000:]
     assert run.returncode == 0, ran_err[-2000:]
     assert "inputs['images']" in shown and "DT_STRING" in shown and "(-1)" in shown
-    for name in ("grade_continuous", "grade", "referable", "valid", "error"):
+    for name in ("grade_continuous", "grade", "referable", "refer_high_sensitivity", "refer_high_specificity",
+                 "valid", "error"):
         assert f"outputs['{name}']" in shown
     expected = exported["model"].predict(exported["cache"][:1], verbose=0).ravel()[0]
     got = np.load(tmp_path / "out" / "grade_continuous.npy")
     assert abs(got[0] - expected) < 0.02 and np.isnan(got[1])
     assert np.load(tmp_path / "out" / "valid.npy").tolist() == [True, False]
+    for name, threshold in (("refer_high_sensitivity", exported["thresholds"][0]),
+                            ("refer_high_specificity", exported["thresholds"][3])):
+        assert np.load(tmp_path / "out" / f"{name}.npy").tolist() == [bool(got[0] >= threshold), False]

@@ -232,6 +232,8 @@ def test_two_workers_complete_a_ladder_with_identical_weights(tmp_path, small_ca
     ("model.width=wide", "config key 'model.width': expected float"),
     ("stages=[{stage: small}, {stage: tiny}]", "sizes must increase stage by stage; got [224, 112]"),
     ("stages=[{stage: '300'}]", "no stage is designed for input size 300"),
+    ("tta.draws=0", "tta.draws must be a whole number from 1 to 256 (1: no test-time augmentation); got 0"),
+    ("tta.draws=-1", "tta.draws must be a whole number from 1 to 256 (1: no test-time augmentation); got -1"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, capsys, override, message):
     code = main(["train", f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", override])
@@ -336,6 +338,16 @@ def test_a_validation_split_of_one_grade_keeps_the_default_thresholds(tmp_path, 
     assert evaluation["thresholds"] == [0.5, 1.5, 2.5, 3.5]
     assert evaluation["thresholds_fit"]["optimized"] == [False] * 4 and "only grade 0" in evaluation[
         "thresholds_fit"]["note"]
+    # No referable eye on validation: no operating point can be chosen, the run says so, the export serves none.
+    for name in ("high_specificity", "high_sensitivity", "youden"):
+        assert (f"Stage 1 tiny: operating point {name} not met: the validation split holds no referable eye "
+                "(grade >= 2)") in lines, lines
+        assert stage["operating_points"]["points"][name]["met"] is False
+    from retina_scale.serving.export import load_export
+
+    predict, meta = load_export(stage["export_path"], signature="predict_images")
+    assert not [name for name in predict.structured_outputs if name.startswith("refer_")]
+    assert meta["operating_points"]["points"]["high_sensitivity"]["reason"].startswith("the validation split holds")
     assert "Thresholds: the validation set holds only grade 0" in (
         run_dir / "stages" / "1-tiny" / "evaluation.md").read_text()
     meta = json.loads((Path(stage["export_path"]) / "metadata.json").read_text())
@@ -495,3 +507,93 @@ def test_a_thin_ladder_with_issue_14s_levers_trains_transfers_and_exports_the_gr
     # A rerun in the same folder with another loss is refused before any training (the loss is part of the run).
     with pytest.raises(ValueError, match=r"\(loss differ\)"):
         StepwiseScaler(load_train_config("quick", overrides + ["loss.aux=classification"]), verbose=0).run()
+
+
+_SERVED = ("high_sensitivity", "high_specificity")
+
+
+@pytest.mark.slow
+def test_the_stage_operating_points_hold_on_validation_and_the_export_answers_at_them(uninterrupted, small_cache,
+                                                                                      tmp_path, capsys):
+    import csv
+
+    import tensorflow as tf
+
+    from retina_scale.serving.export import load_export
+
+    run_dir, report = uninterrupted
+    _, cache = small_cache
+    for stage in report["stages"]:
+        folder = run_dir / "stages" / f"{stage['index']}-{stage['stage']}"
+        points = stage["operating_points"]["points"]
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        assert evaluation["operating_points"]["bootstrap"]["unit"] == "patient"
+        assert evaluation["operating_points"]["test_roc"]["fpr"][-1] == 1.0
+        assert "Referable-DR operating points" in (folder / "evaluation.md").read_text()
+        meta = json.loads((Path(stage["export_path"]) / "metadata.json").read_text())
+        assert {n: p["threshold"] for n, p in meta["operating_points"]["points"].items()} == {
+            n: p["threshold"] for n, p in points.items()}
+        predict, _ = load_export(stage["export_path"], signature="predict_images")
+        assert {n for n in predict.structured_outputs if n.startswith("refer_")} == {
+            f"refer_{n}" for n in _SERVED if points[n]["met"]}
+        # On the validation split they were chosen on, the points meet their constraints (evaluate measures a
+        # model at its recorded points).
+        assert main(["evaluate", "--model", str(folder), "--cache", str(cache), "--split", "val", "--splits",
+                     str(run_dir / "splits.csv"), "--bootstrap", "0", "--json"]) == 0
+        on_val = json.loads(capsys.readouterr().out)["operating_points"]["points"]
+        for name, point in points.items():
+            if point["met"]:
+                assert on_val[name]["test_sensitivity"]["value"] == pytest.approx(point["val_sensitivity"], abs=1e-9)
+                assert on_val[name]["test_specificity"]["value"] == pytest.approx(point["val_specificity"], abs=1e-9)
+        if points["high_specificity"]["met"]:
+            assert on_val["high_specificity"]["test_specificity"]["value"] >= 0.98
+        if points["high_sensitivity"]["met"]:
+            assert on_val["high_sensitivity"]["test_sensitivity"]["value"] >= 0.975
+    # retina-scale predict: the CSV's refer columns are the graph's outputs, empty where the export has no point.
+    stage = report["stages"][-1]
+    photos = sorted((small_cache[0] / "train").glob("*.jpeg"))[:6]
+    listing = tmp_path / "photos.csv"
+    listing.write_text("image\n" + "".join(f"{p}\n" for p in photos))
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", stage["export_path"], "--images", str(listing), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["image", "grade", "grade_continuous", "referable", "refer_high_sensitivity",
+                             "refer_high_specificity", "error"]
+    predict, _ = load_export(stage["export_path"], signature="predict_images")
+    want = predict(images=tf.constant([p.read_bytes() for p in photos]))
+    for name in _SERVED:
+        column = [row[f"refer_{name}"] for row in rows]
+        if stage["operating_points"]["points"][name]["met"]:
+            assert column == [str(int(v)) for v in want[f"refer_{name}"].numpy()]
+        else:
+            assert column == [""] * len(photos) and f"refer_{name} empty: operating point {name} was not met" in printed
+
+
+@pytest.mark.slow
+def test_a_run_with_tta_evaluates_and_exports_the_same_averaged_views(tmp_path, small_cache, capsys):
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    config = _config(tmp_path, small_cache, extra=["stages=[{stage: tiny, epochs: 1, lr: 0.003}]", "tta.draws=2"])
+    report = StepwiseScaler(config, verbose=0).run()
+    stage = report["stages"][0]
+    run_dir = tmp_path / "runs" / "t"
+    stored = json.loads((run_dir / "stages" / "1-tiny" / "evaluation.json").read_text())
+    meta = json.loads((Path(stage["export_path"]) / "metadata.json").read_text())
+    assert stage["tta_draws"] == stored["tta_draws"] == meta["tta"]["draws"] == 2
+    _, cache = small_cache
+    common = ["--cache", str(cache), "--split", "test", "--splits", str(run_dir / "splits.csv"), "--bootstrap", "0",
+              "--json"]
+    # The export's graph (its own two views), the stage's Keras model with --tta 2, and the trainer's test
+    # evaluation average the same views: the same grades.
+    for model, extra in ((stage["export_path"], []), (str(run_dir / "stages" / "1-tiny"), ["--tta", "2"])):
+        assert main(["evaluate", "--model", model, *common, *extra]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["tta_draws"] == 2 and result["prediction"]["images_per_second"] > 0
+        assert result["confusion_matrix"] == stored["confusion_matrix"]
+        assert result["kappa"]["value"] == pytest.approx(stored["kappa"]["value"], abs=1e-9)
+    # An export that averages its own views refuses a second layer of them, in one line.
+    assert main(["evaluate", "--model", stage["export_path"], *common, "--tta", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "averages 2 test-time augmentation views already" in err
