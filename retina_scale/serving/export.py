@@ -503,6 +503,22 @@ def _write_version(model, folder: Path, info: dict) -> None:
         _fsync(Path(root))
 
 
+def _new_version(model_dir: Path, model_name: str, version: int | None) -> int:
+    """The version number an export writes: ``version``, or one more than the highest present (1 for the first).
+
+    Raises:
+        FileExistsError: ``version`` already exists.
+    """
+    present = list_versions(model_dir)
+    following = (present[-1] + 1) if present else 1
+    if version is None:
+        return following
+    if (model_dir / str(version)).exists():
+        raise FileExistsError(f"version {version} of {model_name!r} already exists in {model_dir}; pass another "
+                              f"version or None for the next one ({following})")
+    return version
+
+
 def export_saved_model(
     model,
     base_dir,
@@ -564,14 +580,7 @@ def export_saved_model(
         for stale in model_dir.glob(f"{_TMP_PREFIX}*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-        present = list_versions(model_dir)
-        if version is None:
-            version = (present[-1] + 1) if present else 1
-        elif (model_dir / str(version)).exists():
-            raise FileExistsError(
-                f"version {version} of {model_name!r} already exists in {model_dir}; pass another "
-                f"version or None for the next one ({(present[-1] + 1) if present else 1})"
-            )
+        version = _new_version(model_dir, model_name, version)
         target = model_dir / str(version)
         tmp = model_dir / f"{_TMP_PREFIX}{version}-{secrets.token_hex(4)}"
         tmp.mkdir()
