@@ -176,18 +176,20 @@ def _fill_cache(args, cache: Path, sizes) -> None:
 
 
 def _member_pass(predict, size: int, cache: Path, split: str, splits: Path, draws: int, args):
-    """One ensemble member over one split, fed from the cache at its own ``size``: ``_predict_all``'s tuple."""
+    """One ensemble member over one split, fed from the cache at its own ``size``: ``_predict_all``'s tuple. One
+    batch goes through first, untimed, so that neither member's images/s carries the first call's set-up."""
     from retina_scale.data.pipeline import CacheInput
 
     inp = CacheInput(cache, size, split=split, split_file=splits, augment=None, resample=None)
-    return _predict_all(inp, with_tta(predict, draws, "graham" if inp.graham else "none"), args)
+    predict = with_tta(predict, draws, "graham" if inp.graham else "none")
+    predict(next(iter(inp.dataset(args.batch_size, training=False, include_ids=True)))[0])  # untimed warm-up
+    return _predict_all(inp, predict, args)
 
 
 def _run_ensemble(args, draws: int) -> int:
     """``--ensemble``: the stage and the stage below it averaged, cut-offs fitted on validation
     (``retina_scale.evidence.ensemble``), with the images per second of the ensemble and of the top stage alone."""
     from retina_scale.evidence.ensemble import ensemble_text, evaluate_ensemble, resolve_members
-    from retina_scale.grading.operating_points import evaluation_text
 
     members = resolve_members(args.model)
     loaded = [load_predictor(stage.dir) for stage in (members.lower, members.top)]
@@ -200,8 +202,8 @@ def _run_ensemble(args, draws: int) -> int:
         if args.data:
             _fill_cache(args, cache, sorted({m[2] for m in loaded}))
         passes = {name: [_member_pass(m[0], m[2], cache, name, splits, draws, args) for m in loaded]
-                  for name in dict.fromkeys(("validation", split))}
-    evaluation = evaluate_ensemble([p[:3] for p in passes["validation"]], [p[:3] for p in passes[split]],
+                  for name in dict.fromkeys(("val", split))}
+    evaluation = evaluate_ensemble([p[:3] for p in passes["val"]], [p[:3] for p in passes[split]],
                                    loaded[1][1], splits, args.bootstrap)
     (lower, top), images = passes[split], int(passes[split][1][0].size)
     evaluation["model"] = f"ensemble of {loaded[0][3]} and {loaded[1][3]}"
@@ -212,27 +214,29 @@ def _run_ensemble(args, draws: int) -> int:
         "lower": members.lower.dir.name, "top": members.top.dir.name, "lower_size": loaded[0][2],
         "top_size": loaded[1][2], "split": split, "tta_draws": draws, "images": images,
         "images_per_second": _rate(images, lower[3] + top[3]), "top_images_per_second": _rate(images, top[3])}
-    _write_out(args, evaluation)
-    if args.json:
-        print(json.dumps(evaluation, indent=2))
-    else:
-        print(f"Model: {evaluation['model']}")
-        print(evaluation_text(evaluation))
-        print("\n" + ensemble_text(evaluation))
-    return 0
+    return _report(args, evaluation, f"Model: {evaluation['model']}", "\n" + ensemble_text(evaluation))
 
 
 def _rate(images: int, seconds: float):
     return round(images / seconds, 2) if seconds > 0 else None
 
 
-def _write_out(args, evaluation: dict) -> None:
-    """``--out``: the JSON result, written atomically."""
+def _report(args, evaluation: dict, heading: str, tail: str) -> int:
+    """``--out`` (the JSON result, written atomically), then the result on the console: JSON with ``--json``, else
+    ``heading``, the evaluation's text and ``tail``."""
+    from retina_scale.grading.operating_points import evaluation_text
     from retina_scale.utils.fileio import atomic_path
 
     if args.out:
         with atomic_path(args.out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
             json.dump(evaluation, f, indent=2)
+    if args.json:
+        print(json.dumps(evaluation, indent=2))
+    else:
+        print(heading)
+        print(evaluation_text(evaluation))
+        print(tail)
+    return 0
 
 
 def run(args) -> int:
@@ -241,7 +245,7 @@ def run(args) -> int:
     from retina_scale.data.pipeline import CacheInput
     from retina_scale.data.sources import parse_patient_eye
     from retina_scale.grading.evaluation import evaluate_predictions
-    from retina_scale.grading.operating_points import evaluate_operating_points, evaluation_text
+    from retina_scale.grading.operating_points import evaluate_operating_points
 
     draws = _check_arguments(args)
     if args.ensemble:
@@ -271,13 +275,7 @@ def run(args) -> int:
     if predict.operating_points:
         evaluation["operating_points"] = evaluate_operating_points(
             predict.operating_points, labels[keep].astype(int), scores[keep], groups, n_boot=args.bootstrap)
-    _write_out(args, evaluation)
-    if args.json:
-        print(json.dumps(evaluation, indent=2))
-    else:
-        print(f"Model: {description} ({size} px)")
-        print(evaluation_text(evaluation))
-        cost = evaluation["prediction"]
-        print(f"\nPrediction: {evaluation['tta_draws']} view(s) per image, {cost['images_per_second']} images/s "
-              f"({cost['images']} images in {cost['seconds']:.1f} s of model time, batch {args.batch_size})")
-    return 0
+    cost = evaluation["prediction"]
+    return _report(args, evaluation, f"Model: {description} ({size} px)",
+                   f"\nPrediction: {evaluation['tta_draws']} view(s) per image, {cost['images_per_second']} images/s "
+                   f"({cost['images']} images in {cost['seconds']:.1f} s of model time, batch {args.batch_size})")

@@ -140,7 +140,7 @@ def ensemble_text(evaluation: dict) -> str:
     alone, and the images per second of each (``evaluation["ensemble"]`` as ``retina-scale evaluate`` fills it)."""
     info, fit, alone = evaluation["ensemble"], evaluation["thresholds_fit"], evaluation["top_stage_alone"]
     cuts = " ".join(f"{t:.3f}" for t in evaluation["thresholds"])
-    optimistic = " - the evaluated split itself, so optimistic" if info["split"] == "validation" else ""
+    optimistic = " - the evaluated split itself, so optimistic" if info["split"] == "val" else ""
     return "\n".join([
         f"Stage ensemble: mean grade of {info['lower']} ({info['lower_size']} px) and {info['top']} "
         f"({info['top_size']} px), on split {info['split']}",
