@@ -10,6 +10,12 @@ exactly as for training (a cache at the model's input size is made, or reused, u
 90-degree rotations, then the training augmentation at half strength; retina_scale.data.tta), and the output
 says what it cost in images per second. A model with recorded operating points (an export's metadata, a stage's
 state.json) is also measured at its referable-DR operating points.
+
+--ensemble (a run folder, or a stage folder of a run) averages the continuous grade of the stage and the stage
+below it, each fed the cached image at its own input size (retina_scale.evidence.ensemble). The run's cache and
+splits.csv are used unless --cache/--data and --splits say otherwise; the split evaluated is --split (default
+test). The four cut-offs are optimised for the averaged grade on the validation split, and the output shows the
+top stage alone on the same images beside it, with the images per second of each.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=0, help="preprocessing processes (default: all cores)")
     parser.add_argument("--tta", type=int, default=None,
                         help="average the grade over N test-time augmentation views (default 1 = off)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="average the stage with the stage below it (a run or stage folder; cut-offs fitted "
+                             "on validation; default --split test)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", help="also write the JSON result to this file")
 
@@ -146,26 +155,101 @@ def _check_arguments(args) -> int:
     """The arguments' one-line errors, before any work; returns the TTA views asked (1 without --tta)."""
     from retina_scale.data.tta import check_draws
 
-    if args.split and not args.splits:
+    if args.split and not args.splits and not args.ensemble:
         raise UserError("--split needs --splits (the splits.csv of the run)")
-    if not args.data and not args.cache:
+    if not args.data and not args.cache and not args.ensemble:
         raise UserError("give --data (images to preprocess) or --cache (an existing cache)")
     if args.bootstrap < 0 or args.batch_size < 1:
         raise UserError("--bootstrap must be >= 0 and --batch-size >= 1")
     return 1 if args.tta is None else check_draws(args.tta, "--tta")
 
 
+def _fill_cache(args, cache: Path, sizes) -> None:
+    """Preprocesses ``--data`` into ``cache`` at ``sizes`` (reusing what is there)."""
+    from retina_scale.data.cache import prepare_cache
+    from retina_scale.data.sources import read_dataset
+
+    dataset = read_dataset(args.data, labels=args.labels, format=args.format)
+    result = prepare_cache(dataset, cache, sizes=tuple(sizes), workers=args.workers or None, progress=not args.json)
+    if not args.json:
+        print(result.summary())
+
+
+def _member_pass(predict, size: int, cache: Path, split: str, splits: Path, draws: int, args):
+    """One ensemble member over one split, fed from the cache at its own ``size``: ``_predict_all``'s tuple. One
+    batch goes through first, untimed, so that neither member's images/s carries the first call's set-up."""
+    from retina_scale.data.pipeline import CacheInput
+
+    inp = CacheInput(cache, size, split=split, split_file=splits, augment=None, resample=None)
+    predict = with_tta(predict, draws, "graham" if inp.graham else "none")
+    predict(next(iter(inp.dataset(args.batch_size, training=False, include_ids=True)))[0])  # untimed warm-up
+    return _predict_all(inp, predict, args)
+
+
+def _run_ensemble(args, draws: int) -> int:
+    """``--ensemble``: the stage and the stage below it averaged, cut-offs fitted on validation
+    (``retina_scale.evidence.ensemble``), with the images per second of the ensemble and of the top stage alone."""
+    from retina_scale.evidence.ensemble import ensemble_text, evaluate_ensemble, resolve_members
+
+    members = resolve_members(args.model)
+    loaded = [load_predictor(stage.dir) for stage in (members.lower, members.top)]
+    split, splits = args.split or "test", Path(args.splits) if args.splits else members.run.splits
+    if not splits.is_file():
+        raise UserError(f"--ensemble fits its cut-offs on the validation split of a splits.csv; {splits} does not "
+                        "exist, give --splits")
+    with tempfile.TemporaryDirectory(prefix="retina-eval-") as tmp:
+        cache = Path(args.cache) if args.cache else Path(tmp) / "cache" if args.data else members.run.cache
+        if args.data:
+            _fill_cache(args, cache, sorted({m[2] for m in loaded}))
+        passes = {name: [_member_pass(m[0], m[2], cache, name, splits, draws, args) for m in loaded]
+                  for name in dict.fromkeys(("val", split))}
+    evaluation = evaluate_ensemble([p[:3] for p in passes["val"]], [p[:3] for p in passes[split]],
+                                   loaded[1][1], splits, args.bootstrap)
+    (lower, top), images = passes[split], int(passes[split][1][0].size)
+    evaluation["model"] = f"ensemble of {loaded[0][3]} and {loaded[1][3]}"
+    evaluation["tta_draws"] = draws
+    evaluation["prediction"] = {"images": images, "seconds": round(lower[3] + top[3], 3), "batch_size": args.batch_size,
+                                "images_per_second": _rate(images, lower[3] + top[3])}
+    evaluation["ensemble"] = {
+        "lower": members.lower.dir.name, "top": members.top.dir.name, "lower_size": loaded[0][2],
+        "top_size": loaded[1][2], "split": split, "tta_draws": draws, "images": images,
+        "images_per_second": _rate(images, lower[3] + top[3]), "top_images_per_second": _rate(images, top[3])}
+    return _report(args, evaluation, f"Model: {evaluation['model']}", "\n" + ensemble_text(evaluation))
+
+
+def _rate(images: int, seconds: float):
+    return round(images / seconds, 2) if seconds > 0 else None
+
+
+def _report(args, evaluation: dict, heading: str, tail: str) -> int:
+    """``--out`` (the JSON result, written atomically), then the result on the console: JSON with ``--json``, else
+    ``heading``, the evaluation's text and ``tail``."""
+    from retina_scale.grading.operating_points import evaluation_text
+    from retina_scale.utils.fileio import atomic_path
+
+    if args.out:
+        with atomic_path(args.out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
+            json.dump(evaluation, f, indent=2)
+    if args.json:
+        print(json.dumps(evaluation, indent=2))
+    else:
+        print(heading)
+        print(evaluation_text(evaluation))
+        print(tail)
+    return 0
+
+
 def run(args) -> int:
     import numpy as np
 
-    from retina_scale.data.cache import prepare_cache
     from retina_scale.data.pipeline import CacheInput
-    from retina_scale.data.sources import parse_patient_eye, read_dataset
+    from retina_scale.data.sources import parse_patient_eye
     from retina_scale.grading.evaluation import evaluate_predictions
-    from retina_scale.grading.operating_points import evaluate_operating_points, evaluation_text
-    from retina_scale.utils.fileio import atomic_path
+    from retina_scale.grading.operating_points import evaluate_operating_points
 
     draws = _check_arguments(args)
+    if args.ensemble:
+        return _run_ensemble(args, draws)
     predict, thresholds, size, description = load_predictor(args.model)
     if draws > 1 and predict.tta_draws > 1:
         raise UserError(f"{description} averages {predict.tta_draws} test-time augmentation views already (made "
@@ -173,11 +257,7 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="retina-eval-") as tmp:
         cache = Path(args.cache) if args.cache else Path(tmp) / "cache"
         if args.data:
-            dataset = read_dataset(args.data, labels=args.labels, format=args.format)
-            result = prepare_cache(dataset, cache, sizes=(size,), workers=args.workers or None,
-                                   progress=not args.json)
-            if not args.json:
-                print(result.summary())
+            _fill_cache(args, cache, (size,))
         inp = CacheInput(cache, size, split=args.split, split_file=args.splits, augment=None, resample=None)
         labelled = ~np.isnan(inp.labels)
         if not labelled.any():
@@ -195,15 +275,7 @@ def run(args) -> int:
     if predict.operating_points:
         evaluation["operating_points"] = evaluate_operating_points(
             predict.operating_points, labels[keep].astype(int), scores[keep], groups, n_boot=args.bootstrap)
-    if args.out:
-        with atomic_path(args.out) as tmp_out, open(tmp_out, "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
-    if args.json:
-        print(json.dumps(evaluation, indent=2))
-    else:
-        print(f"Model: {description} ({size} px)")
-        print(evaluation_text(evaluation))
-        cost = evaluation["prediction"]
-        print(f"\nPrediction: {evaluation['tta_draws']} view(s) per image, {cost['images_per_second']} images/s "
-              f"({cost['images']} images in {cost['seconds']:.1f} s of model time, batch {args.batch_size})")
-    return 0
+    cost = evaluation["prediction"]
+    return _report(args, evaluation, f"Model: {description} ({size} px)",
+                   f"\nPrediction: {evaluation['tta_draws']} view(s) per image, {cost['images_per_second']} images/s "
+                   f"({cost['images']} images in {cost['seconds']:.1f} s of model time, batch {args.batch_size})")
