@@ -141,3 +141,31 @@ def test_bad_input_is_refused_in_one_line(thin_run, tmp_path, capsys, args, mess
     assert main(["explain", "--model", str(run_dir), *args, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_a_run_with_its_own_synthetic_set_finds_its_lesions_from_any_folder(thin_run, tmp_path, monkeypatch):
+    """A run made without --data records its data folder relative to where it was started (`runs/NAME/data/...`):
+    named by an absolute path from another folder, explain still finds the run's own lesions.csv."""
+    import yaml
+
+    from retina_scale.data.cache import CONFIG
+
+    run_dir, _, data, cache = thin_run
+    own = tmp_path / "start" / "runs" / "own"
+    shutil.copytree(run_dir, own)
+    shutil.copytree(data, own / "data" / "synthetic")
+    shutil.copytree(cache, own / "data" / "cache")
+    config = yaml.safe_load((own / "config.yaml").read_text())
+    config["runs_dir"], config["data"]["data"], config["data"]["cache"] = "runs", None, None
+    (own / "config.yaml").write_text(yaml.safe_dump(config))
+    cache_config = json.loads((own / "data" / "cache" / CONFIG).read_text())
+    cache_config["data"]["root"] = "runs/own/data/synthetic"  # as `retina-scale train` records it, run from start/
+    (own / "data" / "cache" / CONFIG).write_text(json.dumps(cache_config))
+    monkeypatch.chdir(tmp_path)  # not start/: the recorded relative root does not resolve from here
+    out = tmp_path / "explain-own"
+    assert main(["explain", "--model", str(own), "--split", "test", "--out", str(out), "--bootstrap", "0",
+                 "--overlays", "0"]) == 0
+    summary = json.loads((out / "explain.json").read_text())
+    rates = summary["lesion_hit_rates"]  # None when no lesions.csv was found
+    assert rates and sum(r["n_lesions"] for r in rates.values()) > 0
