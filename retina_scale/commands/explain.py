@@ -119,8 +119,8 @@ def _photos(args, target, run):
     from retina_scale.data.cache import read_config
 
     data_root = (read_config(cache).get("data") or {}).get("root")
-    # The cache records the data folder as its maker gave it, maybe relative to that process's folder: a run's own
-    # synthetic set is also looked for in the run folder, so a run named by an absolute path from elsewhere finds it.
+    # Caches record their data folder as an absolute path; those made before that fix recorded it as their maker gave
+    # it, maybe relative to that process's folder, so a run's own synthetic set is also looked for in the run folder.
     candidates = [Path(data_root)] if data_root else []
     return cache_photos(cache, target.input_size, args.split, splits), candidates + ([run.synthetic] if run else [])
 

@@ -401,7 +401,8 @@ def prepare_cache(dataset: Dataset, out, sizes=(112, 224, 448, 896), config: Pre
     write_csv(out / FAILURES, ["image", "reason"], [[f.image, f.reason] for f in failures], lineterminator="\n")
     if rows:
         cfg["color_pca"] = color_pca(out, min(int(s) for s in cfg["sizes"]), [r[1] for r in rows], ext=ext)
-    cfg["data"] = {"root": dataset.root, "format": dataset.format}
+    # Absolute: readers of the cache (explain's lesions.csv) run from other folders than the one that made it.
+    cfg["data"] = {"root": os.path.abspath(dataset.root), "format": dataset.format}
     cfg["counts"] = {"images": len(rows), "failed": len(failures)}
     # cache.json before the manifest: a manifest (whose rows record no preprocessing) never exists without it.
     write_json(out / CONFIG, cfg)

@@ -318,3 +318,15 @@ def test_planner_reports_a_vanished_source_and_adds_new_sizes():
     # nothing cached yet: everything is made, nothing kept
     fresh = _plan(recs[:1], {}, sizes=(32, 48), sources={"/d/a b.jpeg": (100, 7)})
     assert [(r.image, r.sizes, r.kept_files) for r in fresh.redo] == [("a b", (32, 48), {})]
+
+
+def test_the_cache_records_its_data_folder_as_an_absolute_path(eyepacs_dir, tmp_path, prepare, monkeypatch):
+    """Given relative to the folder it runs in, the data folder is still found by a reader running elsewhere."""
+    import json
+    import os
+
+    monkeypatch.chdir(eyepacs_dir.parent)
+    code, _, _ = prepare("--data", eyepacs_dir.name, "--sizes", "32", "--out", tmp_path / "cache")
+    assert code == 0
+    root = json.loads((tmp_path / "cache" / "cache.json").read_text())["data"]["root"]
+    assert os.path.isabs(root) and os.path.samefile(root, eyepacs_dir)
