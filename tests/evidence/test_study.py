@@ -88,7 +88,8 @@ def test_scratch_trains_the_top_stage_from_initialisation_for_the_ladders_time(s
     config = load_config(TrainConfig, scratch_dir / "config.yaml")
     assert config.stages[0].max_seconds == pytest.approx(ladder_seconds, abs=0.1)
     assert summary["scratch"]["ladder_seconds"] == pytest.approx(ladder_seconds)
-    assert summary["scratch"]["scratch_best_val_kappa"] == max(r["val_kappa"] for r in state["history"])
+    # Compared on the measure that picks the epochs: kappa at cut-offs optimised on validation.
+    assert summary["scratch"]["scratch_best_val_kappa"] == max(r["val_kappa_optimized"] for r in state["history"])
 
 
 @pytest.mark.slow
@@ -187,6 +188,21 @@ def test_time_to_reach_counts_earlier_stages():
 
     never = {"stages": [_stage("small", 224, 0.9, 0.8, 0.95, 0.2, 3e6, _history([0.95], [40]))]}
     assert compare_scratch(ladder, never)["ladder_time_to_scratch_best"] is None
+
+
+def test_time_to_reach_uses_the_optimised_cut_offs_kappa_when_the_history_has_it():
+    from retina_scale.evidence.report import compare_scratch
+
+    def optimised(kappas, fixed, seconds):
+        return [{**row, "val_kappa_optimized": k} for row, k in zip(_history(fixed, seconds), kappas)]
+
+    # Fixed cut-offs' kappa swings (0.1, 0.7, 0.2); the optimised one climbs (0.5, 0.6, 0.8).
+    scratch = {"stages": [_stage("small", 224, 0.6, 0.5, 0.7, 0.15, 3e6, optimised([0.5, 0.6, 0.8], [0.1, 0.7, 0.2],
+                                                                                 [10, 10, 10]))]}
+    ladder = {"stages": [_stage("small", 224, 0.7, 0.6, 0.8, 0.2, 3e6, optimised([0.7, 0.85], [0.9, 0.3], [20, 20]))]}
+    c = compare_scratch(ladder, scratch)
+    assert c["scratch_best_val_kappa"] == 0.8 and c["scratch_time_to_scratch_best"] == 30
+    assert c["ladder_time_to_scratch_best"] == 40
 
 
 def test_findings_state_the_trend_and_the_overlap():
