@@ -292,6 +292,11 @@ class ReportLayout(_Folder):
         """Where ``retina-scale report --measure`` writes: where a study keeps its measurement."""
         return self.root / "throughput.json"
 
+    @property
+    def stage_panel(self) -> Path:
+        """A study's figure of one grade-1 test photo's heat map at every stage (drawn by its explain step)."""
+        return self.figures / "grade1_by_stage.png"
+
 
 @dataclasses.dataclass(frozen=True)
 class ExplainLayout(_Folder):

@@ -505,12 +505,7 @@ def _photo_result(target: Explainable, photo: Photo, image, geometry, error: str
         return row, None
     heat, score, peak = cam
     row.update(score=round(score, 6), grade=int(apply_thresholds([score], target.thresholds)[0]), cam_peak=peak)
-    points = []
-    if records:
-        disc, reduction = geometry
-        xs, ys = photo_to_cache([r["x"] for r in records], [r["y"] for r in records], disc, target.input_size,
-                                reduction)
-        points = [(r["kind"], float(x), float(y)) for r, x, y in zip(records, xs, ys)]
+    points = _cache_points(records, geometry, target.input_size)
     photo_seed = _photo_seed(photo.lesion_id, seed)
     counts = None
     if lesions is not None:
@@ -525,6 +520,15 @@ def _photo_result(target: Explainable, photo: Photo, image, geometry, error: str
         draw_overlay(path, image, heat, title, hottest(heat, fraction, photo_seed), points)
         row["overlay"] = path.relative_to(files.root).as_posix()
     return row, None if counts is None else (counts, parse_patient_eye(photo.lesion_id)[0])
+
+
+def _cache_points(records: list[dict] | None, geometry: tuple, size: int) -> list[tuple[str, float, float]]:
+    """A photo's lesions.csv records as ``(kind, x, y)`` in the pixels of its cached ``size`` square."""
+    if not records:
+        return []
+    disc, reduction = geometry
+    xs, ys = photo_to_cache([r["x"] for r in records], [r["y"] for r in records], disc, size, reduction)
+    return [(r["kind"], float(x), float(y)) for r, x, y in zip(records, xs, ys)]
 
 
 def _csv_cell(value):
@@ -598,4 +602,82 @@ def explain_study(study, lesions_csv, *, n_boot: int = 200, seed: int = 0, overl
             log(f"Explain: stage {stage.index} {stage.name}, Grad-CAM of {len(photos)} test photos with lesions")
         explain(target, photos, files.root, lesions=lesions, n_boot=n_boot, seed=seed, overlays=overlays,
                 progress=progress)
+    from retina_scale.run_layout import ReportLayout
+
+    if not ReportLayout(study.root).stage_panel.is_file():
+        draw_stage_panel(study, lesions, seed=seed)
     return study_hit_rates(study)
+
+
+def panel_photo(photos: Iterable[str], lesions: dict[str, list[dict]], min_ma: int = 3) -> str | None:
+    """The grade-1 photo a study's stage figure shows, chosen by rule before any heat map is drawn: the first by
+    name with at least ``min_ma`` microaneurysms, else the one with the most (first by name among ties).
+
+    >>> lesions = {"2_left": [{"kind": "microaneurysm"}] * 2, "1_left": [{"kind": "microaneurysm"}] * 4,
+    ...            "0_left": [{"kind": "microaneurysm"}] * 3 + [{"kind": "hard_exudate"}]}
+    >>> panel_photo(["2_left", "1_left", "0_left"], lesions, min_ma=3)  # 0_left has exudates: grade 2
+    '1_left'
+    >>> panel_photo(["2_left", "1_left"], lesions, min_ma=9)
+    '1_left'
+    """
+    counts = {}
+    for name in sorted(photos):
+        records = lesions.get(name)
+        if records and true_grade(records) == 1:
+            counts[name] = sum(r["kind"] == "microaneurysm" for r in records)
+    if not counts:
+        return None
+    enough = [name for name, n in counts.items() if n >= min_ma]
+    return enough[0] if enough else max(counts, key=counts.get)  # max keeps the first (by name) of ties
+
+
+def draw_stage_panel(study, lesions: dict[str, list[dict]], *, seed: int = 0) -> str | None:
+    """Figure (``ReportLayout(study.root).stage_panel``): one grade-1 test photo (:func:`panel_photo`) as every
+    finished ladder stage sees it, with its Grad-CAM, the hottest 5 % outlined and its microaneurysms circled.
+    Returns the photo's name, or None when no stage has finished or the test split has no grade-1 photo."""
+    from retina_scale.grading.thresholds import apply_thresholds
+    from retina_scale.run_layout import ReportLayout
+
+    run = RunLayout.from_folder(study.ladder.root)
+    panels, chosen = [], None
+    for stage in [s for s in run.stages() if s.best_keras.is_file()]:
+        target = load_stage(stage.dir)
+        photos = {p.lesion_id: p for p in cache_photos(run.cache, target.input_size, "test", run.splits)}
+        chosen = chosen or panel_photo(photos, lesions)
+        image, geometry, _ = _load(photos[chosen]) if chosen in photos else (None, None, "")
+        if image is None:
+            return None
+        heat, scores, _ = grad_cam(target.model, image[None])
+        grade = int(apply_thresholds([float(scores[0])], target.thresholds)[0])
+        panels.append((f"{stage.name}, {target.input_size} px: grade {grade} (score {scores[0]:.2f})", image, heat[0],
+                       hottest(heat[0], HOT_FRACTION, _photo_seed(chosen, seed)),
+                       _cache_points(lesions.get(chosen), geometry, target.input_size)))
+    if not panels:
+        return None
+    _draw_panels(ReportLayout(study.root).stage_panel, panels, f"{chosen}: true grade 1 "
+                 f"({sum(r['kind'] == 'microaneurysm' for r in lesions[chosen])} microaneurysms, cyan)")
+    return chosen
+
+
+def _draw_panels(path, panels, title: str) -> None:
+    """One column per stage: the photo as the stage sees it under its heat map, hottest region outlined,
+    microaneurysms circled (radius a fixed share of the image, so the circles match across sizes)."""
+    from retina_scale.evidence.report import _plt, _save
+
+    plt = _plt()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # drawn before the report makes its figures folder
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.9), squeeze=False)
+    for ax, (label, image, heat, hot, points) in zip(axes[0], panels):
+        rgb = np.clip(np.asarray(image, np.float64), 0, 255).astype(np.uint8)
+        ax.imshow(rgb)
+        ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        if hot.any():
+            ax.contour(hot.astype(float), levels=[0.5], colors="white", linewidths=0.6)
+        for kind, x, y in points:
+            if kind == "microaneurysm":
+                ax.add_patch(plt.Circle((x, y), rgb.shape[0] / 30, fill=False, lw=0.9, color="cyan"))
+        ax.set_title(label, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)

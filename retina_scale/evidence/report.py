@@ -288,6 +288,38 @@ def plot_kappa_vs_stage(stages: list[dict], path) -> None:
                     title="Kappa against stage (cf. the paper's Fig. 5)", loc="best", markerscale=0.5)
 
 
+def plot_mild_dr_vs_resolution(rows: list[dict], path) -> None:
+    """Mild DR against input size (issue 14): the score's grade-1-vs-0 AUC per stage and, where the stages were
+    explained, the share of microaneurysms in the hottest 5 % of the heat map; 95 % intervals, chance dashed.
+    ``rows``: report.json's stage rows (``mild_dr_auc``, ``ma_hit_rate``, ``size``)."""
+    plt = _plt()
+    hits = [r for r in rows if r.get("ma_hit_rate")]
+    fig, axes = plt.subplots(1, 2 if hits else 1, figsize=(10.0 if hits else 5.4, 4.0), squeeze=False)
+
+    def panel(ax, rated, key, chance, ylabel, title):
+        sizes = [r["size"] for r in rated]
+        values = [r[key]["value"] for r in rated]
+        low = [v - (r[key].get("ci_low") if r[key].get("ci_low") is not None else v) for v, r in zip(values, rated)]
+        high = [(r[key].get("ci_high") if r[key].get("ci_high") is not None else v) - v for v, r in zip(values, rated)]
+        ax.errorbar(sizes, values, yerr=[low, high], marker="o", capsize=4, label="this run (95 % CI)")
+        ax.axhline(chance, color="grey", ls="--", lw=0.8, label=f"chance ({chance:g})")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [f"{r['stage']}\n{r['size']} px" for r in rated])
+        ax.minorticks_off()
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+
+    rated = [r for r in rows if (r.get("mild_dr_auc") or {}).get("value") is not None]
+    panel(axes[0][0], rated, "mild_dr_auc", 0.5, "AUC, grade 1 against grade 0 (test)", "Mild DR: AUC of the score")
+    if hits:
+        panel(axes[0][1], hits, "ma_hit_rate", hits[0]["ma_hit_rate"].get("chance", 0.05),
+              "microaneurysms in the hottest 5 %", "Where the net looks: microaneurysm hit rate")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_scratch(comparison: dict, path) -> None:
     """Validation kappa against cumulative training seconds, the ladder and the scratch run."""
     plt = _plt()
@@ -405,8 +437,8 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
         "throughput": throughput,
         "study": study,
         "findings": findings(stages, comparison, throughput),
-        "figures": draw_figures(stages, comparison, records, files),
     }
+    summary["figures"] = draw_figures(stages, comparison, records, files, summary["stages"])
     text = format_markdown(run, summary, comparison, throughput, records, study)
     write_json(files.summary, summary)
     _write_text(files.markdown, text)
@@ -489,9 +521,9 @@ def _stage_summary(s: dict, hit_rates: dict | None = None) -> dict:
 
 
 def draw_figures(stages: list[dict], comparison: dict | None, records: list[dict] | None,
-                 files: ReportLayout) -> dict[str, str]:
+                 files: ReportLayout, rows: list[dict] | None = None) -> dict[str, str]:
     """Draws every figure the data allows into ``files.figures``; returns ``{name: path relative to
-    the report}`` of those drawn."""
+    the report}`` of those drawn. ``rows``: the report's stage rows (``_stage_summary``), for the mild-DR figure."""
     made = {}
 
     def draw(name, plot, data):
@@ -513,6 +545,10 @@ def draw_figures(stages: list[dict], comparison: dict | None, records: list[dict
         draw("stepwise_vs_scratch", plot_scratch, comparison)
     if _with_points(stages):
         draw("roc", plot_roc, stages)
+    if rows and any((r.get("mild_dr_auc") or {}).get("value") is not None for r in rows):
+        draw("mild_dr_vs_resolution", plot_mild_dr_vs_resolution, rows)
+    if files.stage_panel.is_file():  # drawn by a study's explain step (evidence.explain.draw_stage_panel)
+        made["grade1_by_stage"] = files.stage_panel.relative_to(files.root).as_posix()
     return made
 
 
@@ -577,6 +613,13 @@ def _kappa_section(stages, figs, summaries) -> list[str]:
                              "paper (EyePACS)"), rows) + [""]
     if hits:
         lines += _hit_rate_lines(summaries)
+    if "mild_dr_vs_resolution" in figs:
+        lines += [f"![mild-DR AUC and microaneurysm hit rate against resolution]({figs['mild_dr_vs_resolution']})", ""]
+    if "grade1_by_stage" in figs:
+        lines += ["One grade-1 test photo (chosen by rule before any heat map was drawn: the first by name with at "
+                  "least three microaneurysms) at every stage: Grad-CAM of the grade, hottest 5 % outlined, "
+                  "microaneurysms circled in cyan.", "", f"![one grade-1 photo at every stage]({figs['grade1_by_stage']})",
+                  ""]
     if "kappa_vs_stage" in figs:
         lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
     return lines

@@ -17,7 +17,7 @@ def _config(small_cache, stages="[{stage: tiny, epochs: 2, lr: 0.003}, {stage: s
             extra=()):
     data, cache = small_cache
     return load_train_config("study", [
-        "model.width=0.125", "model.dropout=0.0", f"data.data={json.dumps(str(data))}",
+        "model.width=0.125", "model.dropout=0.0", "data.normalize=none", f"data.data={json.dumps(str(data))}",
         f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
         "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", f"stages={stages}", *extra])
 
@@ -42,8 +42,10 @@ def test_study_writes_report_figures_and_json(study):
     out, summary = study
     assert summary["report_md"] == str(out / "REPORT.md")
     figures = sorted(p.name for p in (out / "figures").iterdir())
-    assert figures == ["complexity.png", "confusion.png", "kappa_vs_stage.png", "roc.png", "stepwise_vs_scratch.png",
-                       "val_loss.png"]  # roc.png: the operating points' figure (issue 17)
+    # roc.png: the operating points' figure (issue 17); mild DR against resolution and one grade-1 photo's heat map
+    # at every stage (issue 14).
+    assert figures == ["complexity.png", "confusion.png", "grade1_by_stage.png", "kappa_vs_stage.png",
+                       "mild_dr_vs_resolution.png", "roc.png", "stepwise_vs_scratch.png", "val_loss.png"]
     for name in figures:
         data = (out / "figures" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
@@ -243,7 +245,7 @@ def test_study_presets_describe_the_documented_ladders(preset, sizes, width, fun
     assert (config.data.normalize, config.data.synth_prior) == expected
 
 
-def test_the_study_passes_graham_normalisation_and_the_levers_through(tmp_path):
+def test_the_study_passes_the_normalisation_and_the_levers_through(tmp_path):
     import argparse
 
     from retina_scale.commands.study import add_arguments, build_config
@@ -251,10 +253,10 @@ def test_the_study_passes_graham_normalisation_and_the_levers_through(tmp_path):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["data.normalize=graham", "data.synth_prior='0.4,0.4,0.1,0.05,0.05'",
+    args = parser.parse_args(["data.normalize=none", "data.synth_prior='0.4,0.4,0.1,0.05,0.05'",
                               "model.head_pooling=max", "loss.aux=classification", "resample.grade1_boost=2"])
     ladder = study_configs(build_config(args), tmp_path / "study")
-    assert (ladder.data.normalize, ladder.data.synth_prior) == ("graham", "0.4,0.4,0.1,0.05,0.05")
+    assert (ladder.data.normalize, ladder.data.synth_prior) == ("none", "0.4,0.4,0.1,0.05,0.05")
     assert (ladder.model.head_pooling, ladder.loss.aux, ladder.resample.grade1_boost) == ("max", "classification", 2)
     assert ladder.data.cache == str(tmp_path / "study" / "data" / "cache")
 
@@ -280,6 +282,7 @@ def test_study_reports_mild_dr_auc_and_lesion_hit_rates_per_stage(study):
     text = (out / "REPORT.md").read_text()
     on_disk = json.loads((out / "report.json").read_text())
     assert "mild-DR AUC [95 % CI]" in text and "MA hit rate [95 % CI]" in text and "Lesion hit rate" in text
+    assert "(figures/mild_dr_vs_resolution.png)" in text and "(figures/grade1_by_stage.png)" in text
     for stage, name in zip(on_disk["stages"], ("1-tiny", "2-small")):
         evaluation = json.loads((run_dir / "stages" / name / "evaluation.json").read_text())
         auc = evaluation["mild_dr_auc"]
