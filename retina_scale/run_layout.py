@@ -6,6 +6,7 @@ A stepwise run lives in ``<runs_dir>/<name>/``::
     data/synthetic/  data/synthetic.json  data/cache/   (the embedded data set, without --data)
     stages/1-tiny/   state.json  log.csv  tensorboard/  transfer.{json,txt}  initial.npz
                      last.npz  best.npz  best.keras  evaluation.{json,md}  tuning/
+    fusion/          state.json  features.npz  log.csv  fusion.keras  evaluation.{json,md}  (``fusion.enabled``)
     report/          REPORT.md, report.json, figures/  (``retina-scale report``)
     workers/<type>-<id>/   the other workers' copies of a multi-worker run
 
@@ -105,6 +106,43 @@ class StageLayout:
     def run_root(self) -> Path:
         """The run folder this stage folder belongs to (``<run>/stages/<i>-<name>``)."""
         return self.dir.parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionLayout:
+    """The files of the both-eye fusion stage's folder, ``fusion/`` (``retina_scale.training.fusion``).
+
+    >>> FusionLayout(Path("runs/quick/fusion")).features.as_posix()
+    'runs/quick/fusion/features.npz'
+    """
+
+    dir: Path
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.json"
+
+    @property
+    def features(self) -> Path:
+        """The top stage's features and single-eye grades of every cached photo, by split."""
+        return self.dir / "features.npz"
+
+    @property
+    def log_csv(self) -> Path:
+        return self.dir / "log.csv"
+
+    @property
+    def model(self) -> Path:
+        """The fusion network (Keras format)."""
+        return self.dir / "fusion.keras"
+
+    @property
+    def evaluation_json(self) -> Path:
+        return self.dir / "evaluation.json"
+
+    @property
+    def evaluation_md(self) -> Path:
+        return self.dir / "evaluation.md"
 
 
 class _Folder:
@@ -209,6 +247,11 @@ class RunLayout(_WithData):
                 if folder.is_dir() and index.isdigit() and name:
                     found.append(StageLayout(folder, int(index), name))
         return sorted(found, key=lambda s: s.index)
+
+    @property
+    def fusion(self) -> FusionLayout:
+        """The both-eye fusion stage's folder (``fusion.enabled``)."""
+        return FusionLayout(self.root / "fusion")
 
     def worker(self, task_type: str, task_id: int) -> "RunLayout":
         """A non-chief worker's own copy of the run, beside the chief's."""

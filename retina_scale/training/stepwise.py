@@ -168,6 +168,11 @@ class StepwiseScaler:
             result = self._run_stage(run, previous, cache_dir, splits_file)
             results.append(result)
             previous = Path(result["best_checkpoint"])
+        fusion = None
+        if self.config.fusion.enabled:  # both-eye fusion after the top stage (training.fusion)
+            from retina_scale.training.fusion import run_fusion
+
+            fusion = run_fusion(self.config, layout, results[-1], cache_dir, splits_file, self.log, self.is_chief)
         report = {
             "name": self.config.name,
             "run_dir": str(layout.root),
@@ -175,10 +180,11 @@ class StepwiseScaler:
             "replicas": strategy.num_replicas_in_sync,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stages": results,
+            **({"fusion": fusion} if fusion is not None else {}),
         }
         write_json(layout.report_json, report)
         write_text(layout.report_md, format_report(report))
-        self.log("\n" + format_stage_table(results))
+        self.log("\n" + format_stage_table(stage_rows(report)))
         return report
 
     # ------------------------------------------------------------------------------------ stage
@@ -527,13 +533,18 @@ def _points_summary(points: dict) -> dict:
     return {k: v for k, v in points.items() if k != "test_roc"}
 
 
+def stage_rows(report: dict) -> list[dict]:
+    """A run report's rows: its stages, then the both-eye fusion stage's when it has one (``report["fusion"]``)."""
+    return report["stages"] + ([report["fusion"]] if report.get("fusion") else [])
+
+
 def format_report(report: dict) -> str:
     """The run's ``report.md``: the table of stages, then each stage's operating points and learning-rate
     search, if any."""
     lines = [f"# Stepwise run `{report['name']}`", "",
              f"Strategy {report['strategy']} with {report['replicas']} replica(s).", "", "```",
-             format_stage_table(report["stages"]), "```", ""]
-    for stage in report["stages"]:
+             format_stage_table(stage_rows(report)), "```", ""]
+    for stage in stage_rows(report):
         if stage.get("operating_points"):
             from retina_scale.grading.operating_points import format_operating_points
 
