@@ -456,7 +456,8 @@ def pair_eyes(patients, eyes) -> tuple[np.ndarray, list[str]]:
     """Each photo's fellow: the index of the other eye's photo of the same patient, or -1, with the reason.
 
     A photo is paired only when its patient has exactly one photo of each eye (``left`` and ``right``) among
-    those given; otherwise its reason says why not.
+    those given; otherwise its reason says why not (every photo of a patient with two photos of one eye: that
+    eye's and the other eye's, whose fellow would be a guess).
 
     >>> fellow, why = pair_eyes(["1", "1", "2", "3", "3", "4"], ["left", "right", "left", "left", "left", None])
     >>> fellow.tolist(), why
@@ -470,10 +471,11 @@ def pair_eyes(patients, eyes) -> tuple[np.ndarray, list[str]]:
     reasons = [ONE_EYE] * len(eyes)
     for members in by_patient.values():
         seen = Counter(eyes[i] for i in members)
+        doubled = seen["left"] > 1 or seen["right"] > 1  # which photo is the fellow? none is sure
         for i in members:
             if eyes[i] not in ("left", "right"):
                 reasons[i] = UNKNOWN_EYE
-            elif seen[eyes[i]] > 1:
+            elif doubled:
                 reasons[i] = SAME_EYE
         if len(members) == 2 and seen["left"] == 1 and seen["right"] == 1:
             fellow[members[0]], fellow[members[1]] = members[1], members[0]
