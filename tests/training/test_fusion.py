@@ -193,3 +193,18 @@ def test_pairing_refuses_anything_but_one_photo_of_each_eye():
 def test_bad_fusion_settings_are_refused_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_train_config("quick", [override])
+
+
+@pytest.mark.slow
+def test_the_resolution_report_has_a_fusion_row(fused_run, tmp_path):
+    from retina_scale.evidence.report import write_report
+
+    run_dir, report, _, _, _ = fused_run
+    summary = write_report(run_dir, tmp_path / "report", complexity=False)
+    evaluation = json.loads((run_dir / "fusion" / "evaluation.json").read_text())
+    assert summary["fusion"]["test_kappa"]["value"] == evaluation["kappa"]["value"]
+    assert [s["stage"] for s in summary["stages"]] == ["tiny", "small"]
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    kappa_rows = [line for line in text.split("## 2.")[0].splitlines() if line.startswith("| fusion |")]
+    assert len(kappa_rows) == 1 and f"{report['fusion']['val_kappa']:.3f}" in kappa_rows[0]
+    assert "test photos without a usable fellow eye" in text
