@@ -40,20 +40,17 @@ def fallback_counts(reasons) -> dict[str, int]:
     return dict(sorted(Counter(r for r in reasons if r != PAIRED).items()))
 
 
-def extract_split(model, inp, draws: int, batch_size: int = 32) -> dict:
-    """The features, single-eye grades, labels and ids of every photo of a ``CacheInput``, in its order."""
-    import tensorflow as tf
-
+def extract_split(extract, inp, draws: int, batch_size: int = 32) -> dict:
+    """The features, single-eye grades, labels and ids of every photo of a ``CacheInput``, in its order;
+    ``extract(images) -> (features, grades)`` is a stage's :func:`~retina_scale.models.fusion.feature_model`."""
     from retina_scale.data.tta import view_options
 
-    extractor = feature_model(model)
-    extract = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
     options = view_options("graham" if inp.graham else "none")
     features, scores = [], []
     for images, _ in inp.dataset(batch_size, training=False):
         f, s = view_features(extract, images, draws, **options)
-        features.append(f.numpy())
-        scores.append(s.numpy())
+        features.append(np.asarray(f))
+        scores.append(np.asarray(s))
     return {"ids": inp.image_ids.astype(str), "labels": inp.labels, "features": np.concatenate(features),
             "scores": np.concatenate(scores)}
 
@@ -133,11 +130,15 @@ def _extract_features(config, top: dict, cache_dir, splits_file, log) -> dict:
     spec = get_stage(top["stage"])
     model = build_stage_model(config, spec, policy="float32")
     restore_checkpoint(model, None, top["best_checkpoint"])
+    import tensorflow as tf
+
+    extractor = feature_model(model)
+    extract = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
     t0, data = time.time(), {}
     for split in SPLITS:
         inp = stage_input(config, spec, None, cache_dir, splits_file, split, training=False, missing_ok=True)
         if inp is not None:
-            data[split] = extract_split(model, inp, config.tta.draws, config.global_batch_size)
+            data[split] = extract_split(extract, inp, config.tta.draws, config.global_batch_size)
     log(f"Fusion: features of {sum(len(d['ids']) for d in data.values())} photos from stage {top['index']} "
         f"{spec.name} ({spec.input_size} px, {config.tta.draws} view(s)) in {time.time() - t0:.0f} s")
     return data
@@ -154,9 +155,12 @@ def _patients_and_eyes(splits_file, image_ids) -> tuple[np.ndarray, list]:
     return np.array([p for p, _ in pairs]), [e for _, e in pairs]
 
 
-def run_fusion(config, layout: RunLayout, top: dict, cache_dir, splits_file, log, is_chief: bool = True):
+def run_fusion(config, layout: RunLayout, top: dict, cache_dir, splits_file, log, is_chief: bool = True,
+               export=None):
     """The fusion stage after the ladder's top stage (``top``: its report row); returns its report row, or None
-    when the training split holds no patient with both eyes. Done with the same settings: not retrained."""
+    when the training split holds no patient with both eyes. Done with the same settings: not retrained.
+    ``export(top, fusion)``, if given, exports the top stage with the fusion network (``export_saved_model``'s
+    ``fusion``) and returns the version folder."""
     files, settings = layout.fusion, to_dict(config.fusion)
     files.dir.mkdir(parents=True, exist_ok=True)
     state = read_json(files.state) if files.state.exists() else None
@@ -181,6 +185,9 @@ def run_fusion(config, layout: RunLayout, top: dict, cache_dir, splits_file, log
                   seconds=round(time.time() - t0, 1), fallback=fallback)
     if is_chief:
         net.save(files.model)
+    if export is not None:
+        result["export_path"] = export(top, {"net": net, "thresholds": result["thresholds"],
+                                             "hidden": config.fusion.hidden})
     write_json(files.state, {"status": "done", "settings": settings, "history": history, "result": result})
     log(f"Fusion: {len(history)} epochs, {result['seconds']:.0f} s; best epoch {best['epoch']} by "
         f"{config.selection} {best[config.selection]:.4f} (val kappa at cut-offs 0.5/1.5/2.5/3.5: "

@@ -208,3 +208,47 @@ def test_the_resolution_report_has_a_fusion_row(fused_run, tmp_path):
     kappa_rows = [line for line in text.split("## 2.")[0].splitlines() if line.startswith("| fusion |")]
     assert len(kappa_rows) == 1 and f"{report['fusion']['val_kappa']:.3f}" in kappa_rows[0]
     assert "test photos without a usable fellow eye" in text
+
+
+def _test_patients(run_dir, data):
+    """``(patient, left photo bytes, right photo bytes)`` of each test patient with both eyes."""
+    frame = _splits(run_dir)
+    test = frame[frame["split"] == "test"]
+    both = sorted({p for p in test["patient"] if set(test.loc[test["patient"] == p, "eye"]) == {"left", "right"}})
+    return [(p, (data / "train" / f"{p}_left.jpeg").read_bytes(), (data / "train" / f"{p}_right.jpeg").read_bytes())
+            for p in both]
+
+
+@pytest.mark.slow  # a saved_model_cli process loads TensorFlow: ~10 s
+def test_saved_model_cli_runs_predict_patient_as_the_fusion_stage_graded_the_pair(fused_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run_dir, report, _, _, (_, (data, _)) = fused_run
+    export = report["fusion"]["export_path"]
+    assert export is not None and export != report["stages"][-1]["export_path"]
+    patients = _test_patients(run_dir, data)[:2]
+    assert len(patients) == 2
+    # numpy fixed-width bytes: a JPEG ends in FF D9, so no trailing NUL is lost. Row 3: the right photo is junk.
+    np.save(tmp_path / "left.npy", np.array([patients[0][1], patients[1][1], patients[0][1]]))
+    np.save(tmp_path / "right.npy", np.array([patients[0][2], patients[1][2], b"junk"]))
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", export,
+                           "--tag_set", "serve", "--signature_def", "predict_patient", "--inputs",
+                           f"left={tmp_path / 'left.npy'};right={tmp_path / 'right.npy'}", "--outdir",
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = {f.stem: np.load(f, allow_pickle=True) for f in (tmp_path / "out").glob("*.npy")}  # errors: objects
+    _, fused, single, ids = _recomputed_scores(run_dir, "test")
+    at = {image: i for i, image in enumerate(ids)}
+    for row, (patient, _, _) in enumerate(patients):
+        for eye in ("left", "right"):
+            assert out[f"{eye}_valid"][row] and out[f"{eye}_fused"][row]
+            assert abs(out[f"{eye}_grade_continuous"][row] - fused[at[f"{patient}_{eye}"]]) < 0.05
+    # The fellow photo failed: the left eye keeps its single-eye grade, the right one has none.
+    assert out["left_valid"][2] and not out["left_fused"][2]
+    assert abs(out["left_grade_continuous"][2] - single[at[f"{patients[0][0]}_left"]]) < 0.05
+    assert not out["right_valid"][2] and out["right_grade"][2] == -1 and out["right_error"][2]
+    cuts = report["fusion"]["thresholds"]
+    assert out["left_grade"].tolist() == _grades(out["left_grade_continuous"], cuts).tolist()
