@@ -252,3 +252,38 @@ def test_saved_model_cli_runs_predict_patient_as_the_fusion_stage_graded_the_pai
     assert not out["right_valid"][2] and out["right_grade"][2] == -1 and out["right_error"][2]
     cuts = report["fusion"]["thresholds"]
     assert out["left_grade"].tolist() == _grades(out["left_grade_continuous"], cuts).tolist()
+
+
+@pytest.mark.slow
+def test_predict_pairs_photos_by_file_name_and_says_why_a_photo_was_graded_alone(fused_run, tmp_path):
+    import csv
+    import shutil
+
+    from retina_scale.cli import main
+
+    run_dir, report, _, _, (_, (data, _)) = fused_run
+    (a, _, _), (b, _, _), (c, _, _), (d, _, _) = _test_patients(run_dir, data)[:4]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, source in ((f"{a}_left", f"{a}_left"), (f"{a}_right", f"{a}_right"), (f"{b}_left", f"{b}_left"),
+                         (f"{c}_left", f"{c}_left"), (f"{c}-left", f"{c}_right"), (f"{d}_left", f"{d}_left")):
+        shutil.copy(data / "train" / f"{source}.jpeg", folder / f"{name}.jpeg")
+    (folder / f"{d}_right.jpeg").write_bytes(b"not a photo")
+    out = tmp_path / "predictions.csv"
+    assert main(["predict", "--model", report["fusion"]["export_path"], "--images", str(folder),
+                 "--out", str(out)]) == 0
+    rows = {row["image"].rsplit("/", 1)[1][: -len(".jpeg")]: row for row in csv.DictReader(out.open())}
+    assert len(rows) == 7
+    _, fused, single, ids = _recomputed_scores(run_dir, "test")
+    at = {image: i for i, image in enumerate(ids)}
+    for eye, other in (("left", "right"), ("right", "left")):
+        row = rows[f"{a}_{eye}"]
+        assert row["fusion"] == f"with {folder / f'{a}_{other}.jpeg'}" and not row["error"]
+        assert abs(float(row["grade_continuous"]) - fused[at[f"{a}_{eye}"]]) < 0.05
+    assert rows[f"{b}_left"]["fusion"] == "single eye: one eye only"
+    assert abs(float(rows[f"{b}_left"]["grade_continuous"]) - single[at[f"{b}_left"]]) < 0.05
+    assert rows[f"{c}_left"]["fusion"] == rows[f"{c}-left"]["fusion"] == "single eye: two photos of the same eye"
+    assert abs(float(rows[f"{c}_left"]["grade_continuous"]) - single[at[f"{c}_left"]]) < 0.05
+    assert rows[f"{d}_left"]["fusion"] == "single eye: the fellow photo failed"
+    assert abs(float(rows[f"{d}_left"]["grade_continuous"]) - single[at[f"{d}_left"]]) < 0.05
+    assert rows[f"{d}_right"]["error"] and rows[f"{d}_right"]["grade"] == ""
