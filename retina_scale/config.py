@@ -528,6 +528,8 @@ def quick_preset() -> TrainConfig:
         tune=TuneConfig(enabled=False, tuner="random", max_trials=3, lr_min=1e-4, lr_max=3e-3, epochs=1,
                         data_fraction=0.5),
         eval_bootstrap=200,
+        # Both-eye fusion after the top stage (issue 17): the export shows the whole product, predict_patient included.
+        fusion=FusionConfig(enabled=True),
     )
 
 

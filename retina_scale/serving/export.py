@@ -245,7 +245,17 @@ def _tta_record(draws: int) -> dict:
     return record
 
 
-def _describe(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1) -> dict:
+def _describe(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1,
+              fusion=None) -> dict:
+    """The version's record (``metadata.json``, and inside the graph); with ``fusion``, its ``fusion`` entry and
+    the ``predict_patient`` signature's."""
+    info = _record(model, model_name, version, thresholds, user, operating_points, tta)
+    if fusion is not None:
+        info["fusion"], info["signatures"]["predict_patient"] = _patient_record(fusion)
+    return info
+
+
+def _record(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1) -> dict:
     import keras
     import tensorflow as tf
 
@@ -625,9 +635,7 @@ def export_saved_model(
             the metadata; ``predict_images`` answers ``refer_high_sensitivity`` / ``refer_high_specificity``
             (bool, ``score >= threshold``) for each of those two that was met. None: no such outputs.
         tta: both signatures average the grade over this many views of each image (``data.tta``; 1: off).
-        fusion: the both-eye fusion stage (``retina_scale.training.fusion``): ``{"net": the fusion network,
-            "thresholds": its four cut-offs, "hidden": its hidden units}``; the export then has ``predict_patient``
-            too (left and right photos of each patient in, both eyes' grades out). None: no such signature.
+        fusion: the fusion stage's ``{"net", "thresholds", "hidden"}``: adds ``predict_patient`` (None: not).
 
     Returns:
         The path of the new version folder.
@@ -658,9 +666,7 @@ def export_saved_model(
         tmp = model_dir / f"{_TMP_PREFIX}{version}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            info = _describe(model, model_name, version, thresholds, user, points, tta)
-            if fusion is not None:
-                info["fusion"], info["signatures"]["predict_patient"] = _patient_record(fusion)
+            info = _describe(model, model_name, version, thresholds, user, points, tta, fusion)
             _write_version(model, tmp, info, fusion["net"] if fusion is not None else None)
             os.rename(tmp, target)
             _fsync(model_dir)
