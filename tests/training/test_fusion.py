@@ -19,7 +19,7 @@ def _overrides(root, data, cache, extra=()):
         f"data.data={json.dumps(str(data))}", f"data.cache={json.dumps(str(cache))}", "data.workers=1",
         "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
         "stages=[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 2, lr: 0.001}]", "tune.enabled=false",
-        "fusion.epochs=6", "fusion.hidden=8", "fusion.dropout=0.0", *extra,
+        "fusion.enabled=false", "fusion.epochs=6", "fusion.hidden=8", "fusion.dropout=0.0", *extra,
     ]
 
 
@@ -287,3 +287,10 @@ def test_predict_pairs_photos_by_file_name_and_says_why_a_photo_was_graded_alone
     assert rows[f"{d}_left"]["fusion"] == "single eye: the fellow photo failed"
     assert abs(float(rows[f"{d}_left"]["grade_continuous"]) - single[at[f"{d}_left"]]) < 0.05
     assert rows[f"{d}_right"]["error"] and rows[f"{d}_right"]["grade"] == ""
+
+
+def test_the_quick_preset_trains_the_fusion_stage_and_the_default_does_not():
+    from retina_scale.config import TrainConfig
+
+    assert load_train_config("quick").fusion.enabled is True
+    assert TrainConfig().fusion.enabled is False
