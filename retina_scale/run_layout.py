@@ -37,13 +37,10 @@ import dataclasses
 from pathlib import Path
 
 
-@dataclasses.dataclass(frozen=True)
-class StageLayout:
-    """The files of one stage folder, ``stages/<index>-<name>/``."""
+class _StageFiles:
+    """The files a stage folder and the fusion stage's folder share (``dir``: the folder)."""
 
     dir: Path
-    index: int
-    name: str
 
     @property
     def state(self) -> Path:
@@ -52,6 +49,23 @@ class StageLayout:
     @property
     def log_csv(self) -> Path:
         return self.dir / "log.csv"
+
+    @property
+    def evaluation_json(self) -> Path:
+        return self.dir / "evaluation.json"
+
+    @property
+    def evaluation_md(self) -> Path:
+        return self.dir / "evaluation.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout(_StageFiles):
+    """The files of one stage folder, ``stages/<index>-<name>/``."""
+
+    dir: Path
+    index: int
+    name: str
 
     @property
     def tensorboard(self) -> Path:
@@ -82,14 +96,6 @@ class StageLayout:
         return self.dir / "best.keras"
 
     @property
-    def evaluation_json(self) -> Path:
-        return self.dir / "evaluation.json"
-
-    @property
-    def evaluation_md(self) -> Path:
-        return self.dir / "evaluation.md"
-
-    @property
     def tuning(self) -> Path:
         """The Keras Tuner project of the stage's learning-rate search."""
         return self.dir / "tuning"
@@ -109,7 +115,7 @@ class StageLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class FusionLayout:
+class FusionLayout(_StageFiles):
     """The files of the both-eye fusion stage's folder, ``fusion/`` (``retina_scale.training.fusion``).
 
     >>> FusionLayout(Path("runs/quick/fusion")).features.as_posix()
@@ -119,30 +125,14 @@ class FusionLayout:
     dir: Path
 
     @property
-    def state(self) -> Path:
-        return self.dir / "state.json"
-
-    @property
     def features(self) -> Path:
         """The top stage's features and single-eye grades of every cached photo, by split."""
         return self.dir / "features.npz"
 
     @property
-    def log_csv(self) -> Path:
-        return self.dir / "log.csv"
-
-    @property
     def model(self) -> Path:
         """The fusion network (Keras format)."""
         return self.dir / "fusion.keras"
-
-    @property
-    def evaluation_json(self) -> Path:
-        return self.dir / "evaluation.json"
-
-    @property
-    def evaluation_md(self) -> Path:
-        return self.dir / "evaluation.md"
 
 
 class _Folder:
