@@ -9,7 +9,7 @@ keeps its best epoch by the ladder's ``selection`` on validation (``stage.valida
 then its cut-offs are optimised on validation (``grading.thresholds.fit_thresholds``) and the test split is
 evaluated by ``grading.evaluation.evaluate_predictions``, as every stage.
 
-Pairing (:func:`pair_eyes`) uses the run's ``splits.csv`` (patient and eye of each photo): an eye is paired only
+Pairing (``data.sources.pair_eyes``) uses the run's ``splits.csv`` (patient and eye of each photo): an eye is paired only
 when its patient has exactly one usable photo of each eye. Any other eye (one eye only, a fellow photo that
 failed preprocessing, two photos of the same eye, an unknown eye) keeps its single-eye grade, and the log and
 the report count them by reason: never a pairing with a photo that might be the wrong one.
@@ -34,6 +34,7 @@ from retina_scale.utils.fileio import atomic_path, csv_text, read_json, write_js
 from retina_scale.utils.typed_config import to_dict
 
 SPLITS = ("train", "val", "test")
+
 
 def fallback_counts(reasons) -> dict[str, int]:
     """How many photos kept their single-eye grade, by reason."""
@@ -64,7 +65,7 @@ def split_pairs(split: dict, rows=None) -> dict:
     return {k: np.asarray(v, np.float32) for k, v in inputs.items()}
 
 
-# ------------------------------------------------------------------------------------------ network
+# ------------------------------------------------------------------------------------ the network
 def fused_scores(net, split: dict) -> np.ndarray:
     """Every photo's grade: the fusion network's for paired photos, the single-eye grade for the others."""
     scores = np.array(split["scores"], np.float32)
@@ -105,7 +106,7 @@ def train_fusion_net(config, data: dict):
 # -------------------------------------------------------------------------------------------- stage
 def stage_features(config, layout: RunLayout, top: dict, cache_dir, splits_file, log) -> dict:
     """Every split's features at the top stage's size (``fusion/features.npz``, made once), with each photo's
-    fellow and reason (:func:`pair_eyes`): ``{split: {"ids", "labels", "features", "scores", "fellow",
+    fellow and reason (``data.sources.pair_eyes``): ``{split: {"ids", "labels", "features", "scores", "fellow",
     "reasons", "patients"}}``; a split the cache lacks (no test split) is left out."""
     files = layout.fusion
     if files.features.exists():
@@ -123,6 +124,9 @@ def stage_features(config, layout: RunLayout, top: dict, cache_dir, splits_file,
 
 
 def _extract_features(config, top: dict, cache_dir, splits_file, log) -> dict:
+    """:func:`extract_split` of every split the cache has, with the top stage's best weights (float32)."""
+    import tensorflow as tf
+
     from retina_scale.models.convnet import get_stage
     from retina_scale.training.checkpoint import restore_checkpoint
     from retina_scale.training.stage import build_stage_model, stage_input
@@ -130,8 +134,6 @@ def _extract_features(config, top: dict, cache_dir, splits_file, log) -> dict:
     spec = get_stage(top["stage"])
     model = build_stage_model(config, spec, policy="float32")
     restore_checkpoint(model, None, top["best_checkpoint"])
-    import tensorflow as tf
-
     extractor = feature_model(model)
     extract = tf.function(lambda x: extractor(x, training=False), reduce_retracing=True)
     t0, data = time.time(), {}
