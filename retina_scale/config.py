@@ -387,6 +387,30 @@ MAX_TTA_DRAWS = 256
 
 
 @dataclasses.dataclass
+class FusionConfig:
+    """Both-eye fusion (``retina_scale.training.fusion``, issue 17): an optional stage after the ladder's top stage.
+    A small network grades each eye from its own and its fellow eye's features (the top stage's penultimate
+    activations, with their spread over the TTA views when ``tta.draws`` > 1) and both eyes' single-eye grades;
+    an eye without a usable fellow keeps the single-eye grade.
+
+    Args:
+        enabled: train the stage (and export ``predict_patient``).
+        hidden: units of the network's one hidden layer.
+        epochs: training epochs; the best by ``selection`` on validation is kept, as in a stage.
+        lr: Adam's learning rate.
+        batch_size: eyes per training batch.
+        dropout: dropout after the hidden layer, in [0, 1).
+    """
+
+    enabled: bool = False
+    hidden: int = 32
+    epochs: int = 20
+    lr: float = 3e-3
+    batch_size: int = 64
+    dropout: float = 0.2
+
+
+@dataclasses.dataclass
 class TuneConfig:
     """Keras Tuner's search of each stage's learning rate (and of any ``extra`` dimension), before the
     stage's fine-tuning.
@@ -451,6 +475,7 @@ class TrainConfig:
     nan: NanPolicy = field(default_factory=NanPolicy)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     global_batch_size: int = 32
     strategy: StrategyName = "auto"
     seed: int = 0
@@ -503,6 +528,8 @@ def quick_preset() -> TrainConfig:
         tune=TuneConfig(enabled=False, tuner="random", max_trials=3, lr_min=1e-4, lr_max=3e-3, epochs=1,
                         data_fraction=0.5),
         eval_bootstrap=200,
+        # Both-eye fusion after the top stage (issue 17): the export shows the whole product, predict_patient included.
+        fusion=FusionConfig(enabled=True),
     )
 
 
@@ -640,6 +667,11 @@ VALUE_RANGES = {
     "eval_bootstrap": (">= 0 (0: no intervals)", lambda v: v >= 0),
     "tta.draws": (f"a whole number from 1 to {MAX_TTA_DRAWS} (1: no test-time augmentation)",
                   lambda v: 1 <= v <= MAX_TTA_DRAWS),
+    "fusion.hidden": ("in [1, 4096]", lambda v: 1 <= v <= 4096),
+    "fusion.epochs": ("in [1, 10000]", lambda v: 1 <= v <= 10000),
+    "fusion.lr": ("> 0", lambda v: v > 0),
+    "fusion.batch_size": (">= 1", lambda v: v >= 1),
+    "fusion.dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
 }
 
 

@@ -6,6 +6,7 @@ A stepwise run lives in ``<runs_dir>/<name>/``::
     data/synthetic/  data/synthetic.json  data/cache/   (the embedded data set, without --data)
     stages/1-tiny/   state.json  log.csv  tensorboard/  transfer.{json,txt}  initial.npz
                      last.npz  best.npz  best.keras  evaluation.{json,md}  tuning/
+    fusion/          state.json  features.npz  log.csv  fusion.keras  evaluation.{json,md}  (``fusion.enabled``)
     report/          REPORT.md, report.json, figures/  (``retina-scale report``)
     workers/<type>-<id>/   the other workers' copies of a multi-worker run
 
@@ -36,13 +37,10 @@ import dataclasses
 from pathlib import Path
 
 
-@dataclasses.dataclass(frozen=True)
-class StageLayout:
-    """The files of one stage folder, ``stages/<index>-<name>/``."""
+class _StageFiles:
+    """The files a stage folder and the fusion stage's folder share (``dir``: the folder)."""
 
     dir: Path
-    index: int
-    name: str
 
     @property
     def state(self) -> Path:
@@ -51,6 +49,23 @@ class StageLayout:
     @property
     def log_csv(self) -> Path:
         return self.dir / "log.csv"
+
+    @property
+    def evaluation_json(self) -> Path:
+        return self.dir / "evaluation.json"
+
+    @property
+    def evaluation_md(self) -> Path:
+        return self.dir / "evaluation.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout(_StageFiles):
+    """The files of one stage folder, ``stages/<index>-<name>/``."""
+
+    dir: Path
+    index: int
+    name: str
 
     @property
     def tensorboard(self) -> Path:
@@ -81,14 +96,6 @@ class StageLayout:
         return self.dir / "best.keras"
 
     @property
-    def evaluation_json(self) -> Path:
-        return self.dir / "evaluation.json"
-
-    @property
-    def evaluation_md(self) -> Path:
-        return self.dir / "evaluation.md"
-
-    @property
     def tuning(self) -> Path:
         """The Keras Tuner project of the stage's learning-rate search."""
         return self.dir / "tuning"
@@ -105,6 +112,27 @@ class StageLayout:
     def run_root(self) -> Path:
         """The run folder this stage folder belongs to (``<run>/stages/<i>-<name>``)."""
         return self.dir.parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionLayout(_StageFiles):
+    """The files of the both-eye fusion stage's folder, ``fusion/`` (``retina_scale.training.fusion``).
+
+    >>> FusionLayout(Path("runs/quick/fusion")).features.as_posix()
+    'runs/quick/fusion/features.npz'
+    """
+
+    dir: Path
+
+    @property
+    def features(self) -> Path:
+        """The top stage's features and single-eye grades of every cached photo, by split."""
+        return self.dir / "features.npz"
+
+    @property
+    def model(self) -> Path:
+        """The fusion network (Keras format)."""
+        return self.dir / "fusion.keras"
 
 
 class _Folder:
@@ -209,6 +237,11 @@ class RunLayout(_WithData):
                 if folder.is_dir() and index.isdigit() and name:
                     found.append(StageLayout(folder, int(index), name))
         return sorted(found, key=lambda s: s.index)
+
+    @property
+    def fusion(self) -> FusionLayout:
+        """The both-eye fusion stage's folder (``fusion.enabled``)."""
+        return FusionLayout(self.root / "fusion")
 
     def worker(self, task_type: str, task_id: int) -> "RunLayout":
         """A non-chief worker's own copy of the run, beside the chief's."""

@@ -21,7 +21,7 @@ LAYERS = [
     ("data", "models"),
     ("serving",),
     ("training.checkpoint", "training.distribute", "training.optim", "training.stage"),
-    ("training.tuning",),
+    ("training.tuning", "training.fusion"),
     ("training.stepwise",),
     ("evidence",),
     ("commands", "cli", "__main__"),

@@ -16,6 +16,13 @@ pixel limit. The content decides the format, as in TF Serving, which gets no fil
 .jpeg is graded. TIFF and BMP files are listed so that every photo of the folder has a row, but the
 graph decodes JPEG and PNG only (TensorFlow has no TIFF decoder), so their row says so.
 
+With an export of a run with both-eye fusion (``fusion.enabled``: it has ``predict_patient``), photos named
+``<patient>_left`` and ``<patient>_right`` in the same folder (as EyePACS names them, e.g. ``10_left.jpeg``) are
+graded together, and a ``fusion`` column says with which fellow photo, or why a photo was graded alone by the
+single-eye model (one eye only, two photos of the same eye, a name without the eye, a fellow photo that failed):
+a photo is never paired with a guess. Rows graded with their fellow leave refer_high_sensitivity and
+refer_high_specificity empty (those points belong to the single-eye model).
+
 refer_high_sensitivity and refer_high_specificity say whether the photo is referred at the export's operating
 points for referable DR (chosen on validation: sensitivity >= 97.5 %, specificity >= 98 %); they are empty when
 the export has no such point (made before operating points existed, or the point was not met), and the command
@@ -240,6 +247,9 @@ def load_predictor(export: Path, tta: int | None):
     if baked > 1:
         raise UserError(f"export {export} averages {baked} test-time augmentation views already (it was made "
                         f"with --tta {baked}); leave out --tta, or give an export made without it")
+    if meta.get("fusion"):
+        raise UserError(f"export {export} grades both eyes together (predict_patient) with its own {baked} view(s); "
+                        "leave out --tta")
     from retina_scale.evidence.explain import load_export_model
 
     return predict_images_function(load_export_model(export).model, meta, tta), meta, tta
@@ -260,6 +270,87 @@ def empty_refer_columns(meta: dict) -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------------------ both-eye fusion
+FUSION_COLUMN = "fusion"
+"""With an export that has ``predict_patient``: how the row was graded (with which fellow photo, or why alone)."""
+
+
+def pair_by_name(items: list) -> tuple[list[tuple[int, int]], list[str]]:
+    """The photos of ``items`` (``(path, error)``) that pair as one patient's left and right eye by file name
+    (``<patient>_left`` / ``<patient>_right``, as EyePACS names them, in the same folder): ``(pairs of indices
+    (left, right), the reason each other photo is graded alone)`` (``data.sources.pair_eyes``)."""
+    from retina_scale.data.sources import pair_eyes, parse_patient_eye
+
+    keys = [parse_patient_eye(Path(path).stem) for path, _ in items]
+    patients = [f"{Path(path).parent}/{patient}" for (path, _), (patient, _) in zip(items, keys)]
+    fellow, reasons = pair_eyes(patients, [eye for _, eye in keys])
+    pairs = [(i, int(j)) for i, j in enumerate(fellow) if j > i]
+    pairs = [(i, j) if keys[i][1] == "left" else (j, i) for i, j in pairs]
+    return pairs, reasons
+
+
+def predict_pair_rows(predict_patient, items: list, pairs: list, max_bytes: int) -> dict[int, dict]:
+    """``{index: row}`` of the paired photos, graded by ``predict_patient`` (a photo that cannot be read goes in
+    empty: its row has the read error, its fellow the single-eye grade)."""
+    import tensorflow as tf
+
+    rows, payload = {}, {}
+    for i in {k for pair in pairs for k in pair}:
+        path, error = items[i]
+        data, read_error = (None, error) if error else _read(path, max_bytes)
+        payload[i] = data or b""
+        rows[i] = {"image": str(path), "grade": "", "grade_continuous": "", "referable": "",
+                   **dict.fromkeys(REFER_COLUMNS, ""), "error": read_error or ""}
+    def fill(batch):
+        out = predict_patient(left=tf.constant([payload[i] for i, _ in batch]),
+                              right=tf.constant([payload[j] for _, j in batch]))
+        out = {k: v.numpy() for k, v in out.items()}
+        for b, pair in enumerate(batch):
+            for eye, i, other in (("left", pair[0], pair[1]), ("right", pair[1], pair[0])):
+                _fill_eye(rows[i], out, eye, b, items[other][0])
+
+    failures = (tf.errors.InvalidArgumentError, tf.errors.ResourceExhaustedError)
+    for batch in _batches(pairs, 16):
+        try:
+            fill(batch)
+        except failures:  # a photo corrupt beyond the header checks: each pair alone, so only its rows say so
+            for pair in batch:
+                try:
+                    fill([pair])
+                except failures as err:
+                    for i in pair:
+                        rows[i].update(error="cannot decode (this photo or its fellow): "
+                                       + decode_error_reason(err.message), **{FUSION_COLUMN: ""})
+    return rows
+
+
+def _fill_eye(row: dict, out: dict, eye: str, b: int, fellow) -> None:
+    if not out[f"{eye}_valid"][b]:
+        row["error"] = row["error"] or out[f"{eye}_error"][b].decode("utf-8", "replace")
+        row[FUSION_COLUMN] = ""
+        return
+    row.update(grade=int(out[f"{eye}_grade"][b]), grade_continuous=f"{float(out[f'{eye}_grade_continuous'][b]):.6f}",
+               referable=int(bool(out[f"{eye}_referable"][b])))
+    row[FUSION_COLUMN] = (f"with {fellow}" if out[f"{eye}_fused"][b]
+                          else "single eye: the fellow photo failed")
+
+
+def fusion_rows(export: Path, predict, items: list, max_bytes: int):
+    """Every row of ``items`` with an export that has ``predict_patient``: pairs by file name through it, the other
+    photos through ``predict`` (``predict_images``) with the reason in the ``fusion`` column."""
+    from retina_scale.serving.export import load_export
+
+    predict_patient, _ = load_export(export, signature="predict_patient")
+    pairs, reasons = pair_by_name(items)
+    paired = predict_pair_rows(predict_patient, items, pairs, max_bytes)
+    alone = [i for i in range(len(items)) if i not in paired]
+    for batch in _batches(alone, 16):
+        for i, row in zip(batch, predict_rows(predict, [items[i] for i in batch], max_bytes)):
+            paired[i] = {**row, FUSION_COLUMN: "" if row["error"] else f"single eye: {reasons[i]}"}
+    for i in range(len(items)):
+        yield paired[i]
+
+
 def run(args) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be a positive integer; got {args.batch_size}")
@@ -277,21 +368,23 @@ def run(args) -> int:
 
     export = resolve_export(args.model)
     predict, meta, draws = load_predictor(export, args.tta)
+    fusion = bool(meta.get("fusion"))  # an export with predict_patient: photos paired by file name
     counts = {"images": 0, "errors": 0, "referable": 0, **dict.fromkeys(REFER_COLUMNS, 0)}
     start = time.perf_counter()
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS + [FUSION_COLUMN] * fusion)
         writer.writeheader()
         with tqdm(total=total, unit="img", desc="predict", file=sys.stderr, mininterval=bar_interval()) as bar:
             max_bytes = max_file_bytes(meta)
-            for batch in _batches(items, args.batch_size):
-                for row in predict_rows(predict, batch, max_bytes):
-                    writer.writerow({**row, "image": csv_safe(row["image"]), "error": csv_safe(row["error"])})
-                    counts["images"] += 1
-                    counts["errors"] += bool(row["error"])
-                    for column in ("referable", *REFER_COLUMNS):
-                        counts[column] += row[column] == 1
-                bar.update(len(batch))
+            rows = (fusion_rows(export, predict, list(items), max_bytes) if fusion else
+                    (row for batch in _batches(items, args.batch_size) for row in predict_rows(predict, batch, max_bytes)))
+            for row in rows:
+                writer.writerow({**row, "image": csv_safe(row["image"]), "error": csv_safe(row["error"])})
+                counts["images"] += 1
+                counts["errors"] += bool(row["error"])
+                for column in ("referable", *REFER_COLUMNS):
+                    counts[column] += row[column] == 1
+                bar.update(1)
         handle.flush()
         os.fsync(handle.fileno())
     seconds = time.perf_counter() - start

@@ -70,7 +70,7 @@ def run(args) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    from retina_scale.training.stepwise import StepwiseScaler
+    from retina_scale.training.stepwise import StepwiseScaler, stage_rows
     from retina_scale.training.tuning import search_hook
 
     verbose = 0 if args.quiet else 2 if getattr(args, "verbose", False) else 1
@@ -81,12 +81,12 @@ def run(args) -> int:
     if args.quiet:
         print(json.dumps({"run_dir": report["run_dir"], "report": summary and summary["report_md"], "stages": [
             {k: s[k] for k in ("stage", "size", "val_kappa", "test_kappa", "seconds", "export_path")}
-            for s in report["stages"]]}))
+            for s in stage_rows(report)]}))
     elif summary is not None:
         from retina_scale.evidence.report import format_closing
 
         searched = any(s.get("lr_source") == "search" for s in report["stages"])
-        print("\n" + format_closing(summary, report["stages"][-1].get("export_path"), searched))
+        print("\n" + format_closing(summary, stage_rows(report)[-1].get("export_path"), searched))
     return 0
 
 

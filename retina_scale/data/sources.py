@@ -32,7 +32,7 @@ import dataclasses
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -442,3 +442,42 @@ def ensure_splits(path, records: list[Record], val_fraction: float = 0.1, test_f
     splits = split_by_patient(records, val_fraction, test_fraction, seed)
     write_splits(splits, records, path)
     return splits
+
+
+# -------------------------------------------------------------------------------- both eyes of a patient
+PAIRED = ""
+ONE_EYE = "one eye only"
+SAME_EYE = "two photos of the same eye"
+UNKNOWN_EYE = "eye not known"
+"""Why a photo has no fellow (:func:`pair_eyes`); ``PAIRED`` (empty): it has one."""
+
+
+def pair_eyes(patients, eyes) -> tuple[np.ndarray, list[str]]:
+    """Each photo's fellow: the index of the other eye's photo of the same patient, or -1, with the reason.
+
+    A photo is paired only when its patient has exactly one photo of each eye (``left`` and ``right``) among
+    those given; otherwise its reason says why not (every photo of a patient with two photos of one eye: that
+    eye's and the other eye's, whose fellow would be a guess).
+
+    >>> fellow, why = pair_eyes(["1", "1", "2", "3", "3", "4"], ["left", "right", "left", "left", "left", None])
+    >>> fellow.tolist(), why
+    ([1, 0, -1, -1, -1, -1], ['', '', 'one eye only', 'two photos of the same eye', 'two photos of the same eye', \
+'eye not known'])
+    """
+    by_patient: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+        by_patient.setdefault(str(patient), []).append(i)
+    fellow = np.full(len(eyes), -1, np.int64)
+    reasons = [ONE_EYE] * len(eyes)
+    for members in by_patient.values():
+        seen = Counter(eyes[i] for i in members)
+        doubled = seen["left"] > 1 or seen["right"] > 1  # which photo is the fellow? none is sure
+        for i in members:
+            if eyes[i] not in ("left", "right"):
+                reasons[i] = UNKNOWN_EYE
+            elif doubled:
+                reasons[i] = SAME_EYE
+        if len(members) == 2 and seen["left"] == 1 and seen["right"] == 1:
+            fellow[members[0]], fellow[members[1]] = members[1], members[0]
+            reasons[members[0]] = reasons[members[1]] = PAIRED
+    return fellow, reasons

@@ -66,7 +66,23 @@ def load_run(run_dir) -> dict:
         state = _read_json(stage.state)
         evaluation = _read_json(stage.evaluation_json) if stage.evaluation_json.exists() else None
         stages.append({**row, "history": state.get("history", []), "evaluation": evaluation})
-    return {"dir": str(run_dir), "report": report, "config": config or {}, "stages": stages}
+    return {"dir": str(run_dir), "report": report, "config": config or {}, "stages": stages,
+            "fusion": _load_fusion(run, report)}
+
+
+def _load_fusion(run: RunLayout, report: dict) -> dict | None:
+    """The both-eye fusion stage as ``load_run`` gives a stage (report row, ``history``, ``evaluation``), or None."""
+    if not report.get("fusion"):
+        return None
+    files = run.fusion
+    state = _read_json(files.state) if files.state.exists() else {}
+    evaluation = _read_json(files.evaluation_json) if files.evaluation_json.exists() else None
+    return {**report["fusion"], "history": state.get("history", []), "evaluation": evaluation}
+
+
+def with_fusion(run: dict) -> list[dict]:
+    """A loaded run's stages, then its fusion stage when it has one: the rows of the kappa and Table IV tables."""
+    return run["stages"] + ([run["fusion"]] if run.get("fusion") else [])
 
 
 # ----------------------------------------------------------------------------------------- analysis
@@ -432,6 +448,7 @@ def write_report(run_dir, out=None, *, scratch_dir=None, throughput_file=None, s
         "width": width,
         "data": data_summary(run),
         "stages": [_stage_summary(s, (hit_rates or {}).get(s["stage"])) for s in stages],
+        "fusion": _stage_summary(run["fusion"]) if run.get("fusion") else None,
         "complexity": records,
         "scratch": _strip_curves(comparison),
         "throughput": throughput,
@@ -557,8 +574,9 @@ def format_markdown(run, summary, comparison, throughput, records, study) -> str
     """REPORT.md: a header, the findings, then one section per table or figure of the paper."""
     stages, figs = run["stages"], summary["figures"]
     lines = _header_section(run, summary, throughput, study)
-    lines += _kappa_section(stages, figs, summary["stages"])
-    lines += _table_iv_section(stages)
+    summaries = summary["stages"] + ([summary["fusion"]] if summary["fusion"] else [])
+    lines += _kappa_section(with_fusion(run), figs, summaries) + _fusion_lines(run.get("fusion"))
+    lines += _table_iv_section(with_fusion(run))
     lines += _figure_section("## 3. Validation loss per epoch (Fig. 2)", figs, "val_loss", "validation loss")
     lines += _confusion_section(stages, figs)
     lines += _complexity_section(records, figs, summary["width"])
@@ -623,6 +641,16 @@ def _kappa_section(stages, figs, summaries) -> list[str]:
     if "kappa_vs_stage" in figs:
         lines += [f"![kappa against stage]({figs['kappa_vs_stage']})", ""]
     return lines
+
+
+def _fusion_lines(fusion: dict | None) -> list[str]:
+    """What the ``fusion`` row is, and how many test photos had no usable fellow eye (graded by the top stage)."""
+    if not fusion:
+        return []
+    fallback = ((fusion.get("evaluation") or {}).get("fallback")) or {}
+    alone = ", ".join(f"{n} {reason}" for reason, n in fallback.items()) or "none"
+    return [f"Row `fusion`: both eyes of a patient graded together from the top stage's features "
+            f"(`fusion.enabled`); test photos without a usable fellow eye, graded by the top stage alone: {alone}.", ""]
 
 
 def _hit_rate_lines(summaries) -> list[str]:
@@ -747,7 +775,7 @@ def format_closing(summary: dict, export_path: str | None = None, searched: bool
         searched: whether Keras Tuner chose the stages' learning rates in this run.
     """
     rows = []
-    for s in summary["stages"]:
+    for s in summary["stages"] + ([summary["fusion"]] if summary.get("fusion") else []):
         mild = ((s.get("table_iv") or {}).get("mild_dr") or {}).get("f1")
         referable = s.get("referable") or {}
         rows.append((s["stage"], str(s["size"]), _cell(s.get("test_kappa")), _cell(mild, 2),

@@ -48,6 +48,15 @@ Signatures (no Keras needed to serve or load them):
     the whole request: TF Serving answers HTTP 400 with the decoder's message. Our head is a
     regression head (one continuous grade), so there are no per-grade scores.
 
+``predict_patient`` (only in an export made with ``fusion``: the both-eye fusion stage, ``fusion.enabled``)
+    inputs ``left`` and ``right``: string ``(batch,)``, the encoded photos of each patient's two eyes, row by row.
+    Both go through ``predict_images``' preprocessing and the stage's network (its penultimate features and its
+    grade, over the TTA views); an eye whose fellow photo is valid too is graded by the fusion network, one whose
+    fellow is not (empty, unreadable, no fundus) keeps its single-eye grade. The grades use the fusion stage's
+    thresholds (``fusion.thresholds`` in the metadata). Outputs, for each of ``left_`` and ``right_``:
+    ``grade_continuous``, ``grade``, ``referable``, ``valid``, ``error`` as ``predict_images``, and ``fused``
+    (bool: graded with the fellow eye).
+
 Test-time augmentation (``export_saved_model(..., tta=N)``, ``retina-scale export --tta N``): both
 signatures then grade the mean of the network's scores over N fixed views of each image
 (:mod:`retina_scale.data.tta`); the metadata's ``tta`` says how many and which (``{"draws": 1}``: off).
@@ -100,6 +109,7 @@ __all__ = [
     "list_versions",
     "load_export",
     "predict_images_function",
+    "predict_patient_function",
     "read_export_weights",
     "run_preprocessing",
 ]
@@ -235,7 +245,17 @@ def _tta_record(draws: int) -> dict:
     return record
 
 
-def _describe(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1) -> dict:
+def _describe(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1,
+              fusion=None) -> dict:
+    """The version's record (``metadata.json``, and inside the graph); with ``fusion``, its ``fusion`` entry and
+    the ``predict_patient`` signature's."""
+    info = _record(model, model_name, version, thresholds, user, operating_points, tta)
+    if fusion is not None:
+        info["fusion"], info["signatures"]["predict_patient"] = _patient_record(fusion)
+    return info
+
+
+def _record(model, model_name, version, thresholds, user, operating_points=None, tta: int = 1) -> dict:
     import keras
     import tensorflow as tf
 
@@ -297,14 +317,19 @@ def _describe(model, model_name, version, thresholds, user, operating_points=Non
     }
 
 
-def _build_archive(model, info: dict):
-    """The ExportArchive holding the model and the three signatures (see the module docstring)."""
+def _build_archive(model, info: dict, fusion_net=None):
+    """The ExportArchive holding the model and the three signatures (see the module docstring), and with a
+    fusion network ``predict_patient`` too."""
     import keras
     import tensorflow as tf
 
     serve, predict_images, get_metadata = _endpoints(model, info)
     archive = keras.export.ExportArchive()
     archive.track(model)
+    if fusion_net is not None:
+        archive.track(fusion_net)
+        archive.add_endpoint("predict_patient", predict_patient_function(model, fusion_net, info),
+                             input_signature=[tf.TensorSpec((None,), tf.string, name=eye) for eye in EYES])
     archive.add_endpoint(
         "serving_default", serve,
         input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32, name="images")],
@@ -380,6 +405,60 @@ def _endpoints(model, info: dict):
         return dict(constants)
 
     return serve, predict_images, get_metadata
+
+
+EYES = ("left", "right")
+"""The inputs of ``predict_patient``, and the prefixes of its outputs."""
+
+
+def predict_patient_function(model, fusion_net, info: dict):
+    """The function behind ``predict_patient`` (module docstring): both eyes' photos of each patient through the
+    stage's preprocessing and network (features and single-eye grade, averaged over the TTA views), then the fusion
+    network for each eye whose fellow photo is usable too, the single-eye grade for the others; the grades cut by
+    the fusion stage's thresholds (``info["fusion"]["thresholds"]``)."""
+    import tensorflow as tf
+
+    from retina_scale.data.tta import view_options
+    from retina_scale.models.fusion import feature_model, pair_features, view_features
+    from retina_scale.serving.preprocess import preprocess_batch, preprocess_spec
+
+    spec = preprocess_spec(info["preprocessing"], info["input_size"])
+    extractor, draws = feature_model(model), (info.get("tta") or {}).get("draws", 1)
+    cuts = tf.constant(info["fusion"]["thresholds"], dtype=tf.float64)
+    message = "retina_scale predict_patient takes two string tensors of shape (batch,): left and right photos"
+
+    def predict_patient(left, right):
+        n = tf.shape(_with_rank(left, 1, message))[0]
+        pixels, error = preprocess_batch(tf.concat([left, _with_rank(right, 1, message)], axis=0), spec)
+        valid = tf.equal(error, "")
+        features, single = view_features(lambda x: extractor(x, training=False), pixels, draws,
+                                         **view_options(spec.normalize))
+        fellow = tf.concat([tf.range(n, 2 * n), tf.range(0, n)], axis=0)
+        inputs = pair_features(features, tf.gather(features, fellow), single, tf.gather(single, fellow))
+        fused = tf.reshape(tf.cast(fusion_net(inputs, training=False), tf.float32), [-1])
+        paired = tf.logical_and(valid, tf.gather(valid, fellow))
+        scores = tf.debugging.assert_all_finite(tf.where(valid, tf.where(paired, fused, single), 0.0),
+                                                "retina_scale model produced a NaN or infinite grade")
+        grade = tf.where(valid, _grades(scores, cuts), -1)
+        outputs = {"grade_continuous": tf.where(valid, scores, float("nan")), "grade": grade,
+                   "referable": tf.logical_and(valid, tf.greater_equal(grade, REFERABLE_GRADE)),
+                   "fused": paired, "valid": valid, "error": error}
+        return {f"{eye}_{k}": v[i * n:(i + 1) * n] for k, v in outputs.items() for i, eye in enumerate(EYES)}
+
+    return predict_patient
+
+
+def _patient_record(fusion: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The metadata's ``fusion`` entry and the ``predict_patient`` entry of its ``signatures``."""
+    outputs = {"grade_continuous": "float32 (batch,), NaN when not valid", "grade": "int32 (batch,), -1 when not valid",
+               "referable": "bool (batch,)", "fused": "bool (batch,), graded with the fellow eye (else the "
+               "single-eye grade: the fellow photo was not valid)", "valid": "bool (batch,)",
+               "error": "string (batch,), empty when valid"}
+    signature = {"inputs": {eye: "string (batch,), encoded JPEG or PNG bytes of that eye" for eye in EYES},
+                 "outputs": {f"{eye}_{k}": v for eye in EYES for k, v in outputs.items()}}
+    record = {"thresholds": list(validate_thresholds(fusion["thresholds"], NUM_GRADES)),
+              "feature_layer": "head_maxout2", "hidden": int(fusion.get("hidden", 0))}
+    return record, signature
 
 
 def predict_images_function(model, metadata: dict, tta: int):
@@ -487,13 +566,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_version(model, folder: Path, info: dict) -> None:
+def _write_version(model, folder: Path, info: dict, fusion_net=None) -> None:
     """Writes the SavedModel and ``metadata.json`` into ``folder`` (a temporary folder).
 
     Everything is flushed to disk before the caller renames the folder into place, so that after
     a power cut a version folder is whole or absent.
     """
-    _build_archive(model, info).write_out(str(folder), verbose=False)
+    _build_archive(model, info, fusion_net).write_out(str(folder), verbose=False)
     with open(folder / METADATA_FILE, "w", encoding="utf-8") as handle:
         json.dump(info, handle, indent=2, sort_keys=True)
         handle.write("\n")
@@ -530,6 +609,7 @@ def export_saved_model(
     keep: int | None = None,
     operating_points: Mapping[str, Any] | None = None,
     tta: int = 1,
+    fusion: Mapping[str, Any] | None = None,
 ) -> Path:
     """Exports ``model`` as version ``<version>`` of ``<base_dir>/<model_name>/`` for TF Serving.
 
@@ -555,6 +635,7 @@ def export_saved_model(
             the metadata; ``predict_images`` answers ``refer_high_sensitivity`` / ``refer_high_specificity``
             (bool, ``score >= threshold``) for each of those two that was met. None: no such outputs.
         tta: both signatures average the grade over this many views of each image (``data.tta``; 1: off).
+        fusion: the fusion stage's ``{"net", "thresholds", "hidden"}``: adds ``predict_patient`` (None: not).
 
     Returns:
         The path of the new version folder.
@@ -585,7 +666,8 @@ def export_saved_model(
         tmp = model_dir / f"{_TMP_PREFIX}{version}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            _write_version(model, tmp, _describe(model, model_name, version, thresholds, user, points, tta))
+            info = _describe(model, model_name, version, thresholds, user, points, tta, fusion)
+            _write_version(model, tmp, info, fusion["net"] if fusion is not None else None)
             os.rename(tmp, target)
             _fsync(model_dir)
         except BaseException:
@@ -715,8 +797,9 @@ def load_export(path, signature: str = "serving_default"):
         ValueError: "not a retina_scale SavedModel: ..." when the folder is not one of our exports
             or its parts disagree.
     """
-    if signature not in ("serving_default", "predict_images"):
-        raise UserError(f"signature must be 'serving_default' or 'predict_images'; got {signature!r}")
+    if signature not in ("serving_default", "predict_images", "predict_patient"):
+        raise UserError("signature must be 'serving_default', 'predict_images' or 'predict_patient' (exports with "
+                        f"fusion); got {signature!r}")
     path = Path(path)
     metadata = _read_metadata(path)
 
@@ -766,7 +849,7 @@ def _read_metadata(path: Path) -> dict:
 
 def _check_embedded(metadata: dict, embedded: dict) -> None:
     """``metadata.json`` and the graph's own record must agree on what decides the grades."""
-    for key in ("stage", "input_size", "thresholds", "preprocessing", "tta", "operating_points"):
+    for key in ("stage", "input_size", "thresholds", "preprocessing", "tta", "operating_points", "fusion"):
         if embedded.get(key) != metadata.get(key):
             raise UserError(
                 f"not a retina_scale SavedModel: {METADATA_FILE} says {key}={metadata.get(key)!r} "

@@ -168,6 +168,7 @@ class StepwiseScaler:
             result = self._run_stage(run, previous, cache_dir, splits_file)
             results.append(result)
             previous = Path(result["best_checkpoint"])
+        fusion = self._fusion(results[-1], cache_dir, splits_file) if self.config.fusion.enabled else None
         report = {
             "name": self.config.name,
             "run_dir": str(layout.root),
@@ -175,10 +176,11 @@ class StepwiseScaler:
             "replicas": strategy.num_replicas_in_sync,
             "seconds_this_invocation": round(time.time() - t0, 1),
             "stages": results,
+            **({"fusion": fusion} if fusion is not None else {}),
         }
         write_json(layout.report_json, report)
         write_text(layout.report_md, format_report(report))
-        self.log("\n" + format_stage_table(results))
+        self.log("\n" + format_stage_table(stage_rows(report)))
         return report
 
     # ------------------------------------------------------------------------------------ stage
@@ -435,7 +437,24 @@ class StepwiseScaler:
                 self.log(f"Stage {run.index} {run.spec.name}: operating point {name} not met: {point['reason']}")
         return points
 
-    def _export(self, model, spec, thresholds, points=None):
+    def _fusion(self, top: dict, cache_dir, splits_file) -> dict | None:
+        """Both-eye fusion after the top stage (``training.fusion``), exported with ``predict_patient``."""
+        from retina_scale.training.fusion import run_fusion
+
+        export = self._export_fusion if self.config.export and self.is_chief else None
+        return run_fusion(self.config, self.layout, top, cache_dir, splits_file, self.log, self.is_chief, export)
+
+    def _export_fusion(self, top: dict, fusion: dict) -> str:
+        """A new version of the export: the top stage as its own export, plus the fusion network's
+        ``predict_patient`` (``fusion``: ``export_saved_model``'s argument)."""
+        from retina_scale.models.convnet import get_stage
+
+        spec = get_stage(top["stage"])
+        model = build_stage_model(self.config, spec, policy="float32")
+        restore_checkpoint(model, None, Path(top["best_checkpoint"]))
+        return str(self._export(model, spec, top["thresholds"], top["operating_points"], fusion=fusion))
+
+    def _export(self, model, spec, thresholds, points=None, fusion=None):
         from retina_scale.serving.export import export_saved_model, run_preprocessing
 
         # The cache's sizes and mask too: predict_images repeats the cache's resize chain (no train/serve skew).
@@ -451,7 +470,7 @@ class StepwiseScaler:
         # A float32 copy of a mixed-precision model: the export computes the same on any hardware.
         return export_saved_model(float32_model(model), self.config.export_dir, self.config.model_name,
                                   thresholds=thresholds, metadata=metadata, operating_points=points,
-                                  tta=self.config.tta.draws)
+                                  tta=self.config.tta.draws, fusion=fusion)
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -527,13 +546,18 @@ def _points_summary(points: dict) -> dict:
     return {k: v for k, v in points.items() if k != "test_roc"}
 
 
+def stage_rows(report: dict) -> list[dict]:
+    """A run report's rows: its stages, then the both-eye fusion stage's when it has one (``report["fusion"]``)."""
+    return report["stages"] + ([report["fusion"]] if report.get("fusion") else [])
+
+
 def format_report(report: dict) -> str:
     """The run's ``report.md``: the table of stages, then each stage's operating points and learning-rate
     search, if any."""
     lines = [f"# Stepwise run `{report['name']}`", "",
              f"Strategy {report['strategy']} with {report['replicas']} replica(s).", "", "```",
-             format_stage_table(report["stages"]), "```", ""]
-    for stage in report["stages"]:
+             format_stage_table(stage_rows(report)), "```", ""]
+    for stage in stage_rows(report):
         if stage.get("operating_points"):
             from retina_scale.grading.operating_points import format_operating_points
 

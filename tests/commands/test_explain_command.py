@@ -26,7 +26,7 @@ def thin_run(tmp_path_factory, small_cache):
         f"runs_dir={json.dumps(str(tmp / 'runs'))}", f"export_dir={json.dumps(str(tmp / 'export'))}", "name=t",
         "model.width=0.125", "model.dropout=0.0", f"data.data={json.dumps(str(data))}",
         f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
-        "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", "tune.enabled=false",
+        "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", "tune.enabled=false", "fusion.enabled=false",
         "stages=[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 2, lr: 0.001}]"])
     report = StepwiseScaler(config, verbose=0).run()
     return tmp / "runs" / "t", report, data, cache

@@ -74,7 +74,7 @@ def thin_run(tmp_path_factory, small_cache):
     overrides = {"runs_dir": tmp / "runs", "export_dir": tmp / "export", "data.data": data, "data.cache": cache}
     settings = [f"{key}={json.dumps(str(value))}" for key, value in overrides.items()] + [
         "name=e", "model.width=0.125", "model.dropout=0.0", "data.workers=1", "data.val_fraction=0.25",
-        "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=0", "export=false", "tune.enabled=false",
+        "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=0", "export=false", "tune.enabled=false", "fusion.enabled=false",
         "stages=[{stage: tiny, epochs: 1, lr: 0.003}, {stage: small, epochs: 1, lr: 0.001}]"]
     StepwiseScaler(load_train_config("quick", settings), verbose=0).run()
     return tmp / "runs" / "e", cache

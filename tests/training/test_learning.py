@@ -39,7 +39,7 @@ def _tiny_stage(root, name: str, lr: float) -> dict:
         f"runs_dir={json.dumps(str(root / 'runs'))}", f"name={name}", "export=false", "eval_bootstrap=20",
         f"data.data={json.dumps(str(root / 'synthetic'))}", f"data.cache={json.dumps(str(root / 'cache'))}",
         "data.workers=1", "data.val_fraction=0.25", "data.test_fraction=0.1", "model.width=0.125",
-        "global_batch_size=16", "tune.enabled=false", "seed=5", "deterministic=true",
+        "global_batch_size=16", "tune.enabled=false", "fusion.enabled=false", "seed=5", "deterministic=true",
         f"stages=[{{stage: tiny, epochs: 8, lr: {lr}}}]",
     ]
     report = StepwiseScaler(load_train_config("quick", overrides), verbose=0).run()

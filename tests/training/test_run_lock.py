@@ -23,7 +23,7 @@ def _overrides(tmp_path, small_cache, epochs=1):
             "name=t", "model.width=0.125", f"data.data={json.dumps(str(data))}",
             f"data.cache={json.dumps(str(cache))}", "data.workers=1", "data.val_fraction=0.25",
             "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20", "tune.enabled=false",
-            f"stages=[{{stage: tiny, epochs: {epochs}, lr: 0.003}}]"]
+            "fusion.enabled=false", f"stages=[{{stage: tiny, epochs: {epochs}, lr: 0.003}}]"]
 
 
 def _no_data_work(monkeypatch):

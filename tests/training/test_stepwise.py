@@ -24,6 +24,7 @@ def _overrides(tmp_path, data, cache, name="t", small_epochs=3, extra=()):
         "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
         f"stages=[{{stage: tiny, epochs: 1, lr: 0.003}}, {{stage: small, epochs: {small_epochs}, lr: 0.001}}]",
         "tune.enabled=false",  # explicit: these tests are about the trainer, not the search
+        "fusion.enabled=false",  # nor both-eye fusion (tests/training/test_fusion.py)
         *extra,
     ]
 

@@ -22,7 +22,7 @@ def _overrides(tmp_path, data_and_cache, name="t", stages="[{stage: tiny, epochs
         f"data.cache={json.dumps(str(cache))}", "data.workers=1",
         "data.val_fraction=0.25", "data.test_fraction=0.25", "global_batch_size=8", "eval_bootstrap=20",
         f"stages={stages}", "tune.enabled=true", f"tune.max_trials={trials}", "tune.epochs=1",
-        "tune.data_fraction=0.5", "tune.lr_min=1e-4", "tune.lr_max=0.1", *extra,
+        "tune.data_fraction=0.5", "tune.lr_min=1e-4", "tune.lr_max=0.1", "fusion.enabled=false", *extra,
     ]
 
 
