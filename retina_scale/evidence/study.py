@@ -72,7 +72,8 @@ def scratch_config(ladder: TrainConfig, study: StudyLayout) -> TrainConfig:
     stage = StageConfig(ladder.stages[-1].stage, epochs, lr=lr,
                         augment_strength=ladder.stages[-1].augment_strength, max_seconds=round(budget, 1))
     tune = dataclasses.replace(ladder.tune, enabled=False)
-    return _placed(dataclasses.replace(ladder, stages=[stage], tune=tune, export=False), study.scratch)
+    fusion = dataclasses.replace(ladder.fusion, enabled=False)  # the control is the top stage alone
+    return _placed(dataclasses.replace(ladder, stages=[stage], tune=tune, fusion=fusion, export=False), study.scratch)
 
 
 class _Steps:

@@ -296,3 +296,20 @@ def test_study_reports_mild_dr_auc_and_lesion_hit_rates_per_stage(study):
             assert 0.0 <= rate["value"] <= 1.0 and rate["chance"] == 0.05 and rate["n_lesions"] > 0
         assert all(row["true_grade"] >= 1 and row["error"] == "" for row in explained["photos"])
         assert 1 <= len(list((out / "explain" / name / "overlays").glob("*.png"))) <= 8
+
+
+def test_the_scratch_control_is_the_top_stage_alone_without_search_or_fusion(tmp_path, monkeypatch):
+    import retina_scale.evidence.report as report
+    from retina_scale.evidence.study import scratch_config
+    from retina_scale.run_layout import StudyLayout
+
+    ladder = load_train_config("quick", ["fusion.enabled=true", "tune.enabled=true"])
+    history = [{"epoch": 1, "seconds": 30.0, "val_kappa": 0.5, "val_loss": 1.0}]
+    stages = [{"stage": s.stage, "history": history * (i + 1)} for i, s in enumerate(ladder.stages)]
+    monkeypatch.setattr(report, "load_run", lambda folder: {"stages": stages})
+    scratch = scratch_config(ladder, StudyLayout(tmp_path))
+    assert [s.stage for s in scratch.stages] == [ladder.stages[-1].stage]
+    assert scratch.stages[0].max_seconds == pytest.approx(30.0 * (1 + 2 + 3))  # every epoch of the ladder
+    assert scratch.stages[0].epochs == 6  # 180 s over the top stage's 30 s epochs
+    assert not scratch.fusion.enabled and not scratch.tune.enabled and not scratch.export
+    assert ladder.fusion.enabled  # the ladder's own config is left as it was
