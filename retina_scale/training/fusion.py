@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -109,18 +110,39 @@ def stage_features(config, layout: RunLayout, top: dict, cache_dir, splits_file,
     fellow and reason (``data.sources.pair_eyes``): ``{split: {"ids", "labels", "features", "scores", "fellow",
     "reasons", "patients"}}``; a split the cache lacks (no test split) is left out."""
     files = layout.fusion
-    if files.features.exists():
-        with np.load(files.features) as stored:
-            data = {s: {k.split("/")[1]: stored[k] for k in stored.files if k.startswith(s + "/")} for s in SPLITS}
-        data = {s: d for s, d in data.items() if d}
-    else:
+    source = features_source(top, config.tta.draws)
+    data = _stored_features(files.features, source)
+    if data is None:
+        if files.features.exists():
+            log("Fusion: the saved features came from another top stage checkpoint or number of TTA views; "
+                "extracting them again")
         data = _extract_features(config, top, cache_dir, splits_file, log)
         with atomic_path(files.features) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{f"{s}/{k}": v for s, d in data.items() for k, v in d.items()})
+            np.savez(f, source=np.array(source), **{f"{s}/{k}": v for s, d in data.items() for k, v in d.items()})
     for split in data.values():
         split["patients"], eyes = _patients_and_eyes(splits_file, split["ids"])
         split["fellow"], split["reasons"] = pair_eyes(split["patients"], eyes)
     return data
+
+
+def features_source(top: dict, draws: int) -> str:
+    """What the features are made from: the top stage, the SHA-256 of its best checkpoint, the TTA views."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(Path(top["best_checkpoint"]).read_bytes()).hexdigest()
+    return json.dumps({"stage": top["stage"], "checkpoint_sha256": digest, "tta_draws": int(draws)}, sort_keys=True)
+
+
+def _stored_features(path, source: str) -> dict | None:
+    """The saved features when they were made from ``source`` (:func:`features_source`); None otherwise."""
+    if not path.exists():
+        return None
+    with np.load(path) as stored:
+        if "source" not in stored.files or str(stored["source"]) != source:
+            return None
+        data = {s: {k.split("/")[1]: stored[k] for k in stored.files if k.startswith(s + "/")} for s in SPLITS}
+    return {s: d for s, d in data.items() if d}
 
 
 def _extract_features(config, top: dict, cache_dir, splits_file, log) -> dict:

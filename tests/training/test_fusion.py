@@ -294,3 +294,21 @@ def test_the_quick_preset_trains_the_fusion_stage_and_the_default_does_not():
 
     assert load_train_config("quick").fusion.enabled is True
     assert TrainConfig().fusion.enabled is False
+
+
+def test_saved_features_are_reused_only_for_the_same_checkpoint_and_views(tmp_path):
+    from retina_scale.training.fusion import _stored_features, features_source
+
+    checkpoint = tmp_path / "best.npz"
+    checkpoint.write_bytes(b"weights one")
+    top = {"stage": "small", "best_checkpoint": str(checkpoint)}
+    source = features_source(top, 1)
+    path = tmp_path / "features.npz"
+    np.savez(path, source=np.array(source), **{"val/features": np.ones((2, 3)), "val/ids": np.array(["a", "b"])})
+    stored = _stored_features(path, source)
+    assert set(stored) == {"val"} and stored["val"]["features"].shape == (2, 3)
+    assert _stored_features(path, features_source(top, 8)) is None  # other TTA views
+    checkpoint.write_bytes(b"weights two")  # the top stage was trained again
+    assert _stored_features(path, features_source(top, 1)) is None
+    np.savez(path, **{"val/features": np.ones((2, 3))})  # written before the source was recorded
+    assert _stored_features(path, source) is None
