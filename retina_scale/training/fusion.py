@@ -182,10 +182,13 @@ def _patients_and_eyes(splits_file, image_ids) -> tuple[np.ndarray, list]:
 def run_fusion(config, layout: RunLayout, top: dict, cache_dir, splits_file, log, is_chief: bool = True,
                export=None):
     """The fusion stage after the ladder's top stage (``top``: its report row); returns its report row, or None
-    when the training split holds no patient with both eyes. Done with the same settings: not retrained.
+    when the training split holds no patient with both eyes. Done with the same settings and the same top-stage
+    checkpoint and TTA views: not retrained.
     ``export(top, fusion)``, if given, exports the top stage with the fusion network (``export_saved_model``'s
     ``fusion``) and returns the version folder."""
-    files, settings = layout.fusion, to_dict(config.fusion)
+    # The stage is done only for these fusion settings on features of this top-stage checkpoint and these views.
+    files = layout.fusion
+    settings = {**to_dict(config.fusion), "features": features_source(top, config.tta.draws)}
     files.dir.mkdir(parents=True, exist_ok=True)
     state = read_json(files.state) if files.state.exists() else None
     if state and state.get("status") == "done" and state.get("settings") == settings:

@@ -312,3 +312,31 @@ def test_saved_features_are_reused_only_for_the_same_checkpoint_and_views(tmp_pa
     assert _stored_features(path, features_source(top, 1)) is None
     np.savez(path, **{"val/features": np.ones((2, 3))})  # written before the source was recorded
     assert _stored_features(path, source) is None
+
+
+@pytest.mark.slow
+def test_a_done_fusion_stage_is_redone_when_its_features_came_from_another_top_stage(fused_run, tmp_path):
+    import shutil
+
+    from retina_scale.training.stepwise import StepwiseScaler
+
+    run_dir, report, _, _, (_, data) = fused_run
+    shutil.copytree(run_dir, tmp_path / "runs" / "f")  # a copy: the other tests keep the module's run
+    files = tmp_path / "runs" / "f" / "fusion"
+    # As if the top stage had been trained again after the fusion stage: its features and state name another source.
+    with np.load(files / "features.npz") as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    current = str(arrays.pop("source"))
+    np.savez(files / "features.npz", source=np.array("another checkpoint"), **arrays)
+    state = json.loads((files / "state.json").read_text())
+    assert state["status"] == "done" and state["settings"]["features"] == current
+    state["settings"]["features"] = "another checkpoint"
+    (files / "state.json").write_text(json.dumps(state))
+    lines = []
+    config = load_train_config("quick", _overrides(tmp_path, *data, ["fusion.enabled=true"]))
+    again = StepwiseScaler(config, verbose=1, log=lines.append).run()
+    assert not any(line.startswith("Fusion stage finished earlier") for line in lines)
+    assert any(line.startswith("Fusion: the saved features came from another") for line in lines)
+    assert any(line.startswith("Fusion: features of 49 photos") for line in lines)
+    assert json.loads((files / "state.json").read_text())["settings"]["features"] == current
+    assert again["fusion"]["val_kappa"] == pytest.approx(report["fusion"]["val_kappa"], abs=1e-6)  # the same inputs
