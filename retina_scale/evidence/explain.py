@@ -647,10 +647,12 @@ def draw_stage_panel(study, lesions: dict[str, list[dict]], *, seed: int = 0) ->
         image, geometry, _ = _load(photos[chosen]) if chosen in photos else (None, None, "")
         if image is None:
             return None
-        heat, scores, _ = grad_cam(target.model, image[None])
+        heat, scores, peak = grad_cam(target.model, image[None])
         grade = int(apply_thresholds([float(scores[0])], target.thresholds)[0])
-        panels.append((f"{stage.name}, {target.input_size} px: grade {grade} (score {scores[0]:.2f})", image, heat[0],
-                       hottest(heat[0], HOT_FRACTION, _photo_seed(chosen, seed)),
+        # A flat map (nothing raises the grade) has no hottest region: its random tie-break is not drawn.
+        hot = hottest(heat[0], HOT_FRACTION, _photo_seed(chosen, seed)) if peak[0] > 0 else np.zeros_like(heat[0], bool)
+        panels.append((f"{stage.name}, {target.input_size} px: grade {grade} (score {scores[0]:.2f})"
+                       + ("" if peak[0] > 0 else "\nflat Grad-CAM: nothing raises the grade"), image, heat[0], hot,
                        _cache_points(lesions.get(chosen), geometry, target.input_size)))
     if not panels:
         return None
