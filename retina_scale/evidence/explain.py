@@ -681,5 +681,5 @@ def _draw_panels(path, panels, title: str) -> None:
         ax.set_title(label, fontsize=9)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # room for the title above the two-line panel titles
     _save(fig, path)
