@@ -517,7 +517,10 @@ def _photo_result(target: Explainable, photo: Photo, image, geometry, error: str
         title = f"{photo.image}: predicted grade {row['grade']} (score {score:.2f})" + (
             f", true grade {truth}" if truth is not None else f", label {photo.label:g}" if photo.label is not None
             else "")
-        draw_overlay(path, image, heat, title, hottest(heat, fraction, photo_seed), points)
+        # A flat map (nothing raises the grade) has no hottest region: its random tie-break is not drawn.
+        flat = peak <= 0
+        draw_overlay(path, image, heat, title + ("; flat Grad-CAM: nothing raises the grade" if flat else ""),
+                     None if flat else hottest(heat, fraction, photo_seed), points)
         row["overlay"] = path.relative_to(files.root).as_posix()
     return row, None if counts is None else (counts, parse_patient_eye(photo.lesion_id)[0])
 

@@ -252,3 +252,22 @@ def test_a_model_with_issue_14s_head_is_explained_by_its_grade(tmp_path, _fresh_
     # An export of it is rebuilt from its model_config (the attention pooling, no aux head) and its weights.
     target = load_export_model(export_saved_model(model, tmp_path / "exports", "aux"))
     np.testing.assert_allclose(np.asarray(target.model(images, training=False)).reshape(-1), grade, atol=1e-5)
+
+
+@pytest.mark.parametrize("peak, flat", [(0.0, True), (0.7, False)])
+def test_an_overlay_draws_no_hottest_region_for_a_flat_map(tmp_path, monkeypatch, peak, flat):
+    import retina_scale.evidence.explain as explain
+    from retina_scale.run_layout import ExplainLayout
+
+    drawn = {}
+    monkeypatch.setattr(explain, "draw_overlay", lambda path, image, heat, title, hot=None, lesions=(): drawn.update(
+        title=title, hot=hot))
+    target = explain.Explainable(model=None, input_size=32, thresholds=(0.5, 1.5, 2.5, 3.5), preprocessing={},
+                                 description="test")
+    heat = np.zeros((32, 32)) if flat else np.random.default_rng(0).random((32, 32))
+    photo = explain.Photo("1_left", "1_left", load=None)
+    row, _ = explain._photo_result(target, photo, np.zeros((32, 32, 3)), None, "", ExplainLayout(tmp_path), None,
+                                   0.05, 0, True, (heat, 0.3, peak))
+    assert row["grade"] == 0 and row["overlay"] == "overlays/1_left.png"
+    assert ("flat Grad-CAM" in drawn["title"]) is flat
+    assert (drawn["hot"] is None) is flat  # a flat map's hottest 5 % would be a random tie-break
