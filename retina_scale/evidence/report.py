@@ -129,7 +129,8 @@ def compare_scratch(ladder: dict, scratch: dict) -> dict:
         "ladder_seconds": ladder_curve[-1]["elapsed"] if ladder_curve else 0.0,
         "scratch_best_val_kappa": scratch_best,
         "ladder_best_val_kappa": ladder_best,
-        "ladder_top_stage_best_val_kappa": ladder["stages"][-1]["val_kappa"],
+        "ladder_top_stage_best_val_kappa": max((p["val_kappa"] for p in ladder_curve
+                                                if p["stage"] == ladder["stages"][-1]["stage"]), default=None),
         "scratch_test_kappa": ev["kappa"] if ev else None,
         "ladder_test_kappa": (ladder["stages"][-1].get("evaluation") or {}).get("kappa"),
         "ladder_time_to_scratch_best": first_time_reaching(ladder_curve, scratch_best) if scratch_best is not None else None,

@@ -205,6 +205,7 @@ def test_time_to_reach_uses_the_optimised_cut_offs_kappa_when_the_history_has_it
     c = compare_scratch(ladder, scratch)
     assert c["scratch_best_val_kappa"] == 0.8 and c["scratch_time_to_scratch_best"] == 30
     assert c["ladder_time_to_scratch_best"] == 40
+    assert c["ladder_top_stage_best_val_kappa"] == 0.85  # the same measure for the ladder's top stage
 
 
 def test_findings_state_the_trend_and_the_overlap():
