@@ -49,7 +49,9 @@ def test_report_of_a_run_goes_to_its_report_folder(tmp_path, capsys):
     stored = json.loads((run / "stages" / "2-small" / "evaluation.json").read_text())
     assert printed["stages"][1]["test_kappa"] == stored["kappa"]
     assert json.loads((run / "report" / "report.json").read_text())["findings"] == printed["findings"]
-    assert sorted(printed["figures"]) == ["complexity", "confusion", "kappa_vs_stage", "val_loss"]
+    # Real evaluations of made-up scores carry a mild-DR AUC, so its figure is drawn; no stage panel outside a study.
+    assert sorted(printed["figures"]) == ["complexity", "confusion", "kappa_vs_stage", "mild_dr_vs_resolution",
+                                          "val_loss"]
     for relative in printed["figures"].values():
         assert (run / "report" / relative).read_bytes()[:8] == PNG_MAGIC
     text = (run / "report" / "REPORT.md").read_text()
