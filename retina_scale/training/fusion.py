@@ -234,33 +234,17 @@ def _log_text(history) -> str:
 
 def _finish_fusion(config, files, net, data: dict, top: dict, log) -> dict:
     """The best epoch's cut-offs optimised on validation, the test evaluation (``evaluation.{json,md}``) and the
-    stage's report row, read as a stage's (``stepwise.format_stage_table``)."""
-    from retina_scale.grading.evaluation import evaluate_predictions
-    from retina_scale.grading.kappa import quadratic_weighted_kappa
-    from retina_scale.grading.operating_points import (
-        choose_operating_points, evaluate_operating_points, evaluation_text,
-    )
-    from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
+    stage's report row, scored as a stage's (``stage.score_on_splits``) and read as one
+    (``stepwise.format_stage_table``)."""
+    from retina_scale.training.stage import score_on_splits
 
-    val_labels, val_scores = data["val"]["labels"], fused_scores(net, data["val"])
-    fit = fit_thresholds(val_labels, val_scores)
-    thresholds = [float(t) for t in fit.thresholds]
-    if fit.note:
-        log(f"Fusion: {fit.note}")
-    kappa_opt = float(quadratic_weighted_kappa(val_labels, apply_thresholds(val_scores, thresholds)))
-    points = choose_operating_points(val_labels, val_scores)
-    evaluation, test = None, data.get("test")
-    if test is not None:
-        scores, seed, n_boot = fused_scores(net, test), config.seed, config.eval_bootstrap
-        evaluation = evaluate_predictions(test["labels"], scores, thresholds, n_boot=n_boot, seed=seed,
-                                          groups=test["patients"])
-        evaluation.update(thresholds_fit=fit.to_dict(), tta_draws=config.tta.draws,
-                          fallback=fallback_counts(test["reasons"]))
-        evaluation["operating_points"] = evaluate_operating_points(points, test["labels"], scores, test["patients"],
-                                                                   n_boot=n_boot, seed=seed)
-        write_json(files.evaluation_json, evaluation)
-        write_text(files.evaluation_md, evaluation_text(evaluation) + "\n")
-        log(evaluation_text(evaluation))
+    test = data.get("test")
+    scored = score_on_splits(
+        data["val"]["labels"], fused_scores(net, data["val"]),
+        None if test is None else (test["labels"], fused_scores(net, test), test["patients"]), files, config,
+        "Fusion", log, extra=None if test is None else {"fallback": fallback_counts(test["reasons"])})
+    thresholds, fit, points, evaluation = scored["thresholds"], scored["fit"], scored["points"], scored["evaluation"]
+    kappa_opt = float(scored["val_kappa_opt"])
     ops = evaluation["operating_points"] if evaluation else points
     return {"index": top["index"] + 1, "stage": "fusion", "size": top["size"], "lr": config.fusion.lr,
             "lr_source": "config", "stopped_by_time": False, "nan_events": 0,

@@ -308,6 +308,47 @@ def validation_scores(labels, scores) -> tuple[float, float]:
     return float(np.mean((scores - labels) ** 2)), float(kappa) if math.isfinite(kappa) else 0.0
 
 
+def score_on_splits(val_labels, val_scores, test, files, config: TrainConfig, name: str,
+                    log: Callable[[str], None], extra: dict | None = None) -> dict:
+    """How a stage (or the fusion stage) is scored once its best epoch is chosen: cut-offs optimised on the
+    validation scores, the referable-DR operating points chosen there (an unmet one is logged, never replaced),
+    then with ``test`` (``(labels, scores, patient ids)``, or None) the test evaluation with patient-bootstrap
+    intervals, written with ``extra`` to ``files.evaluation_json``/``evaluation_md`` and logged.
+
+    Returns ``{"fit", "thresholds", "val_kappa_opt", "points", "evaluation"}`` (``evaluation`` None without test).
+    """
+    from retina_scale.grading.evaluation import evaluate_predictions
+    from retina_scale.grading.kappa import quadratic_weighted_kappa
+    from retina_scale.grading.operating_points import (
+        choose_operating_points, evaluate_operating_points, evaluation_text,
+    )
+    from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
+    from retina_scale.utils.fileio import write_text
+
+    points = choose_operating_points(val_labels, val_scores)
+    for point_name, point in points["points"].items():
+        if not point["met"]:
+            log(f"{name}: operating point {point_name} not met: {point['reason']}")
+    fit = fit_thresholds(val_labels, val_scores)
+    thresholds = [float(t) for t in fit.thresholds]
+    if fit.note:  # a cut-off the validation split cannot place keeps its default (also in evaluation.json)
+        log(f"{name}: {fit.note}")
+    val_kappa_opt = quadratic_weighted_kappa(val_labels, apply_thresholds(val_scores, thresholds))
+    evaluation = None
+    if test is not None:
+        labels, scores, groups = test
+        n_boot, seed = config.eval_bootstrap, config.seed
+        evaluation = evaluate_predictions(labels, scores, thresholds, n_boot=n_boot, seed=seed, groups=groups)
+        evaluation.update(thresholds_fit=fit.to_dict(), tta_draws=config.tta.draws, **(extra or {}))
+        evaluation["operating_points"] = evaluate_operating_points(points, labels, scores, groups, n_boot=n_boot,
+                                                                   seed=seed)
+        write_json(files.evaluation_json, evaluation)
+        write_text(files.evaluation_md, evaluation_text(evaluation) + "\n")
+        log(evaluation_text(evaluation))
+    return {"fit": fit, "thresholds": thresholds, "val_kappa_opt": val_kappa_opt, "points": points,
+            "evaluation": evaluation}
+
+
 def check_same_config(layout: RunLayout, config: TrainConfig) -> None:
     """A rerun must describe the same run (so 'resume' means what it says).
 

@@ -39,7 +39,7 @@ from retina_scale.training.optim import after_nan_loss, lr_at, make_optimizer, s
 from retina_scale.training.stage import (
     StageContext, build_stage_model, check_same_config, float32_model, format_search_table, is_better,
     make_deterministic, make_predictor, patients_of, predict_input, prepare_run_data, process_layout, save_initial_weights,
-    stage_input, validation_row,
+    score_on_splits, stage_input, validation_row,
 )
 from retina_scale.utils.errors import UserError
 from retina_scale.utils.fileio import read_json, write_json, write_text
@@ -362,36 +362,18 @@ class StepwiseScaler:
 
     def _finish_stage(self, run: _StageRun, val_input, cache_dir, splits_file) -> dict:
         """The best epoch's thresholds on validation, its test evaluation, best.keras and the export."""
-        from retina_scale.grading.evaluation import evaluate_predictions
-        from retina_scale.grading.kappa import quadratic_weighted_kappa
-        from retina_scale.grading.operating_points import evaluate_operating_points, evaluation_text
-        from retina_scale.grading.thresholds import apply_thresholds, fit_thresholds
-
         files, spec, state, model = run.files, run.spec, run.state, run.model
         restore_checkpoint(model, None, files.best)
         draws = self.config.tta.draws  # scores averaged over the TTA views (1: the plain scores)
         labels, scores = predict_input(run.trainer, val_input, tta_draws=draws)
-        points = self._choose_points(run, labels, scores)
-        fit = fit_thresholds(labels, scores)
-        thresholds = [float(t) for t in fit.thresholds]
-        if fit.note:  # a cut-off the validation split cannot place keeps its default (also in evaluation.json)
-            self.log(f"Stage {run.index} {spec.name}: {fit.note}")
-        val_kappa_opt = quadratic_weighted_kappa(labels, apply_thresholds(scores, thresholds))
-        evaluation = None
-        test_input = stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
-                                 missing_ok=True)
+        test, test_input = None, stage_input(self.config, spec, None, cache_dir, splits_file, "test", training=False,
+                                             missing_ok=True)
         if test_input is not None:
             t_labels, t_scores, keys = predict_input(run.trainer, test_input, with_keys=True, tta_draws=draws)
-            groups = patients_of(splits_file, test_input.image_ids[keys])
-            evaluation = evaluate_predictions(t_labels, t_scores, thresholds, n_boot=self.config.eval_bootstrap,
-                                              seed=self.config.seed, groups=groups)
-            evaluation["thresholds_fit"] = fit.to_dict()
-            evaluation["tta_draws"] = draws
-            evaluation["operating_points"] = evaluate_operating_points(
-                points, t_labels, t_scores, groups, n_boot=self.config.eval_bootstrap, seed=self.config.seed)
-            write_json(files.evaluation_json, evaluation)
-            write_text(files.evaluation_md, evaluation_text(evaluation) + "\n")
-            self.log(evaluation_text(evaluation))
+            test = (t_labels, t_scores, patients_of(splits_file, test_input.image_ids[keys]))
+        scored = score_on_splits(labels, scores, test, files, self.config, f"Stage {run.index} {spec.name}", self.log)
+        thresholds, points, evaluation = scored["thresholds"], scored["points"], scored["evaluation"]
+        fit, val_kappa_opt = scored["fit"], scored["val_kappa_opt"]
         if self.is_chief:
             model.save(files.best_keras)
         export_path = None
@@ -426,16 +408,6 @@ class StepwiseScaler:
             "export_path": export_path,
             "search": state.get("search"),
         }
-
-    def _choose_points(self, run: _StageRun, labels, scores) -> dict:
-        """The referable-DR operating points on validation; a point that cannot be had is said, not replaced."""
-        from retina_scale.grading.operating_points import choose_operating_points
-
-        points = choose_operating_points(labels, scores)
-        for name, point in points["points"].items():
-            if not point["met"]:
-                self.log(f"Stage {run.index} {run.spec.name}: operating point {name} not met: {point['reason']}")
-        return points
 
     def _fusion(self, top: dict, cache_dir, splits_file) -> dict | None:
         """Both-eye fusion after the top stage (``training.fusion``), exported with ``predict_patient``."""
